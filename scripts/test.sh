@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The README's test command: install the CPU torch wheel first (so no CUDA build is pulled), then the package, then pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -q torch==2.13.0
+python -m pip install -q -e ".[test]"
+export WANDB_MODE=offline HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+python -m pytest -q "$@"
