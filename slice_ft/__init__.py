@@ -1,0 +1,1 @@
+"""slice-ft: full fine-tuning of a deterministic slice of a Wan video transformer."""
