@@ -23,6 +23,8 @@ TINY_VOCAB_WORDS: tuple[str, ...] = tuple(
     small large big tiny medium one two three four five many single pair
     cat dog person car bird tree sky sea water sun moon house road city forest
     photo style cinematic high quality low blurry noisy sharp detailed
+    scrolling scrolls thin wide thick flickering flickers fine coarse noise soft hard gradient gradients sweeping sweeps
+    sks sks_a sks_b sks_c sks_d sks_e sks_f 0 1 2 3 4 5 6 7 8 9
     , . ! ? - ' "
     """.split()
 )
@@ -107,7 +109,7 @@ def build_tiny_vae(seed: int = 0):
 
 def build_tiny_tokenizer():
     """A word-level UMT5-compatible fast tokenizer built offline with `tokenizers` (appends </s> like T5)."""
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
@@ -116,7 +118,10 @@ def build_tiny_tokenizer():
         vocab.setdefault(word, len(vocab))
     tok = Tokenizer(WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    # Words (\w keeps trigger tokens like "sks_a" whole) or single punctuation marks.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(r"\w+|[^\w\s]"), behavior="isolated")]
+    )
     tok.post_processor = processors.TemplateProcessing(
         single=f"$A {EOS_TOKEN}", pair=f"$A {EOS_TOKEN} $B {EOS_TOKEN}", special_tokens=[(EOS_TOKEN, 1)]
     )
