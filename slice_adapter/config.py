@@ -1,0 +1,74 @@
+"""`SliceConfig`: the PEFT config of a slice adapter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.config import PeftConfig
+
+from .registry import SLICE_PEFT_TYPE
+from .selection import num_slices_for, parse_fraction, validate_slice_id
+
+
+@dataclass
+class SliceConfig(PeftConfig):
+    """Configuration of a slice adapter: full fine-tuning of a deterministic fraction of the real weights.
+
+    Args:
+        fraction (`float`): Share of the targeted weights the slice trains (`--ff`), in (0, 1].
+        slice_id (`int`): Which slice (`--ffid`), in [0, num_slices); slices with different ids at the same fraction
+            and seed never share a weight.
+        seed (`int`): Selection seed; the same model layout, fraction, slice id and seed give the same weights anywhere.
+        target_modules (`list[str] | str | None`): What to slice. `None`: every parameter of the transformer blocks
+            (`blocks.<i>.`: attention projections, FFN, norms, biases, `scale_shift_table`); a model without `blocks`
+            needs explicit targets. A list entry matches a module name or a parameter name exactly or as a
+            `.`-suffix, so raw parameters are named directly (`"scale_shift_table"`, `"norm2.weight"`); a string is a
+            regex that must fully match a module or parameter name.
+        exclude_modules (`list[str] | str | None`): Removes matches, with the same rules.
+        init_weights (`bool`): True: zero deltas (the model starts unchanged); False: small random deltas (tests).
+        modules_to_save (`list[str] | None`): Modules trained in full and saved with the adapter (PEFT convention).
+        layout (`dict | None`): Written on save: the fingerprint and the targeted parameters' names, shapes and
+            tilings, so a slice can be checked against a model, merged or exported without the model.
+    """
+
+    fraction: float = field(default=0.001, metadata={"help": "Share of the targeted weights to train (--ff), in (0, 1]."})
+    slice_id: int = field(default=0, metadata={"help": "Which disjoint slice to train (--ffid), in [0, num_slices)."})
+    seed: int = field(default=0, metadata={"help": "Selection seed: same layout, fraction, id and seed give the same slice."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Modules or raw parameters to slice (suffix match for a list, full regex match for a string). "
+            "None: every parameter of the transformer blocks."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Modules or parameters to leave out (same matching as target_modules)."}
+    )
+    init_weights: bool = field(
+        default=True, metadata={"help": "True: zero deltas; False: small random deltas (for tests)."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules trained in full and saved with the adapter."}
+    )
+    layout: Optional[dict] = field(
+        default=None,
+        metadata={"help": "Set on save: layout fingerprint and targeted parameter names/shapes/tilings."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = SLICE_PEFT_TYPE
+        if isinstance(self.target_modules, (list, tuple, set)):
+            self.target_modules = list(self.target_modules)
+        if isinstance(self.exclude_modules, (list, tuple, set)):
+            self.exclude_modules = list(self.exclude_modules)
+        parse_fraction(self.fraction)  # raises a ValueError naming the field and the value
+        validate_slice_id(self.slice_id, self.fraction)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+    @property
+    def num_slices(self) -> int:
+        """How many disjoint slice ids this fraction defines: floor(1 / fraction)."""
+        return num_slices_for(self.fraction)

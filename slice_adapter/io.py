@@ -1,0 +1,214 @@
+"""The adapter folder: PEFT's layout (`adapter_config.json` + `adapter_model.safetensors`) holding slice values only.
+
+Indices are not stored: they are regenerated from the config, which records the layout fingerprint and the targeted
+parameters' names, shapes and tilings (so a folder can be checked, merged or exported without the model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import SliceConfig
+from .layer import SliceLayer
+from .registry import SLICE_PEFT_TYPE
+from .selection import ParamLayout, layout_fingerprint, model_layouts
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_KEY_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before module names
+
+
+def layout_record(layouts: list[ParamLayout]) -> dict:
+    return {
+        "fingerprint": layout_fingerprint(layouts),
+        "parameters": {lay.name: [list(lay.shape), lay.tiled_rows] for lay in layouts},
+    }
+
+
+def recorded_layouts(config: SliceConfig) -> list[ParamLayout]:
+    """The targeted parameters a saved config records."""
+    if not config.layout:
+        raise ValueError("this slice config records no layout (it was not written by save_adapter): "
+                         "re-save it with slice_adapter.save_adapter")
+    return [ParamLayout(n, tuple(s), bool(r)) for n, (s, r) in config.layout["parameters"].items()]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The bare model of a PeftModel, or the model itself."""
+    base = getattr(model, "base_model", None)
+    if base is not None and hasattr(base, "model") and hasattr(base, "peft_config"):
+        return base.model
+    return model
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's values with the keys PEFT's `save_pretrained` writes (adapter name removed)."""
+    state = {}
+    for name, module in _unwrap(model).named_modules():
+        if isinstance(module, SliceLayer) and adapter_name in module.slice_values:
+            for pname, value in module.slice_values[adapter_name].items():
+                state[f"{PEFT_KEY_PREFIX}{name}.slice_values.{pname}"] = value.detach().to("cpu", torch.float32).contiguous()
+    return state
+
+
+def _write_folder_atomically(path: Path, write) -> None:
+    """Write a folder into a temp sibling, then swap it into place; an old folder survives any failure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    old = path.parent / f".{path.name}.old-{os.getpid()}"
+    try:
+        if path.exists():  # keep files the adapter does not own (e.g. a README) in the new folder
+            for item in path.iterdir():
+                if item.name not in (CONFIG_NAME, WEIGHTS_NAME) and item.is_file():
+                    shutil.copy2(item, tmp / item.name)
+        write(tmp)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not path.exists():
+            os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_adapter(model: nn.Module, path, adapter_name: str = "default") -> Path:
+    """Save one slice as a PEFT adapter folder (about 4 bytes per selected weight). Returns the folder."""
+    bare = _unwrap(model)
+    configs = getattr(model, "peft_config", None) or getattr(bare, "peft_config", None) or {}
+    if adapter_name not in configs:
+        raise ValueError(f"no adapter named {adapter_name!r} on this model (have: {sorted(configs) or 'none'}); "
+                         "pass adapter_name=")
+    config = configs[adapter_name]
+    if config.peft_type != SLICE_PEFT_TYPE:
+        raise ValueError(f"adapter {adapter_name!r} is a {config.peft_type} adapter, not a slice")
+    layouts = model_layouts(bare, config.target_modules, config.exclude_modules)
+    record = layout_record(layouts)
+    state = adapter_state_dict(model, adapter_name)
+    saved_config = SliceConfig(**{**config.to_dict(), "layout": record, "inference_mode": True})
+    metadata = {"format": "pt", "slice_fingerprint": record["fingerprint"],
+                "slice": json.dumps({"fraction": config.fraction, "slice_id": config.slice_id, "seed": config.seed})}
+
+    def write(folder: Path):
+        save_file(state, str(folder / WEIGHTS_NAME), metadata=metadata)
+        saved_config.save_pretrained(str(folder))
+
+    _write_folder_atomically(Path(path), write)
+    return Path(path)
+
+
+def read_adapter_config(path) -> SliceConfig:
+    """The SliceConfig of an adapter folder, with clear errors for a missing or broken folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"slice adapter folder {str(path)!r} does not exist: pass the folder save_adapter wrote")
+    cfg_file = path / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise ValueError(f"{str(path)!r} has no {CONFIG_NAME}: not an adapter folder (or an incomplete copy)")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{str(cfg_file)!r} is corrupted ({err}): re-save or re-download the adapter") from None
+    if str(raw.get("peft_type", "")).upper() != "SLICE":
+        raise ValueError(f"{str(path)!r} holds a {raw.get('peft_type')!r} adapter, not a slice (peft_type SLICE)")
+    fields = set(SliceConfig.__dataclass_fields__)
+    return SliceConfig(**{k: v for k, v in raw.items() if k in fields and k != "peft_type"})
+
+
+def read_adapter_values(path) -> dict[str, torch.Tensor]:
+    """The values file of an adapter folder (keys as PEFT writes them)."""
+    weights = Path(path) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise ValueError(f"{str(path)!r} has no {WEIGHTS_NAME}: the adapter folder is incomplete")
+    try:
+        return load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{str(weights)!r} is corrupted or truncated ({err}): re-save or re-download it") from None
+
+
+def _free_adapter_name(model: nn.Module) -> str:
+    taken = set(getattr(model, "peft_config", {}) or {})
+    if "default" not in taken:
+        return "default"
+    i = 1
+    while f"default_{i}" in taken:
+        i += 1
+    return f"default_{i}"
+
+
+def load_adapter(model: nn.Module, path, adapter_name: Optional[str] = None, is_trainable: bool = False) -> str:
+    """Load a slice folder onto `model` and activate it beside the already active adapters. Returns its name.
+
+    `adapter_name=None` takes "default", or the first free "default_<n>".
+    """
+    from peft import PeftModel, inject_adapter_in_model
+
+    config = read_adapter_config(path)
+    values = read_adapter_values(path)
+    if isinstance(model, PeftModel):
+        name = adapter_name or _free_adapter_name(model)
+        model.load_adapter(str(path), adapter_name=name, is_trainable=is_trainable)
+        return name
+    name = adapter_name or _free_adapter_name(model)
+    if name in (getattr(model, "peft_config", None) or {}):
+        raise ValueError(f"an adapter named {name!r} is already loaded: pass another adapter_name")
+    config.inference_mode = not is_trainable
+    previously_active = _active_adapters(model)
+    inject_adapter_in_model(config, model, name)  # checks the recorded layout against the model
+    try:
+        _assign_values(model, name, values, path)
+    except ValueError:
+        from peft.tuners.tuners_utils import delete_adapter as _  # noqa: F401  (only to fail early if missing)
+
+        for module in model.modules():
+            if isinstance(module, SliceLayer):
+                module.delete_adapter(name)
+        model.peft_config.pop(name, None)
+        raise
+    if hasattr(model, "_hf_peft_config_loaded"):
+        model._hf_peft_config_loaded = True
+    active = previously_active + [name]
+    for module in model.modules():
+        if isinstance(module, SliceLayer):
+            module.set_adapter([a for a in active if a in module.slice_values] or [name], inference_mode=not is_trainable)
+    return name
+
+
+def _active_adapters(model: nn.Module) -> list[str]:
+    for module in model.modules():
+        if isinstance(module, SliceLayer):
+            return list(module.active_adapters)
+    return []
+
+
+def _assign_values(model: nn.Module, adapter_name: str, values: dict[str, torch.Tensor], path) -> None:
+    expected = {}
+    for name, module in model.named_modules():
+        if isinstance(module, SliceLayer) and adapter_name in module.slice_values:
+            for pname, param in module.slice_values[adapter_name].items():
+                expected[f"{PEFT_KEY_PREFIX}{name}.slice_values.{pname}"] = param
+    missing = sorted(set(expected) - set(values))
+    unexpected = sorted(set(values) - set(expected))
+    if missing or unexpected:
+        what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+        raise ValueError(f"{str(path)!r} does not match the slice its config defines on this model ({what}; "
+                         f"{len(missing)} missing, {len(unexpected)} unexpected): the values file is corrupted or "
+                         "belongs to another slice")
+    for key, param in expected.items():
+        if tuple(values[key].shape) != tuple(param.shape):
+            raise ValueError(f"{key!r} in {str(path)!r} has shape {tuple(values[key].shape)}, the slice needs "
+                             f"{tuple(param.shape)}: the values file belongs to another slice")
+        with torch.no_grad():
+            param.copy_(values[key].to(param.device, param.dtype))

@@ -1,0 +1,397 @@
+"""Slice tuner layers: the base weights stay untouched; the slice's values are added by the layer's forward.
+
+- `Linear` wraps an `nn.Linear`: the weight's selected row tiles act through one gather, one batched matmul and one
+  `index_add` (cost proportional to the slice, never a dense copy of the weight); bias deltas are element-wise.
+- `Elementwise` wraps a leaf module with small parameters (norms): it runs the base module with W + delta.
+- `ParamSlice` serves raw parameters of a container module (`scale_shift_table` on a Wan block): it is attached to
+  that module as the child `slice_params` and shadows the parameter with W + delta for the duration of its forward.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from .selection import ParamLayout, _hash64
+
+INIT_STD = 0.02  # spread of the random deltas `init_weights=False` draws (tests)
+
+
+class TileIndex:
+    """Index data of one parameter's slice, built from its layout and tiles; cached per device."""
+
+    def __init__(self, layout: ParamLayout, tiles: np.ndarray):
+        self.layout = layout
+        self.num_tiles = len(tiles)
+        self.tile_width = layout.tile_width
+        tiles_t = torch.from_numpy(tiles)
+        if layout.tiled_rows:
+            segs = layout.segments_per_row
+            rows, seg = tiles_t // segs, tiles_t % segs
+            seg_ids, group = torch.unique(seg, return_inverse=True)
+            counts = torch.bincount(group, minlength=len(seg_ids))
+            nmax = int(counts.max())
+            # slot of each tile inside its segment's group: tiles are sorted by (row, seg), so rank within group
+            order = torch.argsort(group, stable=True)
+            starts = torch.cumsum(counts, 0) - counts
+            within = torch.empty_like(group)
+            within[order] = torch.arange(len(group)) - starts[group[order]]
+            slot = group * nmax + within
+            rows_padded = torch.zeros(len(seg_ids) * nmax, dtype=torch.long)
+            rows_padded[slot] = rows
+            self._cpu = {"rows": rows, "seg": seg, "seg_ids": seg_ids, "slot": slot, "rows_padded": rows_padded}
+            self.nmax = nmax
+        else:
+            self._cpu = {"flat": tiles_t}
+        self._by_device: dict[torch.device, dict[str, torch.Tensor]] = {}
+
+    def on(self, device: torch.device) -> dict[str, torch.Tensor]:
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self._cpu
+        if device not in self._by_device:
+            self._by_device[device] = {k: v.to(device) for k, v in self._cpu.items()}
+        return self._by_device[device]
+
+    def value_shape(self) -> tuple:
+        return (self.num_tiles, self.tile_width) if self.layout.tiled_rows else (self.num_tiles,)
+
+
+class _TileDelta(torch.autograd.Function):
+    """y[:, row] += x[:, seg] @ tile for every selected tile, batched per segment; x is saved, not copied."""
+
+    @staticmethod
+    def forward(ctx, x2d, values, seg_ids, slot, rows_padded, nmax: int, out_features: int, dtype: torch.dtype):
+        tokens, width = x2d.shape[0], values.shape[1]
+        groups = seg_ids.numel()
+        deltas = values.new_zeros(groups * nmax, width).index_copy_(0, slot, values).view(groups, nmax, width)
+        xs = x2d.view(tokens, -1, width).index_select(1, seg_ids).transpose(0, 1).to(dtype)  # (groups, T, w)
+        part = torch.bmm(xs, deltas.to(dtype).transpose(1, 2))  # (groups, T, nmax)
+        y = torch.zeros(tokens, out_features, dtype=dtype, device=x2d.device)
+        y.index_add_(1, rows_padded, part.transpose(0, 1).reshape(tokens, groups * nmax))
+        ctx.save_for_backward(x2d, values, seg_ids, slot, rows_padded)
+        ctx.nmax, ctx.dtype = nmax, dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2d, values, seg_ids, slot, rows_padded = ctx.saved_tensors
+        nmax, dtype = ctx.nmax, ctx.dtype
+        tokens, width = x2d.shape[0], values.shape[1]
+        groups = seg_ids.numel()
+        grad_part = grad_y.to(dtype).index_select(1, rows_padded).view(tokens, groups, nmax).transpose(0, 1)
+        grad_x = grad_values = None
+        if ctx.needs_input_grad[1]:
+            xs = x2d.view(tokens, -1, width).index_select(1, seg_ids).transpose(0, 1).to(dtype)
+            grad_deltas = torch.bmm(grad_part.transpose(1, 2), xs).reshape(groups * nmax, width)
+            grad_values = grad_deltas.index_select(0, slot).to(values.dtype)
+        if ctx.needs_input_grad[0]:
+            deltas = values.new_zeros(groups * nmax, width).index_copy_(0, slot, values).view(groups, nmax, width)
+            grad_xs = torch.bmm(grad_part, deltas.to(dtype))  # (groups, T, w)
+            grad_x = torch.zeros(tokens, x2d.shape[1] // width, width, dtype=x2d.dtype, device=x2d.device)
+            grad_x.index_add_(1, seg_ids, grad_xs.transpose(0, 1).to(x2d.dtype))
+            grad_x = grad_x.view_as(x2d)
+        return grad_x, grad_values, None, None, None, None, None, None
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the slice's contribution is computed in: autocast's when active, else float32."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return torch.float32
+
+
+class SliceLayer(BaseTunerLayer):
+    """State and merge logic shared by every slice layer: per adapter, the values of each sliced parameter."""
+
+    adapter_layer_names = ("slice_values",)
+    other_param_names = ("slice_index", "slice_scale")
+
+    def __init__(self, base_layer: Optional[nn.Module], **kwargs) -> None:
+        if base_layer is not None:
+            self.base_layer = base_layer
+        self.slice_values = nn.ModuleDict({})
+        self.slice_index: dict[str, dict[str, TileIndex]] = {}
+        self.slice_scale: dict[str, float] = {}
+        self._merge_originals: dict[str, dict[str, torch.Tensor]] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+
+    # -- the parameters this layer slices ------------------------------------------------------------------
+    def sliced_parameters(self) -> dict[str, nn.Parameter]:
+        """The base parameters this layer may slice, by their name on the base module."""
+        return dict(self.get_base_layer().named_parameters(recurse=False))
+
+    def update_layer(self, adapter_name: str, entries: dict, init_weights: bool = True, inference_mode: bool = False):
+        """Add an adapter: `entries` maps a base parameter name to (ParamLayout, sorted tile indices)."""
+        base_params = self.sliced_parameters()
+        values = nn.ParameterDict({})
+        index = {}
+        for pname, (layout, tiles) in entries.items():
+            idx = TileIndex(layout, tiles)
+            base = base_params[pname]
+            device = None if base.device.type == "meta" else base.device
+            data = torch.zeros(idx.value_shape(), dtype=torch.float32, device=device)
+            if not init_weights:
+                gen = torch.Generator().manual_seed(_hash64("init", adapter_name, layout.name) % (2**63))
+                data = (torch.randn(idx.value_shape(), generator=gen) * INIT_STD).to(data.device)
+            values[pname] = nn.Parameter(data)
+            index[pname] = idx
+        self.slice_values[adapter_name] = values
+        self.slice_index[adapter_name] = index
+        self.slice_scale[adapter_name] = 1.0
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
+        # PEFT's helper also casts adapters to the base dtype; slice values stay float32 whatever the base dtype
+        if adapter_name not in self.slice_values:
+            return
+        params = self.sliced_parameters()
+        for pname, value in self.slice_values[adapter_name].items():
+            target = device if device is not None else params[pname].device
+            if target.type != "meta" and value.device.type != "meta" and value.device != target:
+                self.slice_values[adapter_name][pname] = nn.Parameter(value.to(target), requires_grad=value.requires_grad)
+
+    # -- scale (diffusers' set_adapters weights, fuse_lora(lora_scale)) -----------------------------------
+    def set_scale(self, adapter: str, scale: float) -> None:
+        if adapter in self.slice_scale:
+            self.slice_scale[adapter] = float(scale)
+
+    def scale_layer(self, scale: float) -> None:
+        for adapter in self.active_adapters:
+            if adapter in self.slice_scale:
+                self.slice_scale[adapter] *= scale
+
+    def unscale_layer(self, scale: Optional[float] = None) -> None:
+        for adapter in self.active_adapters:
+            if adapter in self.slice_scale:
+                self.slice_scale[adapter] = 1.0 if scale is None else self.slice_scale[adapter] / scale
+
+    # -- deltas ---------------------------------------------------------------------------------------------
+    def _adapters_to_apply(self) -> list[str]:
+        return [a for a in self.active_adapters if a in self.slice_values]
+
+    def dense_delta(self, adapter: str, pname: str, like: torch.Tensor) -> torch.Tensor:
+        """The adapter's delta of parameter `pname` as a dense float32 tensor shaped like `like` (merge, tests)."""
+        idx = self.slice_index[adapter][pname].on(like.device)
+        values = self.slice_values[adapter][pname] * self.slice_scale[adapter]
+        flat = torch.zeros(like.numel(), dtype=torch.float32, device=like.device)
+        layout = self.slice_index[adapter][pname].layout
+        if layout.tiled_rows:
+            w = layout.tile_width
+            tile_start = (idx["rows"] * layout.segments_per_row + idx["seg"]) * w
+            pos = (tile_start[:, None] + torch.arange(w, device=like.device)[None, :]).reshape(-1)
+            flat = flat.index_put((pos,), values.reshape(-1).float())
+        else:
+            flat = flat.index_put((idx["flat"],), values.float())
+        return flat.view(like.shape)
+
+    def get_delta_weight(self, adapter: str) -> dict[str, torch.Tensor]:
+        """Dense deltas of every parameter the adapter slices in this layer."""
+        params = self.sliced_parameters()
+        return {p: self.dense_delta(adapter, p, params[p]) for p in self.slice_values[adapter]}
+
+    def _selected_view(self, adapter: str, pname: str, param: torch.Tensor):
+        """(getter, setter) of the selected entries of `param`, shaped like the adapter's values."""
+        idx = self.slice_index[adapter][pname].on(param.device)
+        layout = self.slice_index[adapter][pname].layout
+        if layout.tiled_rows:
+            view = param.data.view(param.shape[0], layout.segments_per_row, layout.tile_width)
+            key = (idx["rows"], idx["seg"])
+        else:
+            view = param.data.view(-1)
+            key = (idx["flat"],)
+        return (lambda: view[key].clone()), (lambda new: view.__setitem__(key, new))
+
+    # -- merge / unmerge ------------------------------------------------------------------------------------
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        params = self.sliced_parameters()
+        for adapter in adapter_names:
+            if adapter not in self.slice_values:
+                continue
+            originals = {}
+            updates = {}
+            for pname, values in self.slice_values[adapter].items():
+                get, _ = self._selected_view(adapter, pname, params[pname])
+                original = get()
+                merged = (original.float() + values.detach().float() * self.slice_scale[adapter]).to(original.dtype)
+                if safe_merge and not torch.isfinite(merged).all():
+                    raise ValueError(f"NaNs or infs detected in the merged weights of adapter {adapter!r} ({pname}): "
+                                     "the slice is broken, nothing was merged")
+                originals[pname], updates[pname] = original, merged
+            for pname, merged in updates.items():
+                self._selected_view(adapter, pname, params[pname])[1](merged)
+            self._merge_originals[adapter] = originals
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        """Restore the base weights exactly (the touched originals were kept at merge time)."""
+        params = self.sliced_parameters()
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            for pname, original in self._merge_originals.pop(adapter, {}).items():
+                self._selected_view(adapter, pname, params[pname])[1](original)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._merge_originals.pop(adapter_name, None)
+
+
+class Linear(nn.Module, SliceLayer):
+    """Slice of an `nn.Linear`: row tiles of the weight, elements of the bias."""
+
+    def __init__(self, base_layer: nn.Linear, adapter_name: str, entries: dict, init_weights=True, **kwargs):
+        super().__init__()
+        SliceLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, entries, init_weights=init_weights)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        adapters = self._adapters_to_apply()
+        if not adapters:
+            return result
+        out_dtype = result.dtype
+        dtype = _compute_dtype(x)
+        x2d = x.reshape(-1, x.shape[-1])
+        out_features = result.shape[-1]
+        delta = None
+        for adapter in adapters:
+            scale = self.slice_scale[adapter]
+            for pname, values in self.slice_values[adapter].items():
+                idx = self.slice_index[adapter][pname]
+                data = idx.on(x.device)
+                if idx.layout.tiled_rows:
+                    part = _TileDelta.apply(
+                        x2d, values, data["seg_ids"], data["slot"], data["rows_padded"], idx.nmax, out_features, dtype
+                    )
+                else:  # bias elements
+                    part = torch.zeros(out_features, dtype=dtype, device=x.device).index_add(
+                        0, data["flat"], values.to(dtype)
+                    )
+                part = part * scale if scale != 1.0 else part
+                delta = part if delta is None else delta + part
+        return (result + delta.view(*result.shape[:-1], out_features) if delta.dim() > 1 else result + delta).to(
+            out_dtype
+        )
+
+    def __repr__(self) -> str:
+        return "slice." + super().__repr__()
+
+
+class Elementwise(nn.Module, SliceLayer):
+    """Slice of a leaf module with small parameters (LayerNorm, RMSNorm, ...): runs it with W + delta."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, entries: dict, init_weights=True, **kwargs):
+        super().__init__()
+        SliceLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, entries, init_weights=init_weights)
+
+    def patched_parameters(self) -> dict[str, torch.Tensor]:
+        """W + delta of every sliced parameter, in the base parameter's dtype."""
+        params = self.sliced_parameters()
+        patched = {}
+        for adapter in self._adapters_to_apply():
+            for pname in self.slice_values[adapter]:
+                base = patched.get(pname, params[pname])
+                patched[pname] = (base.float() + self.dense_delta(adapter, pname, base)).to(base.dtype)
+        return patched
+
+    def forward(self, *args: Any, **kwargs: Any):
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(*args, **kwargs)
+        if self.merged:
+            return self.base_layer(*args, **kwargs)
+        patched = self.patched_parameters()
+        if not patched:
+            return self.base_layer(*args, **kwargs)
+        return torch.func.functional_call(self.base_layer, patched, args, kwargs, strict=False)
+
+    def __repr__(self) -> str:
+        return "slice." + super().__repr__()
+
+
+class ParamSlice(nn.Module, SliceLayer):
+    """Slice of raw parameters owned by a container module (e.g. a Wan block's `scale_shift_table`).
+
+    Attached to the owner as its child `slice_params`; the owner's forward sees W + delta through the instance
+    attribute that shadows the parameter between a forward pre-hook and a forward hook.
+    """
+
+    def __init__(self, owner: nn.Module, adapter_name: str, entries: dict, init_weights=True, **kwargs):
+        super().__init__()
+        SliceLayer.__init__(self, None, **kwargs)
+        self._owner_ref = weakref.ref(owner)
+        self._active_adapter = adapter_name
+        self._hooks = [
+            owner.register_forward_pre_hook(self._shadow_parameters),
+            owner.register_forward_hook(self._remove_shadows, always_call=True),
+        ]
+        self.update_layer(adapter_name, entries, init_weights=init_weights)
+
+    @property
+    def owner(self) -> nn.Module:
+        return self._owner_ref()
+
+    def get_base_layer(self) -> nn.Module:
+        return self.owner
+
+    def sliced_parameters(self) -> dict[str, nn.Parameter]:
+        return dict(self.owner.named_parameters(recurse=False))
+
+    def _shadow_parameters(self, owner, args):
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return
+        if self.merged:
+            return
+        params = self.sliced_parameters()
+        patched = {}
+        for adapter in self._adapters_to_apply():
+            for pname in self.slice_values[adapter]:
+                base = patched.get(pname, params[pname])
+                patched[pname] = (base.float() + self.dense_delta(adapter, pname, base)).to(base.dtype)
+        for pname, value in patched.items():
+            object.__setattr__(owner, pname, value)  # shadows owner._parameters[pname] for attribute access
+
+    def _remove_shadows(self, owner, args, output):
+        for pname in self.sliced_parameters():
+            owner.__dict__.pop(pname, None)
+
+    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names):
+        """PEFT's unload: merge if asked, drop the hooks; the model tuner then removes this child."""
+        if merge:
+            self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        self.remove_hooks()
+        return None
+
+    def remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        owner = self.owner
+        if owner is not None:
+            self._remove_shadows(owner, None, None)
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("slice_params is applied through hooks on its owner module and is never called directly")
+
+    def extra_repr(self) -> str:
+        return f"owner={type(self.owner).__name__}"

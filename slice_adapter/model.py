@@ -1,0 +1,132 @@
+"""`SliceModel`: the PEFT tuner that injects slice layers into a model."""
+
+from __future__ import annotations
+
+from torch import nn
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+
+from .config import SliceConfig
+from .layer import Elementwise, Linear, ParamSlice, SliceLayer
+from .selection import (
+    ADAPTER_CHILD,
+    SlicePlan,
+    _is_adapter_name,
+    canonical_name,
+    layout_fingerprint,
+    model_layouts,
+    plan_layouts,
+)
+
+
+def plan_for_model(model: nn.Module, config: SliceConfig) -> SlicePlan:
+    """The slice `config` selects in `model`, checked against the layout the config recorded (if any)."""
+    layouts = model_layouts(model, config.target_modules, config.exclude_modules)
+    if not layouts:
+        hint = (
+            "target_modules=None targets the parameters of transformer blocks (`blocks.<i>.`), and this model has none"
+            if config.target_modules is None
+            else f"target_modules={config.target_modules!r} exclude_modules={config.exclude_modules!r} match nothing"
+        )
+        raise ValueError(f"no parameter to slice: {hint}; pass target_modules naming modules or parameters of the model")
+    if config.layout:
+        check_layout(config.layout, layouts)
+    return plan_layouts(layouts, config.fraction, config.slice_id, config.seed)
+
+
+def check_layout(recorded: dict, layouts) -> None:
+    """Raise a ValueError naming the first parameter where a model's layout differs from a recorded one."""
+    if recorded.get("fingerprint") == layout_fingerprint(layouts):
+        return
+    model_params = {lay.name: lay for lay in layouts}
+    for name, (shape, tiled_rows) in recorded.get("parameters", {}).items():
+        lay = model_params.get(name)
+        if lay is None:
+            raise ValueError(f"slice layout mismatch: the slice targets {name!r}, which this model does not have "
+                             "(or does not target): load it onto the model it was trained on")
+        if list(lay.shape) != list(shape) or lay.tiled_rows != tiled_rows:
+            raise ValueError(f"slice layout mismatch at {name!r}: slice has shape {tuple(shape)}, model has "
+                             f"{lay.shape}: load it onto the model it was trained on")
+    extra = sorted(set(model_params) - set(recorded.get("parameters", {})))
+    raise ValueError(f"slice layout mismatch: the model targets {extra[0]!r}, which the slice does not record: "
+                     "use the slice's target_modules/exclude_modules and the model it was trained on")
+
+
+class SliceModel(BaseTuner):
+    """Injects slice layers for every module that owns a parameter the slice selects.
+
+    Example:
+
+        ```py
+        >>> import slice_adapter
+        >>> from slice_adapter import SliceConfig
+        >>> transformer.add_adapter(SliceConfig(fraction=0.001, slice_id=1))
+        ```
+    """
+
+    prefix: str = "slice_"
+    tuner_layer_cls = SliceLayer
+    target_module_mapping = {}
+
+    def _prepare_adapter_config(self, peft_config: SliceConfig, model_config: dict) -> SliceConfig:
+        return peft_config  # target_modules=None has a meaning of its own (every block parameter)
+
+    def _pre_injection_hook(self, model: nn.Module, config: SliceConfig, adapter_name: str) -> None:
+        plan = plan_for_model(model, config)
+        owners: dict[str, dict] = {}
+        for name, tiles in plan.tiles.items():
+            module_name, _, pname = name.rpartition(".")
+            owners.setdefault(module_name, {})[pname] = (plan.layouts[name], tiles)
+        self._injection_owners = owners
+
+    def _check_target_module_exists(self, peft_config: SliceConfig, key: str) -> bool:
+        if _is_adapter_name(key) or key.endswith("base_layer"):
+            return False
+        return canonical_name(key) in getattr(self, "_injection_owners", {})
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        entries = self._injection_owners[canonical_name(current_key)]
+        if isinstance(target, SliceLayer):
+            target.update_layer(adapter_name, entries, config.init_weights, config.inference_mode)
+            return
+        existing = getattr(target, ADAPTER_CHILD, None)
+        if isinstance(existing, ParamSlice):
+            existing.update_layer(adapter_name, entries, config.init_weights, config.inference_mode)
+            return
+        new_module = self._create_new_module(config, adapter_name, target, entries)
+        if isinstance(new_module, ParamSlice):
+            target.add_module(ADAPTER_CHILD, new_module)
+        else:
+            self._replace_module(parent, target_name, new_module, target)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+
+    @staticmethod
+    def _create_new_module(config: SliceConfig, adapter_name: str, target: nn.Module, entries: dict) -> nn.Module:
+        """Dispatch on the base module type: Linear, leaf (norms), or container owning raw parameters."""
+        if isinstance(target, nn.Linear):
+            return Linear(target, adapter_name, entries, init_weights=config.init_weights)
+        if not any(True for _ in target.children()):
+            return Elementwise(target, adapter_name, entries, init_weights=config.init_weights)
+        return ParamSlice(target, adapter_name, entries, init_weights=config.init_weights)
+
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        if new_module is None:  # a ParamSlice unloaded itself: drop the child
+            delattr(parent, child_name)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        for name, param in model.named_parameters():
+            if not _is_adapter_name(name):
+                param.requires_grad = False
+        for module in model.modules():
+            if isinstance(module, SliceLayer):
+                module._freeze_non_trainable_peft_weights()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+
+
+def slice_layers(model: nn.Module):
+    """(name, layer) of every slice layer of `model`."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SliceLayer)]

@@ -1,0 +1,314 @@
+"""Which weights a slice owns: parameter layout -> tiles -> slice indices.
+
+Pure and deterministic: depends only on the targeted parameters' names and shapes, the fraction, the slice id and
+the seed. Integer and rational arithmetic only (no floats, no torch RNG), so it gives the same answer on any machine,
+device, dtype, thread count or torch version, and works on meta-device models.
+
+The design, in three steps:
+
+1. Tiles. A 2-D `nn.Linear` weight (out, in) is cut into row segments ("tiles") of `w` weights, `w` the largest
+   divisor of `in` that is at most 64, so every tile is full. Every other parameter (norm weights, biases,
+   `scale_shift_table`, ...) is tiled element by element (`w` = 1, flattened).
+2. Ranking. Each parameter's N tiles are ranked by a keyed pseudo-random permutation of [0, N) (a Feistel network
+   keyed by blake2b(seed, parameter name), with cycle walking). The permutation is evaluated only at the ranks a slice
+   needs, so planning the 14B model costs O(selected), not O(weights).
+3. Windows. Slice k at fraction f takes the ranks [floor(k f N + u), floor((k+1) f N + u)) where u in [0, 1) is a
+   per-parameter offset: a golden-ratio (Weyl) sequence over the block index plus a hash of the block-free name, so
+   the rounding of f N to whole tiles evens out over the blocks.
+
+Consequences:
+- Slices 0 .. num_slices-1 (num_slices = floor(1/f)) at one fraction and seed are pairwise disjoint, and cover every
+  targeted weight when 1/f is an integer.
+- Nested fractions: the offset does not depend on f, so slices 2k and 2k+1 at f/2 are exactly the two halves of slice
+  k at f (likewise for any integer divisor m: slice k at f/m lies inside slice floor(k/m) at f). Slices at unrelated
+  fractions may share weights; `overlap()` counts them exactly.
+- Different seeds give unrelated slices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+MAX_TILE_WIDTH = 64
+_BLOCK_RE = re.compile(r"(^|\.)blocks\.(\d+)\.")
+_PHI64 = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: the Weyl step of the low-discrepancy offsets
+_MASK64 = (1 << 64) - 1
+
+
+def parse_fraction(fraction) -> Fraction:
+    """The fraction as an exact rational (0.001 -> 1/1000), so nesting and boundaries are exact."""
+    try:
+        value = Fraction(repr(float(fraction))) if not isinstance(fraction, Fraction) else fraction
+    except (TypeError, ValueError):
+        raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}") from None
+    if not (0 < value <= 1):
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}: use e.g. 0.001 for 0.1% of the weights")
+    return value
+
+
+def num_slices_for(fraction) -> int:
+    """How many disjoint slice ids a fraction defines: floor(1 / fraction)."""
+    return math.floor(1 / parse_fraction(fraction))
+
+
+def tile_width_for(in_features: int) -> int:
+    """Largest divisor of `in_features` not above MAX_TILE_WIDTH: tiles are always full."""
+    for w in range(min(MAX_TILE_WIDTH, in_features), 0, -1):
+        if in_features % w == 0:
+            return w
+    return 1
+
+
+def block_index(name: str) -> Optional[int]:
+    """The transformer block a parameter belongs to (`blocks.<i>.`), or None."""
+    m = _BLOCK_RE.search(name)
+    return int(m.group(2)) if m else None
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """One targeted parameter: its name, shape and how it is tiled."""
+
+    name: str
+    shape: tuple
+    tiled_rows: bool  # True: an nn.Linear weight cut into row tiles; False: element tiles
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def tile_width(self) -> int:
+        return tile_width_for(self.shape[1]) if self.tiled_rows else 1
+
+    @property
+    def num_tiles(self) -> int:
+        return self.numel // self.tile_width
+
+    @property
+    def segments_per_row(self) -> int:
+        return self.shape[1] // self.tile_width if self.tiled_rows else 1
+
+
+def _hash64(*parts) -> int:
+    digest = hashlib.blake2b("\x1f".join(str(p) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    # splitmix64 finalizer: a fast, well-mixed 64-bit integer hash (uint64 arithmetic wraps by design)
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def keyed_permutation(ranks: np.ndarray, n: int, key: int) -> np.ndarray:
+    """Evaluate a keyed bijection of [0, n) at `ranks` (4-round Feistel network with cycle walking)."""
+    if n <= 1:
+        return np.zeros_like(ranks, dtype=np.int64)
+    half_bits = max(1, ((n - 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << half_bits) - 1)
+    shift = np.uint64(half_bits)
+    round_keys = [np.uint64(_hash64(key, r)) for r in range(4)]
+
+    def feistel(x: np.ndarray) -> np.ndarray:
+        left, right = x >> shift, x & mask
+        for rk in round_keys:
+            left, right = right, left ^ (_mix64(right ^ rk) & mask)
+        return (left << shift) | right
+
+    with np.errstate(over="ignore"):
+        out = feistel(ranks.astype(np.uint64))
+        pending = out >= np.uint64(n)
+        while pending.any():  # cycle walking: the domain is < 4n, so this ends after a few rounds
+            out[pending] = feistel(out[pending])
+            pending = out >= np.uint64(n)
+    return out.astype(np.int64)
+
+
+def _offset(name: str, seed: int) -> Fraction:
+    """u in [0, 1): a Weyl sequence over the block index, shifted by a hash of the block-free name."""
+    idx = block_index(name)
+    kind = _BLOCK_RE.sub(r"\1blocks.*.", name)
+    u = ((idx or 0) * _PHI64 + _hash64("offset", seed, kind)) & _MASK64
+    return Fraction(u, 1 << 64)
+
+
+def rank_window(num_tiles: int, fraction: Fraction, slice_id: int, offset: Fraction) -> tuple[int, int]:
+    """The ranks [lo, hi) slice `slice_id` owns among `num_tiles` tiles."""
+    lo = math.floor(slice_id * fraction * num_tiles + offset)
+    hi = math.floor((slice_id + 1) * fraction * num_tiles + offset)
+    return lo, min(hi, num_tiles)
+
+
+def select_tiles(layout: ParamLayout, fraction, slice_id: int, seed: int) -> np.ndarray:
+    """Sorted tile indices of `layout` that slice `slice_id` owns."""
+    frac = parse_fraction(fraction)
+    lo, hi = rank_window(layout.num_tiles, frac, slice_id, _offset(layout.name, seed))
+    if hi <= lo:
+        return np.zeros(0, dtype=np.int64)
+    tiles = keyed_permutation(np.arange(lo, hi, dtype=np.int64), layout.num_tiles, _hash64("rank", seed, layout.name))
+    tiles.sort()
+    return tiles
+
+
+def flat_indices(layout: ParamLayout, tiles: np.ndarray) -> np.ndarray:
+    """Flat (row-major) indices of every weight in `tiles`, in value order (sorted)."""
+    w = layout.tile_width
+    return (tiles[:, None] * w + np.arange(w, dtype=np.int64)[None, :]).reshape(-1)
+
+
+@dataclass
+class SlicePlan:
+    """The weights one slice owns in one model.
+
+    `selected`/`targeted` count weights; `per_block` maps a block index to (selected, targeted); `tiles` maps each
+    targeted parameter name to its sorted tile indices (empty arrays are dropped: such parameters get no adapter).
+    """
+
+    layouts: dict[str, ParamLayout]
+    tiles: dict[str, np.ndarray]
+    fraction: Fraction
+    slice_id: int
+    seed: int
+    selected: int = 0
+    targeted: int = 0
+    per_block: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.targeted = sum(lay.numel for lay in self.layouts.values())
+        self.selected = sum(len(t) * self.layouts[n].tile_width for n, t in self.tiles.items())
+        per_block: dict[int, list[int]] = {}
+        for name, lay in self.layouts.items():
+            idx = block_index(name)
+            if idx is None:
+                continue
+            entry = per_block.setdefault(idx, [0, 0])
+            entry[1] += lay.numel
+            entry[0] += len(self.tiles.get(name, ())) * lay.tile_width
+        self.per_block = {k: tuple(v) for k, v in sorted(per_block.items())}
+
+    def selected_in(self, name: str) -> int:
+        return len(self.tiles.get(name, ())) * self.layouts[name].tile_width if name in self.layouts else 0
+
+    def flat_indices(self, name: str) -> np.ndarray:
+        """Flat indices of the selected weights of parameter `name` (empty if none)."""
+        if name not in self.tiles:
+            return np.zeros(0, dtype=np.int64)
+        return flat_indices(self.layouts[name], self.tiles[name])
+
+    def mask(self, name: str, shape: Optional[Sequence[int]] = None):
+        """A CPU bool tensor shaped like parameter `name`, True where this slice owns the weight."""
+        import torch
+
+        if name in self.layouts:
+            shape = self.layouts[name].shape
+        elif shape is None:
+            raise ValueError(f"parameter {name!r} is not targeted; pass its shape to get an all-False mask")
+        out = torch.zeros(math.prod(shape), dtype=torch.bool)
+        idx = self.flat_indices(name)
+        if len(idx):
+            out[torch.from_numpy(idx)] = True
+        return out.view(tuple(shape))
+
+
+def plan_layouts(layouts: Iterable[ParamLayout], fraction, slice_id: int, seed: int = 0) -> SlicePlan:
+    """Plan a slice over explicit parameter layouts (no model needed)."""
+    frac = parse_fraction(fraction)
+    validate_slice_id(slice_id, frac)
+    by_name = {lay.name: lay for lay in layouts}
+    tiles = {}
+    for name, lay in by_name.items():
+        t = select_tiles(lay, frac, slice_id, seed)
+        if len(t):
+            tiles[name] = t
+    return SlicePlan(layouts=by_name, tiles=tiles, fraction=frac, slice_id=slice_id, seed=seed)
+
+
+def validate_slice_id(slice_id, fraction) -> None:
+    n = num_slices_for(fraction)
+    if isinstance(slice_id, bool) or not isinstance(slice_id, (int, np.integer)) or not (0 <= slice_id < n):
+        raise ValueError(
+            f"slice_id must be an integer in [0, {n - 1}] (fraction {fraction} defines {n} disjoint slices), "
+            f"got {slice_id!r}"
+        )
+
+
+def overlap_count(plan_a: SlicePlan, plan_b: SlicePlan) -> int:
+    """Exact number of weights both plans select."""
+    total = 0
+    for name in plan_a.tiles.keys() & plan_b.tiles.keys():
+        total += len(np.intersect1d(plan_a.flat_indices(name), plan_b.flat_indices(name), assume_unique=True))
+    return total
+
+
+def layout_fingerprint(layouts: Iterable[ParamLayout]) -> str:
+    """A short hash of the targeted names, shapes and tilings: equal fingerprints mean equal slices."""
+    payload = json.dumps([[lay.name, list(lay.shape), lay.tiled_rows] for lay in sorted(layouts, key=lambda l: l.name)])
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+ADAPTER_CHILD = "slice_params"  # the child a tuner attaches to a module that owns raw targeted parameters
+
+
+def canonical_name(name: str) -> str:
+    """A parameter or module name as the bare model has it (PEFT wrappers' `.base_layer` removed)."""
+    return name.replace(".base_layer", "")
+
+
+def _is_adapter_name(name: str) -> bool:
+    return any(part.startswith("slice_") for part in name.split("."))
+
+
+def _matches(patterns, module_name: str, param_name: str) -> bool:
+    if patterns is None:
+        return False
+    if isinstance(patterns, str):
+        return bool(re.fullmatch(patterns, module_name) or re.fullmatch(patterns, param_name))
+    for p in patterns:
+        for candidate in (module_name, param_name):
+            if candidate == p or candidate.endswith("." + p):
+                return True
+    return False
+
+
+def model_layouts(model, target_modules=None, exclude_modules=None) -> list[ParamLayout]:
+    """The targeted parameters of `model` (any device, meta included), in the model's own order.
+
+    `target_modules=None` targets every parameter of the transformer blocks (`blocks.<i>.`). A list matches a module
+    name or a parameter name exactly or by `.`-suffix (`"to_q"`, `"ffn.net.2"`, `"scale_shift_table"`,
+    `"norm2.weight"`); a string is a regex that must fully match a module or parameter name.
+    `exclude_modules` removes matches the same way.
+    """
+    import torch.nn as nn
+
+    layouts = []
+    for module_name, module in model.named_modules():
+        if _is_adapter_name(module_name) or module_name.endswith("base_layer"):
+            continue
+        base = module
+        while hasattr(base, "base_layer"):
+            base = base.base_layer
+        canon_module = canonical_name(module_name)
+        for pname, param in base.named_parameters(recurse=False):
+            if _is_adapter_name(pname):
+                continue
+            full = f"{canon_module}.{pname}" if canon_module else pname
+            if target_modules is None:
+                targeted = block_index(full) is not None
+            else:
+                targeted = _matches(target_modules, canon_module, full)
+            if not targeted or _matches(exclude_modules, canon_module, full):
+                continue
+            rows = isinstance(base, nn.Linear) and pname == "weight" and param.dim() == 2
+            layouts.append(ParamLayout(full, tuple(param.shape), rows))
+    return layouts
