@@ -34,21 +34,21 @@ def plan_for_model(model: nn.Module, config: SliceConfig) -> SlicePlan:
 
 
 def check_layout(recorded: dict, layouts) -> None:
-    """Raise a ValueError naming the first parameter where a model's layout differs from a recorded one."""
+    """Raise a ValueError naming the first parameter (in model order) where a model's layout differs from a record."""
     if recorded.get("fingerprint") == layout_fingerprint(layouts):
         return
-    model_params = {lay.name: lay for lay in layouts}
-    for name, (shape, tiled_rows) in recorded.get("parameters", {}).items():
-        lay = model_params.get(name)
-        if lay is None:
-            raise ValueError(f"slice layout mismatch: the slice targets {name!r}, which this model does not have "
-                             "(or does not target): load it onto the model it was trained on")
+    params = recorded.get("parameters", {})
+    for lay in layouts:
+        if lay.name not in params:
+            raise ValueError(f"slice layout mismatch: the model targets {lay.name!r}, which the slice does not record: "
+                             "use the slice's target_modules/exclude_modules and the model it was trained on")
+        shape, tiled_rows = params[lay.name]
         if list(lay.shape) != list(shape) or lay.tiled_rows != tiled_rows:
-            raise ValueError(f"slice layout mismatch at {name!r}: slice has shape {tuple(shape)}, model has "
+            raise ValueError(f"slice layout mismatch at {lay.name!r}: slice has shape {tuple(shape)}, model has "
                              f"{lay.shape}: load it onto the model it was trained on")
-    extra = sorted(set(model_params) - set(recorded.get("parameters", {})))
-    raise ValueError(f"slice layout mismatch: the model targets {extra[0]!r}, which the slice does not record: "
-                     "use the slice's target_modules/exclude_modules and the model it was trained on")
+    missing = next(name for name in params if name not in {lay.name for lay in layouts})
+    raise ValueError(f"slice layout mismatch: the slice targets {missing!r}, which this model does not have "
+                     "(or does not target): load it onto the model it was trained on")
 
 
 class SliceModel(BaseTuner):

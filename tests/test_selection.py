@@ -1,0 +1,161 @@
+"""Selection properties: deterministic, a partition, nested, evenly spread, exact overlap."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import slice_adapter
+from slice_adapter import SliceConfig
+from slice_adapter.selection import (
+    ParamLayout,
+    keyed_permutation,
+    model_layouts,
+    plan_layouts,
+    tile_width_for,
+)
+from slice_adapter.wan_configs import build_meta_transformer, wan_config
+
+from conftest import make_wan
+
+
+@pytest.fixture(scope="module")
+def wan14b_layouts():
+    return model_layouts(build_meta_transformer(wan_config("wan2.1-t2v-14b")))
+
+
+def test_14b_model_has_the_published_parameter_count():
+    model = build_meta_transformer(wan_config("wan2.1-t2v-14b"))
+    assert sum(p.numel() for p in model.parameters()) == 14_288_491_584
+
+
+def test_default_targets_are_every_block_parameter(wan14b_layouts):
+    names = {lay.name for lay in wan14b_layouts}
+    assert all(n.startswith("blocks.") for n in names)
+    assert len({n.split(".")[1] for n in names}) == 40
+    for kind in ("attn1.to_q.weight", "attn2.to_out.0.bias", "ffn.net.2.weight", "norm2.weight", "scale_shift_table",
+                 "attn1.norm_q.weight"):
+        assert f"blocks.7.{kind}" in names
+    block_numel = sum(lay.numel for lay in wan14b_layouts)
+    model = build_meta_transformer(wan_config("wan2.1-t2v-14b"))
+    assert block_numel == sum(p.numel() for n, p in model.named_parameters() if n.startswith("blocks."))
+
+
+@pytest.mark.parametrize("fraction, per_block_tolerance", [(1e-3, 0.02), (1e-4, 0.05)])
+def test_14b_every_block_gets_its_share(wan14b_layouts, fraction, per_block_tolerance):
+    plan = plan_layouts(wan14b_layouts, fraction, slice_id=1, seed=0)
+    assert len(plan.per_block) == 40
+    for block, (selected, targeted) in plan.per_block.items():
+        assert abs(selected / (fraction * targeted) - 1) <= per_block_tolerance, block
+    assert abs(plan.selected / (fraction * plan.targeted) - 1) <= 0.01
+
+
+def test_14b_every_block_gets_some_at_1e5(wan14b_layouts):
+    plan = plan_layouts(wan14b_layouts, 1e-5, slice_id=3, seed=0)
+    assert all(selected > 0 for selected, _ in plan.per_block.values())
+    assert abs(plan.selected / (1e-5 * plan.targeted) - 1) <= 0.01
+
+
+def test_14b_plan_is_about_14m_weights_at_1e3(wan14b_layouts):
+    plan = plan_layouts(wan14b_layouts, 1e-3, slice_id=0, seed=0)
+    assert 14_000_000 <= plan.selected <= 14_110_000
+
+
+def test_slices_at_one_fraction_partition_the_targets(wan):
+    cfg = lambda k: SliceConfig(fraction=0.125, slice_id=k)  # noqa: E731
+    plans = [slice_adapter.plan(wan, cfg(k)) for k in range(8)]
+    assert cfg(0).num_slices == 8
+    for name, param in wan.named_parameters():
+        counts = sum(p.mask(name, param.shape).to(torch.int64) for p in plans)
+        expected = 1 if name.startswith("blocks.") else 0
+        assert torch.all(counts == expected), name
+    assert sum(p.selected for p in plans) == plans[0].targeted
+
+
+def test_two_slices_never_share_a_weight(wan):
+    a, b = SliceConfig(fraction=0.01, slice_id=1), SliceConfig(fraction=0.01, slice_id=2)
+    assert slice_adapter.overlap(wan, a, b) == 0
+
+
+def test_slices_nest_across_halved_fractions():
+    layouts = [ParamLayout("blocks.0.ffn.weight", (96, 256), True), ParamLayout("blocks.0.norm.weight", (256,), False)]
+    coarse = plan_layouts(layouts, 0.1, 3, seed=5)
+    fine = [plan_layouts(layouts, 0.05, k, seed=5) for k in (6, 7)]
+    for lay in layouts:
+        union = np.union1d(fine[0].flat_indices(lay.name), fine[1].flat_indices(lay.name))
+        assert np.array_equal(union, coarse.flat_indices(lay.name))
+
+
+def test_overlap_counts_shared_weights_exactly(wan):
+    a, b = SliceConfig(fraction=0.3, slice_id=0), SliceConfig(fraction=0.2, slice_id=1)
+    plan_a, plan_b = slice_adapter.plan(wan, a), slice_adapter.plan(wan, b)
+    by_masks = sum(int((plan_a.mask(n, p.shape) & plan_b.mask(n, p.shape)).sum()) for n, p in wan.named_parameters())
+    assert by_masks > 0
+    assert slice_adapter.overlap(wan, a, b) == by_masks
+
+
+def test_mask_outside_targets_is_all_false_and_shaped_like_the_parameter(wan):
+    plan = slice_adapter.plan(wan, SliceConfig(fraction=0.5, slice_id=0))
+    mask = plan.mask("proj_out.weight", wan.proj_out.weight.shape)
+    assert mask.shape == wan.proj_out.weight.shape and mask.dtype == torch.bool and not mask.any()
+    mask = plan.mask("blocks.0.scale_shift_table")
+    assert mask.shape == (1, 6, 32) and 0 < int(mask.sum()) < mask.numel()
+
+
+def test_plan_works_on_meta_and_ignores_dtype_and_device():
+    meta = build_meta_transformer(dict(make_wan().config))
+    real_bf16 = make_wan(dtype=torch.bfloat16)
+    cfg = SliceConfig(fraction=0.05, slice_id=4, seed=9)
+    p_meta, p_real = slice_adapter.plan(meta, cfg), slice_adapter.plan(real_bf16, cfg)
+    assert p_meta.tiles.keys() == p_real.tiles.keys()
+    assert all(np.array_equal(p_meta.tiles[n], p_real.tiles[n]) for n in p_meta.tiles)
+    assert p_meta.mask("blocks.1.ffn.net.2.weight").device.type == "cpu"
+
+
+def _plan_digest(fraction, slice_id, seed):
+    layouts = model_layouts(build_meta_transformer(wan_config("wan2.1-t2v-1.3b")))
+    plan = plan_layouts(layouts, fraction, slice_id, seed)
+    return {n: int(t.sum() * 7919 + len(t)) for n, t in sorted(plan.tiles.items())}
+
+
+def test_selection_is_identical_in_another_process():
+    code = (
+        "import json, torch; torch.set_num_threads(1); import sys; sys.path.insert(0, 'tests');"
+        "from test_selection import _plan_digest; print(json.dumps(_plan_digest(1e-3, 7, 3)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={
+        **__import__("os").environ, "PYTHONHASHSEED": "123"})
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == _plan_digest(1e-3, 7, 3)
+
+
+def test_different_seeds_give_different_slices(wan):
+    a = slice_adapter.plan(wan, SliceConfig(fraction=0.1, slice_id=0, seed=0))
+    b = slice_adapter.plan(wan, SliceConfig(fraction=0.1, slice_id=0, seed=1))
+    assert not all(np.array_equal(a.tiles.get(n, []), b.tiles.get(n, [])) for n in a.layouts)
+
+
+def test_keyed_permutation_is_a_bijection():
+    for n in (1, 2, 7, 64, 1000, 4097):
+        perm = keyed_permutation(np.arange(n), n, key=12345)
+        assert sorted(perm.tolist()) == list(range(n))
+
+
+def test_tiles_are_full_row_segments_of_at_most_64():
+    assert tile_width_for(5120) == 64 and tile_width_for(13824) == 64 and tile_width_for(8960) == 64
+    assert tile_width_for(32) == 32 and tile_width_for(100) == 50 and tile_width_for(67) == 1
+
+
+def test_target_modules_and_exclude_modules_narrow_the_slice(wan):
+    only_ffn = slice_adapter.plan(wan, SliceConfig(fraction=0.5, target_modules=["ffn.net.2"]))
+    assert set(only_ffn.layouts) == {"blocks.0.ffn.net.2.weight", "blocks.0.ffn.net.2.bias",
+                                     "blocks.1.ffn.net.2.weight", "blocks.1.ffn.net.2.bias"}
+    raw = slice_adapter.plan(wan, SliceConfig(fraction=0.5, target_modules=["scale_shift_table"]))
+    assert set(raw.layouts) == {"scale_shift_table", "blocks.0.scale_shift_table", "blocks.1.scale_shift_table"}
+    regex = slice_adapter.plan(wan, SliceConfig(fraction=0.5, target_modules=r"blocks\.1\.attn1\.to_.*"))
+    assert {n.rsplit(".", 1)[0] for n in regex.layouts} == {f"blocks.1.attn1.to_{x}" for x in ("q", "k", "v", "out.0")}
+    no_norms = slice_adapter.plan(wan, SliceConfig(fraction=0.5, exclude_modules=["norm_q", "norm_k", "norm2"]))
+    assert not any("norm" in n for n in no_norms.layouts)
+    assert no_norms.targeted < slice_adapter.plan(wan, SliceConfig(fraction=0.5)).targeted
