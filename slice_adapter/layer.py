@@ -70,7 +70,7 @@ class _TileDelta(torch.autograd.Function):
         tokens, width = x2d.shape[0], values.shape[1]
         groups = seg_ids.numel()
         deltas = values.new_zeros(groups * nmax, width).index_copy_(0, slot, values).view(groups, nmax, width)
-        xs = x2d.view(tokens, -1, width).index_select(1, seg_ids).transpose(0, 1).to(dtype)  # (groups, T, w)
+        xs = x2d.reshape(tokens, -1, width).index_select(1, seg_ids).transpose(0, 1).to(dtype)  # (groups, T, w)
         part = torch.bmm(xs, deltas.to(dtype).transpose(1, 2))  # (groups, T, nmax)
         y = torch.zeros(tokens, out_features, dtype=dtype, device=x2d.device)
         y.index_add_(1, rows_padded, part.transpose(0, 1).reshape(tokens, groups * nmax))
@@ -87,7 +87,7 @@ class _TileDelta(torch.autograd.Function):
         grad_part = grad_y.to(dtype).index_select(1, rows_padded).view(tokens, groups, nmax).transpose(0, 1)
         grad_x = grad_values = None
         if ctx.needs_input_grad[1]:
-            xs = x2d.view(tokens, -1, width).index_select(1, seg_ids).transpose(0, 1).to(dtype)
+            xs = x2d.reshape(tokens, -1, width).index_select(1, seg_ids).transpose(0, 1).to(dtype)
             grad_deltas = torch.bmm(grad_part.transpose(1, 2), xs).reshape(groups * nmax, width)
             grad_values = grad_deltas.index_select(0, slot).to(values.dtype)
         if ctx.needs_input_grad[0]:
