@@ -161,8 +161,12 @@ def _as_item(item) -> CacheItem:
         if missing:
             raise ValueError(f"cache item lacks {missing}; give content_id, prompt and pixels (got {sorted(item)})")
         out = CacheItem(**{k: item.get(k) for k in CacheItem.__dataclass_fields__})
+    elif all(hasattr(item, a) for a in ("id", "caption", "pixel_values")):  # slice_ft.data.Item
+        out = CacheItem(item.id, item.caption, item.pixel_values)
     else:
-        raise ValueError(f"cache item must be a CacheItem or a mapping, got {type(item).__name__}")
+        raise ValueError(
+            f"cache item must be a CacheItem, a mapping or a slice_ft.data.Item, got {type(item).__name__}"
+        )
     if out.num_frames is None or out.height is None or out.width is None:
         if callable(out.pixels):
             raise ValueError(
@@ -316,7 +320,7 @@ class LatentCache:
 
     def precompute(
         self,
-        items: Iterable[CacheItem | Mapping],
+        items: Iterable[Any],
         vae,
         text_encoder,
         tokenizer,
@@ -325,6 +329,8 @@ class LatentCache:
         progress: bool = True,
     ) -> dict[str, int]:
         """Encode whatever is not cached yet; returns counts {latents,text}_{computed,reused}.
+
+        items: `CacheItem`s, mappings with its field names, or `slice_ft.data.Item`s (id, caption, pixel_values).
 
         `device` is where the text encoder runs (default: its own); the VAE runs where it lives.
         """

@@ -152,7 +152,8 @@ def _items():
     return [
         CacheItem("sha1-a", "a red ball", _pixels(0)),
         dict(content_id="sha1-b", prompt="the cat", pixels=_pixels(1, frames=5)[0]),  # (C, F, H, W) mapping
-        CacheItem("sha1-c", "a red ball", _pixels(2)),  # same caption: one text file
+        # shaped like slice_ft.data.Item; same caption as the first: one text file
+        types.SimpleNamespace(id="sha1-c", caption="a red ball", pixel_values=_pixels(2)[0], bucket=None),
     ]
 
 
@@ -223,6 +224,8 @@ def test_lazy_pixels_are_loaded_only_on_a_miss(tmp_path):
     enc.run(cache, [item])
     enc.run(cache, [item])
     assert len(loads) == 1
+    with pytest.raises(ValueError, match="CacheItem, a mapping"):
+        enc.run(cache, [("sha1-x", "a dog")])
     with pytest.raises(ValueError, match="num_frames/height/width"):
         enc.run(cache, [CacheItem("sha1-m", "a dog", lambda: _pixels(3))])
     bad = CacheItem("sha1-n", "a dog", lambda: _pixels(3), num_frames=1, height=32, width=32)
