@@ -63,40 +63,48 @@ class TileIndex:
 
 
 class _TileDelta(torch.autograd.Function):
-    """y[:, row] += x[:, seg] @ tile for every selected tile, batched per segment; x is saved, not copied."""
+    """out = result + scale * (x[:, seg] @ tile into row) for every selected tile, batched per segment.
+
+    The contribution goes straight into a copy of the base output with one `index_add`; x is saved, not copied, and
+    the gather is redone in backward.
+    """
 
     @staticmethod
-    def forward(ctx, x2d, values, seg_ids, slot, rows_padded, nmax: int, out_features: int, dtype: torch.dtype):
+    def forward(ctx, result2d, x2d, values, seg_ids, slot, rows_padded, nmax: int, dtype: torch.dtype, scale: float):
         tokens, width = x2d.shape[0], values.shape[1]
         groups = seg_ids.numel()
         deltas = values.new_zeros(groups * nmax, width).index_copy_(0, slot, values).view(groups, nmax, width)
+        if scale != 1.0:
+            deltas = deltas * scale
         xs = x2d.reshape(tokens, -1, width).index_select(1, seg_ids).transpose(0, 1).to(dtype)  # (groups, T, w)
         part = torch.bmm(xs, deltas.to(dtype).transpose(1, 2))  # (groups, T, nmax)
-        y = torch.zeros(tokens, out_features, dtype=dtype, device=x2d.device)
-        y.index_add_(1, rows_padded, part.transpose(0, 1).reshape(tokens, groups * nmax))
+        part = part.transpose(0, 1).reshape(tokens, groups * nmax).to(result2d.dtype)
         ctx.save_for_backward(x2d, values, seg_ids, slot, rows_padded)
-        ctx.nmax, ctx.dtype = nmax, dtype
-        return y
+        ctx.nmax, ctx.dtype, ctx.scale = nmax, dtype, scale
+        return result2d.index_add(1, rows_padded, part)
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def backward(ctx, grad_out):
         x2d, values, seg_ids, slot, rows_padded = ctx.saved_tensors
-        nmax, dtype = ctx.nmax, ctx.dtype
+        nmax, dtype, scale = ctx.nmax, ctx.dtype, ctx.scale
         tokens, width = x2d.shape[0], values.shape[1]
         groups = seg_ids.numel()
-        grad_part = grad_y.to(dtype).index_select(1, rows_padded).view(tokens, groups, nmax).transpose(0, 1)
+        grad_part = grad_out.to(dtype).index_select(1, rows_padded).view(tokens, groups, nmax).transpose(0, 1)
+        if scale != 1.0:
+            grad_part = grad_part * scale
         grad_x = grad_values = None
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[2]:
             xs = x2d.reshape(tokens, -1, width).index_select(1, seg_ids).transpose(0, 1).to(dtype)
             grad_deltas = torch.bmm(grad_part.transpose(1, 2), xs).reshape(groups * nmax, width)
             grad_values = grad_deltas.index_select(0, slot).to(values.dtype)
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[1]:
             deltas = values.new_zeros(groups * nmax, width).index_copy_(0, slot, values).view(groups, nmax, width)
             grad_xs = torch.bmm(grad_part, deltas.to(dtype))  # (groups, T, w)
             grad_x = torch.zeros(tokens, x2d.shape[1] // width, width, dtype=x2d.dtype, device=x2d.device)
             grad_x.index_add_(1, seg_ids, grad_xs.transpose(0, 1).to(x2d.dtype))
-            grad_x = grad_x.view_as(x2d)
-        return grad_x, grad_values, None, None, None, None, None, None
+            grad_x = grad_x.view(tokens, x2d.shape[1])
+        grad_result = grad_out if ctx.needs_input_grad[0] else None
+        return grad_result, grad_x, grad_values, None, None, None, None, None, None
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -264,29 +272,23 @@ class Linear(nn.Module, SliceLayer):
         adapters = self._adapters_to_apply()
         if not adapters:
             return result
-        out_dtype = result.dtype
         dtype = _compute_dtype(x)
         x2d = x.reshape(-1, x.shape[-1])
-        out_features = result.shape[-1]
-        delta = None
+        out2d = result.reshape(-1, result.shape[-1])
         for adapter in adapters:
             scale = self.slice_scale[adapter]
             for pname, values in self.slice_values[adapter].items():
                 idx = self.slice_index[adapter][pname]
                 data = idx.on(x.device)
                 if idx.layout.tiled_rows:
-                    part = _TileDelta.apply(
-                        x2d, values, data["seg_ids"], data["slot"], data["rows_padded"], idx.nmax, out_features, dtype
+                    out2d = _TileDelta.apply(
+                        out2d, x2d, values, data["seg_ids"], data["slot"], data["rows_padded"], idx.nmax, dtype, scale
                     )
-                else:  # bias elements
-                    part = torch.zeros(out_features, dtype=dtype, device=x.device).index_add(
-                        0, data["flat"], values.to(dtype)
-                    )
-                part = part * scale if scale != 1.0 else part
-                delta = part if delta is None else delta + part
-        return (result + delta.view(*result.shape[:-1], out_features) if delta.dim() > 1 else result + delta).to(
-            out_dtype
-        )
+                else:  # bias elements: a dense bias-sized delta is cheap
+                    bias = torch.zeros(out2d.shape[-1], dtype=torch.float32, device=x.device)
+                    bias = bias.index_add(0, data["flat"], values.float() * scale)
+                    out2d = out2d + bias.to(out2d.dtype)
+        return out2d.view(result.shape)
 
     def __repr__(self) -> str:
         return "slice." + super().__repr__()
