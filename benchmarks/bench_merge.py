@@ -1,0 +1,199 @@
+"""Streaming merge: `scripts/merge_slices.py` on a multi-GB synthetic checkpoint vs a plain file copy of it.
+
+The checkpoint has the Wan 2.1 T2V 1.3B layout (all 30 blocks, diffusers keys) in bf16: 2.8 GB, the size of the
+bf16 repackaging users merge into. Two slices (fraction 1e-3, ids 0 and 1, random values) are merged into it.
+
+    python benchmarks/bench_merge.py --output /tmp/merge.json [--workdir /tmp/slice_ft_bench_merge]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+FULL = dict(model="wan2.1-t2v-1.3b", overrides={}, fraction=1e-3, slices=(0, 1), repeats=3)
+SMOKE = dict(model="wan2.1-t2v-1.3b", fraction=1e-2, slices=(0, 1), repeats=1,
+             overrides=dict(num_layers=1, num_attention_heads=2, attention_head_dim=16, ffn_dim=64, text_dim=32,
+                            freq_dim=32))
+
+# Runs the CLI in a child that imports its modules first, so the merge's own time and peak are seen apart from the
+# interpreter's start-up; the child's whole-process peak comes from wait4 in the parent.
+_CHILD = r"""
+import json, runpy, sys, time
+sys.path.insert(0, {bench!r})
+import common
+t0 = time.perf_counter()
+import slice_adapter.merge  # what the CLI imports
+t_import = time.perf_counter() - t0
+import_peak = common.peak_rss_mb()
+common.reset_peak_rss()
+sys.argv = {argv!r}
+t0 = time.perf_counter()
+try:
+    runpy.run_path({script!r}, run_name="__main__")
+except SystemExit as e:
+    if e.code:
+        raise
+t_merge = time.perf_counter() - t0
+print("BENCH " + json.dumps(dict(import_s=t_import, import_peak_mb=import_peak, merge_s=t_merge,
+                                 merge_peak_mb=common.peak_rss_mb())))
+"""
+
+
+def write_checkpoint(path: Path, model: str, overrides: dict, seed: int = 0) -> dict:
+    """Stream a bf16 safetensors file of a Wan layout with random values; never more than one tensor in memory."""
+    import torch
+
+    from slice_adapter.wan_configs import build_meta_transformer
+
+    meta = build_meta_transformer(common.wan_layout(model, **overrides))
+    shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        nbytes = 2 * int(torch.Size(shape).numel())
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data start to 8 bytes
+    gen = torch.Generator().manual_seed(seed)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        for name, shape in shapes.items():
+            t = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+            fh.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    os.replace(tmp, path)
+    largest = max(shapes.items(), key=lambda kv: torch.Size(kv[1]).numel())
+    return {"bytes": path.stat().st_size, "tensors": len(shapes), "largest_tensor": largest[0],
+            "largest_tensor_bytes": 2 * torch.Size(largest[1]).numel(), "layout": model, **overrides}
+
+
+def write_slices(folder: Path, model: str, overrides: dict, fraction: float, slice_ids) -> list[Path]:
+    """Slice adapter folders with random values, made on a meta-device model (no weights needed)."""
+    import torch
+
+    import slice_adapter
+    from slice_adapter import SliceConfig
+    from slice_adapter.layer import SliceLayer
+    from slice_adapter.wan_configs import build_meta_transformer
+
+    paths = []
+    gen = torch.Generator().manual_seed(1)
+    for sid in slice_ids:
+        meta = build_meta_transformer(common.wan_layout(model, **overrides))
+        meta.add_adapter(SliceConfig(fraction=fraction, slice_id=sid))
+        for layer in meta.modules():  # on a meta model the values are meta too: give them real random data
+            if isinstance(layer, SliceLayer):
+                values = layer.slice_values["default"]
+                for pname, v in values.items():
+                    values[pname] = torch.nn.Parameter(torch.randn(v.shape, generator=gen) * 0.01)
+        paths.append(slice_adapter.save_adapter(meta, folder / f"slice{sid}"))
+    return paths
+
+
+def main(argv=None):
+    parser = common.base_arg_parser(__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default=None,
+                        help="Where the synthetic checkpoint and outputs go (default: a temp folder under /tmp); "
+                             "needs 3× the checkpoint's size free. Removed afterwards unless --keep.")
+    parser.add_argument("--keep", action="store_true", help="Keep the work folder (reuse its checkpoint next time).")
+    args = parser.parse_args(argv)
+    common.quiet_warnings()
+    size = SMOKE if args.smoke else FULL
+    repeats = args.repeats or size["repeats"]
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="slice_ft_bench_merge_", dir="/tmp"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        base = work / "base.safetensors"
+        info_file = work / "base.json"
+        if base.exists() and info_file.exists():
+            ckpt = json.loads(info_file.read_text())
+        else:
+            print(f"merge: writing a synthetic {size['model']} checkpoint to {base}", flush=True)
+            ckpt = write_checkpoint(base, size["model"], size["overrides"])
+            info_file.write_text(json.dumps(ckpt))
+        slices = write_slices(work, size["model"], size["overrides"], size["fraction"], size["slices"])
+        out_merge, out_copy = work / "merged.safetensors", work / "copy.safetensors"
+        cli = [str(common.REPO / "scripts" / "merge_slices.py"), "--base", str(base),
+               *[a for s in slices for a in ("--slice", str(s))], "--output", str(out_merge), "--no_progress"]
+        child = _CHILD.format(bench=str(Path(__file__).resolve().parent), argv=cli, script=cli[0])
+        copy_cmd = ["cp", "--reflink=never", str(base), str(out_copy)]
+        samples = {"copy": [], "merge_cli": [], "merge_call": [], "peak_mb": [], "merge_peak_mb": [],
+                   "import_peak_mb": [], "import_s": []}
+        for r in range(repeats):
+            # alternate the order: whoever runs second finds the base in the page cache warmed by the first
+            for which in (("copy", "merge") if r % 2 == 0 else ("merge", "copy")):
+                if which == "copy":
+                    wall, _, _ = common.run_with_peak(copy_cmd)
+                    samples["copy"].append(wall)
+                    out_copy.unlink()
+                else:
+                    wall, peak, text = common.run_with_peak([sys.executable, "-c", child])
+                    inner = json.loads(next(l for l in text.splitlines() if l.startswith("BENCH "))[6:])
+                    samples["merge_cli"].append(wall)
+                    samples["merge_call"].append(inner["merge_s"])
+                    samples["peak_mb"].append(peak)
+                    samples["merge_peak_mb"].append(inner["merge_peak_mb"])
+                    samples["import_peak_mb"].append(inner["import_peak_mb"])
+                    samples["import_s"].append(inner["import_s"])
+                    out_merge.unlink()
+            print(f"  repeat {r + 1}/{repeats}: copy {samples['copy'][-1]:.2f} s, merge CLI "
+                  f"{samples['merge_cli'][-1]:.2f} s (of which the merge {samples['merge_call'][-1]:.2f} s), "
+                  f"peak {samples['peak_mb'][-1]:.0f} MB", flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    gb = ckpt["bytes"] / 1e9
+    copy = common.Summary.of(samples["copy"])
+    largest_mb = ckpt["largest_tensor_bytes"] / common.MB
+    limit_mb = 3 * largest_mb + 300
+    rows = []
+    for name, key, what in (("merge CLI, end to end", "merge_cli", "process start, imports and merge"),
+                            ("merge alone (CLI after its imports)", "merge_call", "the merge_slices call")):
+        ratios = common.Summary.of([c / m for c, m in zip(samples["copy"], samples[key])])
+        row = {"name": name, "what": what, "wall_s": common.Summary.of(samples[key]).as_dict(),
+               "gb_per_s": gb / common.Summary.of(samples[key]).median, "x_copy_throughput": ratios.as_dict(),
+               "targets": []}
+        row["targets"].append(("≥ 0.7× copy throughput", ratios.median >= 0.7, f"{ratios.median:.2f}×"))
+        rows.append(row)
+    peak = common.Summary.of(samples["peak_mb"])
+    merge_peak = common.Summary.of(samples["merge_peak_mb"])
+    imports = common.Summary.of(samples["import_peak_mb"])
+    rows[0]["peak_rss_mb"] = peak.as_dict()
+    rows[0]["targets"].append((f"peak < 3× largest + 300 MB = {limit_mb:.0f} MB", peak.median < limit_mb,
+                               f"{peak.median:.0f} MB"))
+    rows[1]["peak_rss_mb"] = merge_peak.as_dict()
+    rows[1]["above_imports_mb"] = merge_peak.median - imports.median
+    rows[1]["targets"].append((f"peak above imports < 3× largest + 300 MB = {limit_mb:.0f} MB",
+                               merge_peak.median - imports.median < limit_mb,
+                               f"{merge_peak.median - imports.median:.0f} MB"))
+    common.write_json(args.output, {
+        "benchmark": "merge",
+        "smoke": args.smoke,
+        "command": common.command_line(),
+        "machine": common.machine_info(),
+        "setup": {"checkpoint": ckpt, "fraction": size["fraction"], "slice_ids": list(size["slices"]),
+                  "repeats": repeats, "copy_command": "cp --reflink=never BASE OUT",
+                  "merge_command": "python scripts/merge_slices.py --base BASE --slice S0 --slice S1 --output OUT "
+                                   "--no_progress"},
+        "copy": {"wall_s": copy.as_dict(), "gb_per_s": gb / copy.median},
+        "imports": {"peak_rss_mb": imports.as_dict(), "seconds": common.Summary.of(samples["import_s"]).as_dict()},
+        "largest_tensor_mb": largest_mb,
+        "rows": rows,
+    })
+
+
+if __name__ == "__main__":
+    main()

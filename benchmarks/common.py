@@ -1,0 +1,450 @@
+"""Shared benchmark machinery: interleaved timing in one worker process per configuration, peak memory, headers.
+
+Every configuration of a table runs in its own spawned worker process, so its peak memory is its own (a process'
+high-water mark cannot be shared or undone). The parent interleaves the workers: repeat r runs each configuration's
+timed steps in turn (the order rotated every repeat), so drift of the machine (thermal, other load) hits every
+configuration alike. Ratios are taken per repeat against the baseline measured in the same repeat.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # benchmarks run as scripts from anywhere; the packages live at the repo root
+    sys.path.insert(0, str(REPO))
+
+MB = 1024 * 1024
+
+
+# -- memory -------------------------------------------------------------------------------------------------------
+def _status_kb(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process' resident high-water mark (Linux: clear_refs 5); False where the kernel refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process since start or the last `reset_peak_rss` (VmHWM; else ru_maxrss)."""
+    kb = _status_kb("VmHWM")
+    if kb is None:
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux reports KiB
+    return kb / 1024
+
+
+def rss_mb() -> float:
+    kb = _status_kb("VmRSS")
+    return kb / 1024 if kb is not None else float("nan")
+
+
+def run_with_peak(cmd: list[str], env=None) -> tuple[float, float, str]:
+    """Run a command to completion; (wall seconds, peak RSS of that process in MB, stdout+stderr tail).
+
+    The peak is the kernel's ru_maxrss of exactly this child (os.wait4), so nothing else in the tree counts.
+    """
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    chunks = []
+    while True:  # drain the pipe ourselves: wait4 must be the call that reaps the child
+        chunk = proc.stdout.read(65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    text = b"".join(chunks).decode(errors="replace")
+    if proc.returncode != 0:
+        raise RuntimeError(f"command failed ({proc.returncode}): {shlex.join(cmd)}\n{text[-3000:]}")
+    return wall, usage.ru_maxrss / 1024, text[-2000:]
+
+
+# -- statistics ---------------------------------------------------------------------------------------------------
+@dataclass
+class Summary:
+    """Median and range of a sample."""
+
+    median: float
+    lo: float
+    hi: float
+    n: int
+
+    @classmethod
+    def of(cls, values) -> "Summary":
+        values = [float(v) for v in values]
+        return cls(statistics.median(values), min(values), max(values), len(values))
+
+    def fmt(self, digits: int = 3, unit: str = "") -> str:
+        return f"{self.median:.{digits}f}{unit} ({self.lo:.{digits}f}–{self.hi:.{digits}f})"
+
+    def as_dict(self) -> dict:
+        return {"median": self.median, "min": self.lo, "max": self.hi, "n": self.n}
+
+
+# -- workers ------------------------------------------------------------------------------------------------------
+def _timed(step, n: int) -> list[tuple[float, float]]:
+    times = []
+    for _ in range(n):
+        t0, c0 = time.perf_counter(), time.process_time()
+        step()
+        times.append((time.perf_counter() - t0, time.process_time() - c0))
+    return times
+
+
+def _prepare(setup: Callable, spec: dict):
+    rss_start = rss_mb()
+    step, info = setup(spec)
+    return step, {"rss_start_mb": rss_start, "rss_ready_mb": rss_mb(), **(info or {})}
+
+
+def _warm(step, n: int) -> None:
+    for _ in range(n):
+        step()
+    reset_peak_rss()  # the peak is over timed calls only; setup's transient copies are not the step's cost
+
+
+def _worker_main(conn, setup: Callable, spec: dict, threads: int):
+    """Worker loop: build the configuration, then answer ("warmup", n) and ("run", n) (n (wall, CPU) pairs)."""
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        step, info = _prepare(setup, spec)
+        conn.send(("ready", info))
+        while True:
+            cmd, arg = conn.recv()
+            if cmd == "warmup":
+                conn.send(("warm", _warm(step, arg)))
+            elif cmd == "run":
+                conn.send(("times", _timed(step, arg)))
+            elif cmd == "memory":
+                conn.send(("memory", {"peak_rss_mb": peak_rss_mb(), "rss_mb": rss_mb()}))
+            else:
+                conn.send(("bye", None))
+                return
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+
+
+class _ProcessWorker:
+    """One configuration in its own spawned process (its own peak memory)."""
+
+    def __init__(self, ctx, name, setup, spec, threads):
+        self.name = name
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, args=(child, setup, spec, threads), daemon=True)
+        self.proc.start()
+
+    def _ask(self, msg=None):
+        if msg is not None:
+            self.conn.send(msg)
+        kind, payload = self.conn.recv()
+        if kind == "error":
+            raise RuntimeError(f"configuration {self.name!r} failed:\n{payload}")
+        return payload
+
+    def ready(self) -> dict:
+        return self._ask()
+
+    def warmup(self, n: int):
+        return self._ask(("warmup", n))
+
+    def run(self, n: int):
+        return self._ask(("run", n))
+
+    def memory(self) -> dict:
+        return self._ask(("memory", None))
+
+    def close(self):
+        try:
+            self.conn.send(("stop", None))
+        except (BrokenPipeError, OSError):
+            pass
+        self.proc.join(timeout=30)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
+class _InlineWorker:
+    """Smoke mode: the configuration in this process (no spawn, no imports to pay again); memory is not its own."""
+
+    def __init__(self, name, setup, spec):
+        self.name = name
+        self.step, self.info = _prepare(setup, spec)
+
+    def ready(self) -> dict:
+        return self.info
+
+    def warmup(self, n: int):
+        return _warm(self.step, n)
+
+    def run(self, n: int):
+        return _timed(self.step, n)
+
+    def memory(self) -> dict:
+        return {"peak_rss_mb": peak_rss_mb(), "rss_mb": rss_mb()}
+
+    def close(self):
+        self.step = None
+
+
+@dataclass
+class Result:
+    """One configuration's measurements: per repeat, per call, (wall seconds, process CPU seconds)."""
+
+    name: str
+    times: list[list[tuple[float, float]]] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+    memory: dict = field(default_factory=dict)
+
+    def per_repeat(self, clock: str = "wall") -> list[float]:
+        k = 0 if clock == "wall" else 1
+        return [statistics.median(c[k] for c in t) for t in self.times]
+
+    def summary(self, clock: str = "wall") -> Summary:
+        k = 0 if clock == "wall" else 1
+        return Summary.of([c[k] for t in self.times for c in t])
+
+
+def run_interleaved(setup: Callable, specs: dict[str, dict], *, repeats: int, calls: int, warmup: int = 1,
+                    threads: int | None = None, inline: bool = False, log=print) -> dict[str, Result]:
+    """Time `step()` of each configuration, interleaved; one spawned worker per configuration, all alive together.
+
+    `setup(spec) -> (step, info)` runs in the worker (it must be a module-level function). Each of `repeats`
+    rounds runs `calls` timed calls of every configuration, the order rotated each round. `inline=True` runs
+    every configuration in this process instead (smoke runs: seconds, but no per-configuration memory).
+    """
+    threads = threads or os.cpu_count() or 1
+    ctx = mp.get_context("spawn")
+    workers = {}
+    results = {name: Result(name) for name in specs}
+    try:
+        for name, spec in specs.items():  # all start together: their imports overlap; timing waits for all
+            workers[name] = (_InlineWorker(name, setup, spec) if inline
+                             else _ProcessWorker(ctx, name, setup, spec, threads))
+        for name, worker in workers.items():
+            results[name].info = worker.ready()
+        for worker in workers.values():  # one at a time: warm-up steps must not fight each other for the cores
+            worker.warmup(warmup)
+        log(f"  ready: {', '.join(workers)}")
+        names = list(specs)
+        for r in range(repeats):
+            order = names[r % len(names):] + names[: r % len(names)]
+            for name in order:
+                results[name].times.append(workers[name].run(calls))
+            log(f"  repeat {r + 1}/{repeats}: " + ", ".join(
+                f"{n} {results[n].per_repeat()[-1] * 1e3:.0f} ms" for n in names))
+        for name, worker in workers.items():
+            results[name].memory = worker.memory()
+    finally:
+        for worker in workers.values():
+            worker.close()
+    return results
+
+
+def ratio_summary(results: dict[str, Result], name: str, baseline: str, clock: str = "wall") -> Summary:
+    """Per-repeat ratio of medians (same repeat, so same machine state), summarised over the repeats."""
+    a, b = results[name].per_repeat(clock), results[baseline].per_repeat(clock)
+    return Summary.of([x / y for x, y in zip(a, b)])
+
+
+# -- headers and output -------------------------------------------------------------------------------------------
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    """Machine, versions and commit: enough to know whether two tables are comparable."""
+    import diffusers
+    import peft
+    import torch
+
+    try:
+        mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    except (ValueError, OSError):
+        mem_gb = float("nan")
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True).stdout.strip()
+        commit += " (+ uncommitted changes)" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "memory_gb": round(mem_gb, 1),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "diffusers": diffusers.__version__,
+        "peft": peft.__version__,
+        "commit": commit,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "load_average": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+    }
+
+
+def command_line() -> str:
+    """This script's command line, relative to the repo root when possible."""
+    argv = list(sys.argv)
+    try:
+        argv[0] = os.path.relpath(os.path.abspath(argv[0]), REPO)
+    except ValueError:
+        pass
+    return shlex.join(["python", *argv])
+
+
+def write_json(path, payload: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+def verdict(ok: bool, why: str = "") -> str:
+    """A target cell: "met", or "missed — why"."""
+    return "met" if ok else f"missed — {why}" if why else "missed"
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def quiet_warnings() -> None:
+    """Silence library warnings that repeat every step (SHiRA's sparse-tensor note) and would flood the logs."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Sparse invariant checks")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning")  # inherited by spawned workers
+
+
+def base_arg_parser(description: str):
+    """Flags every benchmark script takes: --smoke (seconds-long sizes) and --output (its JSON result)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--smoke", action="store_true", help="Tiny sizes: runs in seconds; checks the script, not speed.")
+    parser.add_argument("--output", required=True, help="Where to write the JSON result (read by run_all.py).")
+    parser.add_argument("--repeats", type=int, default=None, help="Interleaved rounds (default: per benchmark).")
+    return parser
+
+
+# -- shared Wan models and methods --------------------------------------------------------------------------------
+# The Linear layers of the transformer blocks: LoRA's and SHiRA's targets (the slice targets every block parameter).
+BLOCK_LINEARS = r"blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)|blocks\.\d+\.ffn\.net\.(0\.proj|2)"
+METHODS = ("frozen", "slice", "lora", "shira", "full")
+
+
+def wan_layout(name: str = "wan2.1-t2v-1.3b", **overrides) -> dict:
+    """A published Wan config with some entries replaced (e.g. `num_layers=2`)."""
+    from slice_adapter.wan_configs import wan_config
+
+    return {**wan_config(name), **overrides}
+
+
+def build_wan(config: dict, seed: int = 0):
+    """A float32 `WanTransformer3DModel` with deterministic random weights."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return WanTransformer3DModel(**config)
+
+
+def wan_inputs(config: dict, latent_shape, text_len: int, seed: int = 1) -> dict:
+    """Random latents (B, C, F, H, W), a mid-range timestep and a text embedding of `text_len` tokens."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    batch = latent_shape[0]
+    return dict(
+        hidden_states=torch.randn(*latent_shape, generator=g),
+        timestep=torch.full((batch,), 500.0),
+        encoder_hidden_states=torch.randn(batch, text_len, config["text_dim"], generator=g),
+    )
+
+
+def block_linear_rank_cost(model) -> int:
+    """Trainable weights per unit of LoRA/SHiRA rank on the block Linears: sum of in + out."""
+    import re
+
+    from torch import nn
+
+    return sum(m.in_features + m.out_features for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and re.fullmatch(BLOCK_LINEARS, n))
+
+
+def equal_rank(model, trainable: int) -> int:
+    """The LoRA/SHiRA rank whose trainable count is closest to `trainable` (at least 1)."""
+    return max(1, round(trainable / block_linear_rank_cost(model)))
+
+
+def apply_method(model, method: str, *, fraction: float = 1e-3, rank: int = 1, slice_id: int = 0,
+                 adapter_name: str = "default", seed: int = 0) -> list:
+    """Make `model` trainable the way `method` does; returns the trainable parameters.
+
+    frozen: nothing trainable (the caller asks for input gradients); slice: a SliceConfig; lora/shira: PEFT on the
+    block Linears with rank `rank` (LoRA alpha = rank, so scale 1); full: every block parameter.
+    """
+    import peft
+
+    import slice_adapter  # noqa: F401  (registers the SLICE type)
+    from slice_adapter import SliceConfig
+
+    model.requires_grad_(False)
+    if method == "slice":
+        model.add_adapter(SliceConfig(fraction=fraction, slice_id=slice_id), adapter_name=adapter_name)
+    elif method == "lora":
+        model.add_adapter(peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=BLOCK_LINEARS),
+                          adapter_name=adapter_name)
+    elif method == "shira":
+        model.add_adapter(peft.ShiraConfig(r=rank, target_modules=BLOCK_LINEARS, random_seed=seed),
+                          adapter_name=adapter_name)
+    elif method == "full":
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("blocks."))
+    elif method != "frozen":
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    return [p for p in model.parameters() if p.requires_grad]
