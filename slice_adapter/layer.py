@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import weakref
 from typing import Any, Optional
 
 import numpy as np
@@ -339,7 +338,8 @@ class ParamSlice(nn.Module, SliceLayer):
     def __init__(self, owner: nn.Module, adapter_name: str, entries: dict, init_weights=True, **kwargs):
         super().__init__()
         SliceLayer.__init__(self, None, **kwargs)
-        self._owner_ref = weakref.ref(owner)
+        # a plain (unregistered) reference: not a child module, and deepcopy maps it to the copied owner
+        object.__setattr__(self, "_owner", owner)
         self._active_adapter = adapter_name
         self._hooks = [
             owner.register_forward_pre_hook(self._shadow_parameters),
@@ -349,7 +349,7 @@ class ParamSlice(nn.Module, SliceLayer):
 
     @property
     def owner(self) -> nn.Module:
-        return self._owner_ref()
+        return self._owner
 
     def get_base_layer(self) -> nn.Module:
         return self.owner

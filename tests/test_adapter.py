@@ -212,6 +212,21 @@ def test_delete_adapters_removes_the_slice(inputs):
     torch.testing.assert_close(run(model, inputs), run(make_wan(), inputs), atol=0, rtol=0)
 
 
+def test_a_deep_copied_model_keeps_its_own_slices(inputs):
+    import copy
+
+    model = make_wan()
+    model.add_adapter(SliceConfig(fraction=0.2, slice_id=0, init_weights=False))
+    clone = copy.deepcopy(model)
+    assert clone.blocks[0].slice_params.owner is clone.blocks[0]
+    with torch.no_grad():
+        for name, p in clone.named_parameters():
+            if ".slice_values." in name:
+                p.zero_()
+    torch.testing.assert_close(run(clone, inputs), run(make_wan(), inputs), atol=0, rtol=0)
+    assert not torch.allclose(run(model, inputs), run(clone, inputs))
+
+
 def test_a_weight_whose_share_rounds_to_zero_gets_no_adapter_parameter():
     model = make_wan()
     model.add_adapter(SliceConfig(fraction=0.001, slice_id=0))
