@@ -1,0 +1,58 @@
+#!/usr/bin/env python
+"""Inspect a saved slice: its config, how many weights it holds and where, delta norms per parameter kind, and
+(with --overlap) the exact number of weights it shares with another slice.
+
+Example:
+  python scripts/inspect_slice.py out/character1 --overlap out/character2
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from slice_adapter.report import inspect_report  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("slice", metavar="DIR", help="The slice adapter folder.")
+    p.add_argument("--overlap", metavar="DIR2", default=None, help="Another slice folder to count shared weights with.")
+    p.add_argument("--json", action="store_true", help="Print one JSON object and nothing else.")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        r = inspect_report(args.slice, overlap_with=args.overlap)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    c = r["config"]
+    print(f"slice {r['path']}: fraction {c['fraction']} id {c['slice_id']} seed {c['seed']} "
+          f"(of {c['num_slices']}), layout {c['fingerprint']}")
+    print(f"targets {c['target_modules'] or 'all block parameters'}"
+          f"{', excluding ' + str(c['exclude_modules']) if c['exclude_modules'] else ''}")
+    print(f"{r['selected_weights']:,} of {r['targeted_weights']:,} targeted weights ({r['percent_of_targeted']:.4f}%) "
+          f"in {r['touched_parameters']} of {r['targeted_parameters']} parameters; {r['nonzero_deltas']:,} nonzero; "
+          f"delta L2 {r['delta_l2']:.6g}")
+    b = r["per_block"]
+    print(f"per block ({b['blocks']} blocks): min {b['min']:,} mean {b['mean']:,.1f} max {b['max']:,}")
+    print(f"{'kind':48}{'params':>8}{'weights':>12}{'L2':>14}{'max |d|':>14}")
+    for kind, k in r["kinds"].items():
+        print(f"{kind:48}{k['parameters']:>8}{k['weights']:>12,}{k['l2']:>14.6g}{k['max_abs']:>14.6g}")
+    if "overlap" in r:
+        o = r["overlap"]
+        print(f"shares {o['shared_weights']:,} weights with {o['other']} ({o['percent_of_this_slice']:.4f}% of this "
+              f"slice){'' if o['same_layout'] else '; the layouts differ (another model?): compared by name'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

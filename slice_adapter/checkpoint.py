@@ -1,0 +1,320 @@
+"""Safetensors checkpoints read and written one tensor at a time.
+
+`open_checkpoint` reads a single file or a diffusers folder (sharded with its index, or one file) from the headers
+alone and validates them (dtype, shape vs byte range, file size vs header: truncation). `read_tensor` reads one tensor
+with plain file reads; `StreamWriter` writes a safetensors file tensor by tensor through a temp file renamed into place.
+Peak memory is a few times the largest tensor, never the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+# safetensors dtype codes <-> torch dtypes (the format's own names).
+ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+ST_CODES = {v: k for k, v in ST_DTYPES.items()}
+DTYPE_ALIASES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+COPY_CHUNK = 1024 * 1024  # raw copies of untouched tensors go through one reused buffer of this size
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+SINGLE_NAME = "diffusion_pytorch_model.safetensors"
+
+
+def parse_dtype(dtype) -> Optional[torch.dtype]:
+    """None, a torch dtype, or one of bf16/fp16/fp32 (and their long names) -> torch dtype or None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in DTYPE_ALIASES:
+        raise ValueError(f"dtype must be one of bf16, fp16, fp32 (or None to keep the base's own), got {dtype!r}")
+    return DTYPE_ALIASES[key]
+
+
+def dtype_label(dtype: torch.dtype) -> str:
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    return names.get(dtype, str(dtype).removeprefix("torch."))
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a checkpoint: where its bytes are (absolute offsets in `path`)."""
+
+    name: str
+    path: Path
+    dtype: str  # safetensors code, e.g. "BF16"
+    shape: tuple
+    start: int
+    end: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return ST_DTYPES[self.dtype]
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class Checkpoint:
+    """A base checkpoint: its tensors in file order, header metadata, and where it lives."""
+
+    source: Path  # the file or folder the user passed
+    files: list[Path]
+    entries: dict[str, TensorEntry]
+    metadata: dict[str, str] = field(default_factory=dict)
+    is_folder: bool = False
+
+    def shapes(self) -> dict[str, tuple]:
+        return {n: e.shape for n, e in self.entries.items()}
+
+
+def read_header(path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """Parse and validate one safetensors file's header (no tensor is read). Raises ValueError naming the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{str(path)!r} does not exist or is not a file: pass an existing .safetensors file")
+    size = path.stat().st_size
+    where = f"{str(path)!r}"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{where} is truncated or not a safetensors file ({size} bytes): re-download or "
+                                 "re-save it")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise ValueError(f"{where} is truncated or not a safetensors file (header of {n} bytes, file of "
+                                 f"{size} bytes): re-download or re-save it")
+            raw = f.read(n)
+    except OSError as err:
+        raise ValueError(f"{where} cannot be read ({err}): check the path and its permissions") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise TypeError("header is not a JSON object")
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as err:
+        raise ValueError(f"{where} has a corrupted header ({err}): not a safetensors file, or damaged") from None
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + n
+    entries = {}
+    data_end = 0
+    for name, info in header.items():
+        try:
+            dtype, shape, (lo, hi) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{where}: the header entry of {name!r} is malformed ({info!r}): the file is "
+                             "damaged") from None
+        if dtype not in ST_DTYPES:
+            raise ValueError(f"{where}: tensor {name!r} has dtype {dtype!r}, which this tool does not handle "
+                             f"(supported: {', '.join(ST_DTYPES)})")
+        itemsize = torch.empty(0, dtype=ST_DTYPES[dtype]).element_size()
+        if hi - lo != math.prod(shape) * itemsize or lo < 0:
+            raise ValueError(f"{where}: tensor {name!r} ({dtype}, shape {list(shape)}) has a byte range [{lo}, {hi}) "
+                             "that does not fit its shape: the file is damaged")
+        entries[name] = TensorEntry(name, path, dtype, shape, data_start + lo, data_start + hi)
+        data_end = max(data_end, hi)
+    if data_start + data_end > size:
+        raise ValueError(f"{where} is truncated: its header needs {data_start + data_end} bytes, the file has {size}; "
+                         "re-download or re-save it")
+    ordered = dict(sorted(entries.items(), key=lambda kv: kv[1].start))
+    prev_end = data_start
+    for e in ordered.values():
+        if e.start < prev_end and e.nbytes:
+            raise ValueError(f"{where}: tensor {e.name!r} overlaps another tensor's bytes: the file is damaged")
+        prev_end = max(prev_end, e.end)
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"{where}: header __metadata__ must map strings to strings, got {metadata!r}")
+    try:  # the reference parser's own checks (gaps, trailing bytes); it maps the file but reads no tensor
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{where} is not a valid safetensors file ({err}): re-download or re-save it") from None
+    return ordered, dict(metadata)
+
+
+def open_checkpoint(path) -> Checkpoint:
+    """A single safetensors file, or a diffusers transformer folder (sharded with its index, or one file)."""
+    path = Path(path)
+    if path.is_dir():
+        index = path / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{str(index)!r} is corrupted ({err}): re-download the folder") from None
+            files = list(dict.fromkeys(path / f for f in weight_map.values()))
+            entries, metadata = {}, {}
+            for shard in files:
+                if not shard.is_file():
+                    raise ValueError(f"shard {str(shard)!r} listed in {INDEX_NAME} is missing: re-download the folder")
+                shard_entries, shard_meta = read_header(shard)
+                metadata = metadata or shard_meta
+                for name, entry in shard_entries.items():
+                    if weight_map.get(name) != shard.name:
+                        raise ValueError(f"{str(shard)!r} holds {name!r}, which {INDEX_NAME} places in "
+                                         f"{weight_map.get(name)!r}: the folder mixes versions; re-download it")
+                    entries[name] = entry
+            missing = [n for n in weight_map if n not in entries]
+            if missing:
+                raise ValueError(f"{INDEX_NAME} lists {missing[0]!r} ({len(missing)} in all) but no shard holds it: "
+                                 "the folder is incomplete")
+            return Checkpoint(path, files, entries, metadata, is_folder=True)
+        single = path / SINGLE_NAME
+        if single.is_file():
+            entries, metadata = read_header(single)
+            return Checkpoint(path, [single], entries, metadata, is_folder=True)
+        raise ValueError(f"folder {str(path)!r} has neither {INDEX_NAME} nor {SINGLE_NAME}: pass a diffusers "
+                         "transformer folder (e.g. <pipeline>/transformer) or a single .safetensors file")
+    entries, metadata = read_header(path)
+    return Checkpoint(path, [path], entries, metadata, is_folder=False)
+
+
+def read_tensor(f, entry: TensorEntry) -> torch.Tensor:
+    """One tensor read with a plain read from an open file (no mmap: mapped pages stay in the process's RSS, so
+    reading through safe_open's mmap would make a streaming merge look, and count, as big as the checkpoint)."""
+    buf = torch.empty(entry.nbytes, dtype=torch.uint8)
+    f.seek(entry.start)
+    got = f.readinto(memoryview(buf.numpy())) if entry.nbytes else 0
+    if got != entry.nbytes:
+        raise ValueError(f"{str(entry.path)!r} ended while reading {entry.name!r}: the file is truncated")
+    return buf.view(entry.torch_dtype).reshape(entry.shape)
+
+
+def copy_raw(f, entry: TensorEntry, out, buffer: bytearray) -> None:
+    """Copy a tensor's bytes unchanged (bit-identical), through a reused buffer."""
+    f.seek(entry.start)
+    left = entry.nbytes
+    view = memoryview(buffer)
+    while left:
+        got = f.readinto(view[: min(left, len(buffer))])
+        if not got:
+            raise ValueError(f"{str(entry.path)!r} ended while reading {entry.name!r}: the file is truncated")
+        out.write(view[:got])
+        left -= got
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A tensor's raw bytes without a copy (bf16 has no numpy dtype, so go through uint8)."""
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+class StreamWriter:
+    """Writes a safetensors file one tensor at a time.
+
+    safetensors' `save_file` needs every tensor in memory at once, so the format (8-byte little-endian header length,
+    JSON header with dtype/shape/data_offsets, raw bytes) is written here from a plan made before any data moves.
+    Tensors must be written in plan order. The file goes to a temp name next to `path` and is renamed into place by
+    `commit()`; on any failure (or `abort()`) the temp file is removed and an existing `path` is left intact.
+    """
+
+    def __init__(self, path, plan: list[tuple[str, torch.dtype, tuple]], metadata: Optional[dict] = None):
+        self.path = Path(path)
+        header: dict = {}
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        offset = 0
+        self._expected: list[tuple[str, int]] = []
+        for name, dtype, shape in plan:
+            nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+            header[name] = {"dtype": ST_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self._expected.append((name, nbytes))
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes so the data stays aligned
+        self.total_bytes = 8 + len(raw) + offset
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self.tmp = Path(tmp)
+        self._f = os.fdopen(fd, "wb")
+        self._f.write(struct.pack("<Q", len(raw)))
+        self._f.write(raw)
+        self._next = 0
+
+    def _check(self, name: str, nbytes: int) -> None:
+        if self._next >= len(self._expected):
+            raise RuntimeError(f"StreamWriter: unexpected extra tensor {name!r}")
+        want_name, want_bytes = self._expected[self._next]
+        if name != want_name or nbytes != want_bytes:
+            raise RuntimeError(f"StreamWriter: got {name!r} ({nbytes} bytes), the plan expects {want_name!r} "
+                               f"({want_bytes} bytes) next")
+        self._next += 1
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        data = tensor_bytes(tensor)
+        self._check(name, data.nbytes)
+        self._f.write(data)
+
+    def write_raw(self, name: str, f, entry: TensorEntry, buffer: bytearray) -> None:
+        self._check(name, entry.nbytes)
+        copy_raw(f, entry, self._f, buffer)
+
+    def commit(self) -> Path:
+        if self._next != len(self._expected):
+            self.abort()
+            raise RuntimeError(f"StreamWriter: {len(self._expected) - self._next} planned tensors were never written")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+        return False
+
+
+def write_json_atomically(path, payload: dict) -> Path:
+    """A JSON file written to a temp name and renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=4)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,420 @@
+"""Exports of a slice for other tools: a lossless LoRA file (ComfyUI / Wan2GP / diffusers) and Wan2GP finetune
+definitions for merged checkpoints.
+
+LoRA. A slice on an `nn.Linear` weight changes whole row tiles, so its delta D (out x in) is exactly B @ A with
+  B (lora_B, "up", out x r): a one-hot selector of the r touched rows,
+  A (lora_A, "down", r x in): those rows of D (zeros outside the selected tiles),
+and alpha = r, so every loader's scale alpha / r is 1. Other deltas (norm weights, biases, `scale_shift_table` /
+`modulation`, convolutions) are written as ComfyUI's `.diff` / `.diff_b` keys.
+
+What each loader keeps:
+- ComfyUI (`--format comfy`): everything.
+- diffusers (`WanPipeline.load_lora_weights`, either format): the LoRA pairs and Linear bias deltas (as `lora_B.bias`)
+  only. Its Wan converter drops norm `.diff`/`.diff_b` keys and ignores the other `.diff` keys (modulation, patch
+  embedding), so norm, modulation and convolution deltas are ComfyUI-only; `--format diffusers` leaves them out and
+  lists them in the result's `dropped`.
+- diffusers quirk handled here: once any `lora_B.bias` exists it enables LoRA bias on every LoRA module, so every
+  Linear module gets both a pair and a bias delta (zero rank-1 pairs / zero bias deltas as padding).
+
+Size: r is the number of touched rows, so the file holds about r x (in + out) numbers per module, far more than the
+slice itself (at small fractions nearly every selected tile is in its own row). Merge instead when size matters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .checkpoint import StreamWriter, dtype_label, open_checkpoint, parse_dtype, write_json_atomically
+from .deltas import SliceDeltas, read_slice
+from .keys import diffusers_to_wan
+
+LORA_FORMATS = ("comfy", "diffusers")
+COMFY_PREFIX = "diffusion_model."
+DIFFUSERS_PREFIX = "transformer."
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA export
+# ---------------------------------------------------------------------------------------------------------------
+def _touched_rows(slice_: SliceDeltas, name: str) -> torch.Tensor:
+    """Sorted rows of a Linear weight that hold at least one selected tile: the LoRA rank is their count."""
+    return torch.unique(torch.from_numpy(slice_.plan.tiles[name]) // slice_.layouts[name].segments_per_row)
+
+
+def _down_matrix(slice_: SliceDeltas, name: str, values: torch.Tensor) -> torch.Tensor:
+    """The touched rows of a Linear weight's delta, dense (rows x in), zeros outside the selected tiles."""
+    lay = slice_.layouts[name]
+    tiles = torch.from_numpy(slice_.plan.tiles[name])
+    rows, seg = tiles // lay.segments_per_row, tiles % lay.segments_per_row
+    uniq, slot = torch.unique(rows, return_inverse=True)
+    down = torch.zeros(len(uniq), lay.segments_per_row, lay.tile_width, dtype=torch.float32)
+    down[slot, seg] = values.view(-1, lay.tile_width)
+    return down.view(len(uniq), lay.shape[1])
+
+
+def _dense(shape, idx: np.ndarray, values: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(math.prod(shape), dtype=torch.float32)
+    out[torch.from_numpy(idx)] = values
+    return out.view(tuple(shape))
+
+
+def _comfy_base(diffusers_name: str) -> str:
+    """ComfyUI key stem of a parameter: the original Wan name, prefixed, without `.weight`/`.bias`."""
+    wan = diffusers_to_wan(diffusers_name)
+    return COMFY_PREFIX + re.sub(r"\.(weight|bias)$", "", wan)
+
+
+@dataclass
+class _LoraLayout:
+    """How a slice's deltas map onto LoRA modules and diff keys."""
+
+    linear: dict[str, tuple[int, int]]  # Linear module -> (out, in), from its recorded weight
+    pairs: set[str]  # Linear modules with a weight delta
+    biases: set[str]  # Linear modules with a bias delta
+    diffs: list[str]  # every other delta (norms, modulation, convolutions, biases of untargeted weights)
+    warnings: list[str]
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted(self.pairs | self.biases)
+
+    @property
+    def with_bias(self) -> bool:  # diffusers turns on lora_bias for every module once any bias delta exists
+        return bool(self.biases)
+
+
+def _lora_layout(slice_: SliceDeltas) -> _LoraLayout:
+    linear = {n.removesuffix(".weight"): tuple(l.shape) for n, l in slice_.layouts.items() if l.tiled_rows}
+    out = _LoraLayout(linear, set(), set(), [], [])
+    for name in slice_.plan.tiles:
+        module, _, leaf = name.rpartition(".")
+        if slice_.layouts[name].tiled_rows:
+            out.pairs.add(module)
+        elif leaf == "bias" and module in linear:
+            out.biases.add(module)
+        else:
+            out.diffs.append(name)
+            if leaf == "bias" and "norm" not in module and "patch_embedding" not in module:
+                out.warnings.append(f"{name!r}: bias delta of a module whose weight the slice does not target; "
+                                    "written as .diff_b (ComfyUI applies it; diffusers may not load it)")
+    return out
+
+
+def export_lora(slice_dir, output, format: str = "comfy", *, dtype=None, overwrite: bool = False) -> dict:
+    """Write a slice as a LoRA safetensors file. Returns a summary (keys, ranks, dropped deltas, bytes).
+
+    `format="comfy"`: `diffusion_model.<original Wan name>.lora_A.weight` / `.lora_B.weight` / `.alpha` plus
+    `.diff` / `.diff_b` (ComfyUI, Wan2GP; diffusers' Wan converter reads it too). `format="diffusers"`: the keys
+    `WanPipeline.save_lora_weights` writes (`transformer.<module>.lora_A.weight`, ...) with LoRA config metadata;
+    deltas a LoRA cannot hold (norms, modulation, convolutions) are left out and listed in `dropped`.
+    `dtype`: fp32 (default, lossless), bf16 or fp16 (the one-hot up matrices stay exact; alpha is always fp32).
+    """
+    if format not in LORA_FORMATS:
+        raise ValueError(f"format must be one of {LORA_FORMATS}, got {format!r}")
+    out_dtype = parse_dtype(dtype) or torch.float32
+    output = Path(output)
+    if output.suffix != ".safetensors":
+        raise ValueError(f"output must be a .safetensors file, got {str(output)!r}")
+    if output.is_dir():
+        raise ValueError(f"output {str(output)!r} is a directory: pass a file path ending in .safetensors")
+    if output.exists() and not overwrite:
+        raise ValueError(f"output {str(output)!r} already exists: pass overwrite=True (--overwrite) or another path")
+    slice_ = read_slice(slice_dir)
+    lora = _lora_layout(slice_)
+    modules, has_pair, has_bias, with_bias = lora.modules, lora.pairs, lora.biases, lora.with_bias
+
+    # Ranks from the tiles alone (no values read yet), so the header can be planned before any data moves.
+    rank: dict[str, int] = {}
+    for module in modules:
+        if module in has_pair:
+            rank[module] = len(_touched_rows(slice_, module + ".weight"))
+        else:
+            rank[module] = 1  # padding: a zero rank-1 pair so the module loads with lora_bias on
+
+    plan: list[tuple[str, torch.dtype, tuple]] = []
+    producers = []  # (key, callable returning the tensor)
+    dropped = []
+    ignored_by_diffusers = []
+    values_cache: dict[str, torch.Tensor] = {}
+
+    def values(name):
+        if name not in values_cache:
+            values_cache.clear()  # one parameter's values at a time
+            values_cache[name] = slice_.values(name)
+        return values_cache[name]
+
+    def add(key, shape, make, dt=None):
+        plan.append((key, dt or out_dtype, tuple(shape)))
+        producers.append((key, make))
+
+    for module in modules:
+        (out_f, in_f), r = lora.linear[module], rank[module]
+        stem = _comfy_base(module + ".weight") if format == "comfy" else DIFFUSERS_PREFIX + module
+        wname = module + ".weight"
+
+        def make_down(wname=wname, module=module, in_f=in_f):
+            if module not in has_pair:
+                return torch.zeros(1, in_f)
+            return _down_matrix(slice_, wname, values(wname))
+
+        def make_up(wname=wname, module=module, out_f=out_f, r=r):
+            up = torch.zeros(out_f, r)
+            if module in has_pair:
+                up[_touched_rows(slice_, wname), torch.arange(r)] = 1.0
+            return up
+
+        add(f"{stem}.lora_A.weight", (r, in_f), make_down)
+        add(f"{stem}.lora_B.weight", (out_f, r), make_up)
+        # diffusers' Wan converter chokes on alpha keys outside the blocks; alpha absent means scale 1 everywhere.
+        if format == "comfy" and module.startswith("blocks."):
+            add(f"{stem}.alpha", (), lambda r=r: torch.tensor(float(r)), torch.float32)
+        if module in has_bias or with_bias:
+            bname = module + ".bias"
+            bias_key = f"{stem}.diff_b" if format == "comfy" else f"{stem}.lora_B.bias"
+
+            def make_bias(bname=bname, module=module, out_f=out_f):
+                if module not in has_bias:
+                    return torch.zeros(out_f)
+                return _dense((out_f,), slice_.indices(bname), values(bname))
+
+            add(bias_key, (out_f,), make_bias)
+
+    for name in lora.diffs:
+        lay = slice_.layouts[name]
+        if format == "diffusers":
+            dropped.append(name)
+            continue
+        wan = diffusers_to_wan(name)
+        if wan.endswith(".weight"):
+            key = COMFY_PREFIX + wan[: -len(".weight")] + ".diff"
+        elif wan.endswith(".bias"):
+            key = COMFY_PREFIX + wan[: -len(".bias")] + ".diff_b"
+        else:  # raw parameters such as blocks.N.modulation
+            key = COMFY_PREFIX + wan + ".diff"
+        ignored_by_diffusers.append(name)
+        add(key, lay.shape, lambda name=name, lay=lay: _dense(lay.shape, slice_.indices(name), values(name)))
+
+    if not plan:
+        raise ValueError(f"slice {slice_.label} selects no weights: nothing to export")
+    order = sorted(range(len(plan)), key=lambda i: plan[i][0])
+    plan = [plan[i] for i in order]
+    producers = [producers[i] for i in order]
+
+    metadata = {"format": "pt", "slice_ft.source_slice": json.dumps(slice_.provenance(), sort_keys=True)}
+    if format == "diffusers":
+        metadata["lora_adapter_metadata"] = json.dumps(_lora_config_metadata(rank, with_bias), sort_keys=True)
+    with StreamWriter(output, plan, metadata) as writer:
+        for (key, make), (_, dt, _) in zip(producers, plan):
+            writer.write(key, make().to(dt))
+        writer.commit()
+    return {
+        "output": str(output),
+        "format": format,
+        "dtype": dtype_label(out_dtype),
+        "lora_modules": len(modules),
+        "padded_modules": sorted(m for m in modules if m not in has_pair or (with_bias and m not in has_bias)),
+        "ranks": {"min": min(rank.values(), default=0), "max": max(rank.values(), default=0),
+                  "total": sum(rank.values())},
+        "diff_keys": 0 if format == "diffusers" else len(lora.diffs),
+        "dropped": dropped,
+        "ignored_by_diffusers": ignored_by_diffusers,
+        "warnings": lora.warnings,
+        "bytes": output.stat().st_size,
+    }
+
+
+def _lora_config_metadata(rank: dict[str, int], with_bias: bool) -> dict:
+    """The LoraConfig diffusers rebuilds on load, with alpha = rank for every module (scale 1), prefixed as
+    `save_lora_weights` writes it."""
+    r = Counter(rank.values()).most_common(1)[0][0]
+    pattern = {"^" + re.escape(m): v for m, v in rank.items() if v != r}
+    config = {
+        "r": r,
+        "lora_alpha": r,
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "target_modules": sorted(rank),
+        "lora_bias": with_bias,
+        "use_dora": False,
+    }
+    return {f"{DIFFUSERS_PREFIX}{k}": v for k, v in config.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Wan2GP finetune definitions
+# ---------------------------------------------------------------------------------------------------------------
+# Wan2GP architecture id -> the published model (slice_adapter.wan_configs) whose shapes it has.
+WAN2GP_ARCHITECTURES = {
+    "t2v_1.3B": "wan2.1-t2v-1.3b",
+    "t2v": "wan2.1-t2v-14b",
+    "i2v": "wan2.1-i2v-14b",
+    "i2v_720p": "wan2.1-i2v-14b",
+    "t2v_2_2": "wan2.2-t2v-a14b",
+    "i2v_2_2": "wan2.2-i2v-a14b",
+    "ti2v_2_2": "wan2.2-ti2v-5b",
+}
+# Two-expert models: Wan2GP's own definitions put the high-noise expert in URLs and the low-noise one in URLs2, and
+# set these generation defaults (defaults/t2v_2_2.json, defaults/i2v_2_2.json).
+TWO_EXPERT_SETTINGS = {
+    "t2v_2_2": {"guidance_phases": 2, "switch_threshold": 875, "guidance_scale": 4, "guidance2_scale": 3,
+                "flow_shift": 12},
+    "i2v_2_2": {"guidance_phases": 2, "switch_threshold": 900, "guidance_scale": 3.5, "guidance2_scale": 3.5,
+                "flow_shift": 5},
+}
+PHASES = ("high", "low")
+
+
+def _signature(shapes: dict) -> Optional[tuple]:
+    """What tells the published Wan transformers apart, from diffusers-named shapes."""
+    pe = shapes.get("patch_embedding.weight")
+    ffn = shapes.get("blocks.0.ffn.net.0.proj.weight")
+    if pe is None or ffn is None:
+        return None
+    layers = len({n.split(".")[1] for n in shapes if n.startswith("blocks.")})
+    has_image = any(n.startswith("condition_embedder.image_embedder.") for n in shapes)
+    return (tuple(pe), tuple(ffn), layers, has_image)
+
+
+def _config_signature(config: dict) -> tuple:
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    pe = (dim, config["in_channels"], *config["patch_size"])
+    return (pe, (config["ffn_dim"], dim), config["num_layers"], config.get("image_dim") is not None)
+
+
+def matching_models(shapes: dict) -> list[str]:
+    """The published Wan models (wan_configs names) whose transformer has exactly these shapes' signature."""
+    from .wan_configs import WAN_CONFIGS
+
+    sig = _signature(shapes)
+    return [name for name, cfg in WAN_CONFIGS.items() if sig is not None and _config_signature(cfg) == sig]
+
+
+def infer_wan2gp_architecture(shapes: dict, architecture: Optional[str] = None) -> str:
+    """The Wan2GP architecture id of a checkpoint (diffusers-named shapes): checked if given, inferred where the
+    shapes decide it, otherwise a ValueError saying which ids are possible."""
+    models = matching_models(shapes)
+    candidates = [a for a, m in WAN2GP_ARCHITECTURES.items() if m in models]
+    if architecture is not None:
+        if architecture not in WAN2GP_ARCHITECTURES:
+            raise ValueError(f"unknown Wan2GP architecture {architecture!r}; supported: "
+                             f"{', '.join(WAN2GP_ARCHITECTURES)}")
+        if models and architecture not in candidates:
+            raise ValueError(f"Wan2GP architecture {architecture!r} needs {WAN2GP_ARCHITECTURES[architecture]} "
+                             f"shapes, but the checkpoint has {' / '.join(models)} shapes: pass one of "
+                             f"{', '.join(candidates)}")
+        return architecture  # shapes of no published model (e.g. a test model): taken as given
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise ValueError("the checkpoint's shapes match no published Wan model, so its Wan2GP architecture cannot "
+                         f"be inferred: pass wan2gp_architecture (--wan2gp_architecture), one of "
+                         f"{', '.join(WAN2GP_ARCHITECTURES)}")
+    note = (" (a Wan 2.2 A14B expert has exactly the Wan 2.1 T2V-14B shapes)" if "t2v_2_2" in candidates else
+            " (the 480p and 720p Wan 2.1 I2V models have the same shapes)" if "i2v_720p" in candidates else "")
+    raise ValueError(f"the checkpoint has the shapes of {' and '.join(models)}{note}, so the Wan2GP architecture "
+                     f"cannot be inferred: pass wan2gp_architecture (--wan2gp_architecture), one of "
+                     f"{', '.join(repr(c) for c in candidates)}")
+
+
+def suggest_wan2gp_filename(path, dtype_label_: str = "bf16") -> str:
+    """A file name that follows Wan2GP's convention: lowercase `bf16`/`fp16` in the name, no `quanto`."""
+    p = Path(path)
+    stem = re.sub(r"(?i)[_\-.]?(bf16|fp16|fp32|f32|float32|float16|bfloat16|quanto)", "", p.stem) or "model"
+    return str(p.with_name(f"{stem}_{dtype_label_}{p.suffix or '.safetensors'}"))
+
+
+def check_wan2gp_filename(path, file_dtype: Optional[str] = None) -> None:
+    """Refuse a merged file name that breaks Wan2GP's naming convention (it picks files by these tokens)."""
+    name = Path(str(path)).name
+    if file_dtype not in (None, "bf16", "fp16"):
+        raise ValueError(f"Wan2GP expects 16-bit checkpoints (bf16 or fp16), this one is {file_dtype}: merge with "
+                         "dtype='bf16' (--dtype bf16) or 'fp16'")
+    if "quanto" in name.lower():
+        suggestion = Path(suggest_wan2gp_filename(name, file_dtype or "bf16")).name
+        raise ValueError(f"{name!r} contains 'quanto', which tells Wan2GP the file is quanto-quantized; a merged "
+                         f"checkpoint is not: rename it, e.g. {suggestion!r}")
+    tokens = [t for t in ("bf16", "fp16") if t in name]
+    if not tokens:
+        hint = " (Wan2GP needs them in lower case)" if re.search(r"(?i)bf16|fp16", name) else ""
+        raise ValueError(f"Wan2GP picks files by a lowercase 'bf16' or 'fp16' in the file name{hint}; {name!r} has "
+                         f"none: rename it, e.g. {Path(suggest_wan2gp_filename(name, file_dtype or 'bf16')).name!r}")
+    if file_dtype is not None and file_dtype not in tokens:
+        raise ValueError(f"{name!r} says {tokens[0]} but the file holds {file_dtype} weights: rename it, e.g. "
+                         f"{Path(suggest_wan2gp_filename(name, file_dtype)).name!r}")
+
+
+def _file_dtype(path) -> Optional[str]:
+    """The dominant floating dtype of a safetensors file (by bytes), as bf16/fp16/fp32."""
+    ckpt = open_checkpoint(path)
+    counts: Counter = Counter()
+    for e in ckpt.entries.values():
+        if e.torch_dtype.is_floating_point:
+            counts[e.torch_dtype] += e.nbytes
+    return dtype_label(counts.most_common(1)[0][0]) if counts else None
+
+
+def wan2gp_definition(merged_file, *, architecture: str, phase: Optional[str] = None, name: str,
+                      description: str = "", url: Optional[str] = None, auto_quantize: bool = True,
+                      settings: Optional[dict] = None, file_dtype: Optional[str] = None) -> dict:
+    """The finetune definition (a dict) for a merged checkpoint; see `write_wan2gp_definition`."""
+    if architecture not in WAN2GP_ARCHITECTURES:
+        raise ValueError(f"unknown Wan2GP architecture {architecture!r}; supported: {', '.join(WAN2GP_ARCHITECTURES)}")
+    two_expert = architecture in TWO_EXPERT_SETTINGS
+    if two_expert and phase not in PHASES:
+        raise ValueError(f"Wan2GP architecture {architecture!r} has two experts (high-noise and low-noise): pass "
+                         f"phase 'high' or 'low' (--wan2gp_phase) to say which one the merged file replaces, got "
+                         f"{phase!r}")
+    if not two_expert and phase is not None:
+        raise ValueError(f"Wan2GP architecture {architecture!r} has a single transformer: phase must be None, got "
+                         f"{phase!r}")
+    if not name or not str(name).strip():
+        raise ValueError("the Wan2GP definition needs a non-empty name (it is shown in Wan2GP's model list)")
+    location = url or str(Path(merged_file).resolve())
+    check_wan2gp_filename(location, file_dtype)
+    model = {"name": name, "architecture": architecture, "description": description}
+    if not two_expert:
+        model["URLs"] = [location]
+    elif phase == "high":
+        model["URLs"], model["URLs2"] = [location], architecture  # the built-in low-noise expert
+    else:
+        model["URLs"], model["URLs2"] = architecture, [location]  # the built-in high-noise expert first
+    model["auto_quantize"] = bool(auto_quantize)
+    if architecture.endswith("_2_2"):
+        model["group"] = "wan2_2"
+    definition = {"model": model}
+    definition.update(TWO_EXPERT_SETTINGS.get(architecture, {}))
+    definition.update(settings or {})
+    return definition
+
+
+def write_wan2gp_definition(path, merged_file, *, architecture: str, phase: Optional[str] = None, name: str,
+                            description: str = "", url: Optional[str] = None, auto_quantize: bool = True,
+                            settings: Optional[dict] = None, overwrite: bool = False,
+                            file_dtype: Optional[str] = None) -> dict:
+    """Write a Wan2GP finetune definition (FINETUNES.md): a `model` subtree with `name`, `architecture`,
+    `description`, `URLs` (the merged file's path, or `url` once uploaded), `auto_quantize`, plus generation
+    defaults. For two-expert Wan 2.2 A14B models, `phase="low"` puts the file in `URLs2` behind the built-in
+    high-noise expert (`"URLs": "<architecture>"`), `phase="high"` the other way round, as Wan2GP's own definitions
+    do. The file name must carry lowercase `bf16`/`fp16` matching its weights. Save it in Wan2GP's `finetunes/`
+    folder; its file name (without .json) is the model id. Returns the definition."""
+    path = Path(path)
+    if path.suffix != ".json":
+        raise ValueError(f"the Wan2GP definition path must end in .json, got {str(path)!r}")
+    if path.exists() and not overwrite:
+        raise ValueError(f"{str(path)!r} already exists: pass overwrite=True (--overwrite) or another path")
+    if file_dtype is None and Path(merged_file).is_file():
+        file_dtype = _file_dtype(merged_file)
+    definition = wan2gp_definition(merged_file, architecture=architecture, phase=phase, name=name,
+                                   description=description, url=url, auto_quantize=auto_quantize,
+                                   settings=settings, file_dtype=file_dtype)
+    write_json_atomically(path, definition)
+    return definition

@@ -1,0 +1,292 @@
+"""Streaming merge of slices into a full checkpoint: OUT = BASE + sum of the slices' deltas, one tensor at a time.
+
+BASE is a single safetensors file (original Wan / ComfyUI keys with or without `model.diffusion_model.`, or diffusers
+keys) or a diffusers transformer folder (sharded with its index, or one file). OUT is always one safetensors file with
+BASE's key names: for a folder that means diffusers keys in one file (rename it `diffusion_pytorch_model.safetensors`
+next to the folder's `config.json` to load it with `from_pretrained`). OUT keeps BASE's header metadata and adds
+`slice_ft.merged_slices`: every merged slice's config and layout fingerprint, appended to BASE's own list when BASE is
+itself a merge (stacking).
+
+Memory: one tensor is read; only its selected weights are gathered, updated in float32 and rounded once to the output
+dtype; then it is written. Untouched tensors are copied byte for byte through a fixed buffer. Peak memory is about
+the largest tensor (twice that when casting), never the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .checkpoint import COPY_CHUNK, Checkpoint, StreamWriter, dtype_label, open_checkpoint, parse_dtype, read_tensor
+from .deltas import SliceDeltas, check_layout_matches, iter_touched, planned_overlap, prior_plan, read_slice
+from .export import check_wan2gp_filename, infer_wan2gp_architecture, wan2gp_definition, write_wan2gp_definition
+from .keys import detect_key_format, diffusers_to_wan, wan_to_diffusers
+from .selection import overlap_count
+
+PROVENANCE_KEY = "slice_ft.merged_slices"
+
+
+@dataclass
+class MergeResult:
+    """What a merge wrote."""
+
+    output: Path
+    key_format: str
+    key_prefix: str
+    dtype: str  # the output's dominant floating dtype (bf16/fp16/fp32)
+    tensors: int
+    touched_tensors: int
+    changed_weights: int
+    slices: list[dict] = field(default_factory=list)
+    wan2gp_json: Optional[Path] = None
+
+    def to_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+
+
+class _Names:
+    """BASE key <-> diffusers parameter name."""
+
+    def __init__(self, ckpt: Checkpoint):
+        try:
+            self.fmt, self.prefix = detect_key_format(ckpt.entries)
+        except ValueError as err:
+            raise ValueError(f"BASE {str(ckpt.source)!r}: {err}") from None
+        to_d = (lambda n: n) if self.fmt == "diffusers" else wan_to_diffusers
+        self.to_diffusers = {k: to_d(k[len(self.prefix):]) for k in ckpt.entries}
+        self.to_base = {d: k for k, d in self.to_diffusers.items()}
+
+    def show(self, diffusers_name: str) -> str:
+        """A diffusers name as BASE would spell it."""
+        if diffusers_name in self.to_base:
+            return self.to_base[diffusers_name]
+        try:
+            return self.prefix + (diffusers_name if self.fmt == "diffusers" else diffusers_to_wan(diffusers_name))
+        except ValueError:
+            return self.prefix + diffusers_name
+
+
+def _as_list(slices) -> list:
+    if isinstance(slices, (str, Path)):
+        return [slices]
+    return list(slices or [])
+
+
+def _check_output(output: Path, ckpt: Checkpoint, overwrite: bool) -> None:
+    if output.suffix != ".safetensors":
+        raise ValueError(f"output must be a .safetensors file path, got {str(output)!r}")
+    if output.is_dir():
+        raise ValueError(f"output {str(output)!r} is a directory: pass a file path ending in .safetensors")
+    resolved = output.resolve()
+    if resolved == ckpt.source.resolve() or resolved in {f.resolve() for f in ckpt.files}:
+        raise ValueError(f"output {str(output)!r} is BASE itself: write the merge to a new file (BASE is read while "
+                         "OUT is written, and must stay intact)")
+    if output.exists() and not overwrite:
+        raise ValueError(f"output {str(output)!r} already exists: pass overwrite=True (--overwrite) or another path")
+
+
+def _prior_records(ckpt: Checkpoint) -> list[dict]:
+    raw = ckpt.metadata.get(PROVENANCE_KEY)
+    if not raw:
+        return []
+    try:
+        records = json.loads(raw)
+        return [r for r in records if isinstance(r, dict)] if isinstance(records, list) else []
+    except json.JSONDecodeError:
+        return []
+
+
+def _check_overlaps(slices: list[SliceDeltas], prior: list[dict], allow_overlap: bool) -> None:
+    if allow_overlap:
+        return
+    for i, a in enumerate(slices):
+        for b in slices[i + 1:]:
+            shared = planned_overlap(a, b)
+            if shared:
+                raise ValueError(f"slices {a.label} and {b.label} share {shared} weights: both deltas would be added "
+                                 "to them. Merge disjoint slices (same fraction and seed, different slice_id), or pass "
+                                 "allow_overlap=True (--allow-overlap) to add both")
+        for record in prior:
+            plan = prior_plan(a, record)
+            shared = overlap_count(plan, a.plan) if plan is not None else 0
+            if shared:
+                raise ValueError(f"slice {a.label} shares {shared} weights with the slice (fraction "
+                                 f"{record['fraction']}, slice_id {record['slice_id']}, seed {record.get('seed', 0)}) "
+                                 "already merged into BASE (see its slice_ft.merged_slices metadata): merging it would "
+                                 "change that slice's weights again. Use a disjoint slice, or pass allow_overlap=True "
+                                 "(--allow-overlap)")
+
+
+def _free_space(path: Path) -> int:
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def merge_slices(
+    base,
+    slices: Union[str, Path, Sequence],
+    output,
+    *,
+    dtype=None,
+    overwrite: bool = False,
+    allow_overlap: bool = False,
+    wan2gp_json=None,
+    wan2gp_architecture: Optional[str] = None,
+    wan2gp_phase: Optional[str] = None,
+    wan2gp_name: Optional[str] = None,
+    wan2gp_description: Optional[str] = None,
+    wan2gp_url: Optional[str] = None,
+    progress: bool = True,
+) -> MergeResult:
+    """Merge slice folders into BASE, streaming, and write OUT (plus, optionally, a Wan2GP finetune definition).
+
+    Touched weights become round(BASE + sum of deltas) computed in float32 and rounded once to the output dtype
+    (`dtype` None: each tensor keeps BASE's dtype; bf16/fp16/fp32: every floating tensor is cast to it). Untouched
+    tensors are copied bit for bit when their dtype is unchanged. Every check runs before anything is written:
+    unreadable or truncated inputs, a slice whose recorded layout does not match BASE, overlapping slices (also with
+    slices BASE's provenance says are already merged) unless `allow_overlap`, OUT equal to BASE, an existing OUT
+    without `overwrite`, a Wan2GP definition that cannot be made. OUT is written to a temp file renamed into place,
+    so a failure leaves any earlier OUT intact.
+    """
+    paths = _as_list(slices)
+    if not paths:
+        raise ValueError("no slice given: pass at least one slice adapter folder (--slice DIR)")
+    out_dtype = parse_dtype(dtype)
+    output = Path(output)
+    ckpt = open_checkpoint(base)
+    _check_output(output, ckpt, overwrite)
+    names = _Names(ckpt)
+    shapes = {names.to_diffusers[k]: e.shape for k, e in ckpt.entries.items()}
+    loaded = [read_slice(p) for p in paths]
+    for s in loaded:
+        check_layout_matches(s, shapes, what=f"BASE {str(ckpt.source)!r}", display_name=names.show)
+    prior = _prior_records(ckpt)
+    _check_overlaps(loaded, prior, allow_overlap)
+
+    touched = iter_touched(loaded)
+    for dname in touched:
+        entry = ckpt.entries[names.to_base[dname]]
+        if not entry.torch_dtype.is_floating_point:
+            raise ValueError(f"BASE tensor {entry.name!r} is {entry.dtype}, not floating point: a slice cannot "
+                             "change it")
+
+    def target_dtype(e):
+        return out_dtype if out_dtype is not None and e.torch_dtype.is_floating_point else e.torch_dtype
+
+    plan = [(k, target_dtype(e), e.shape) for k, e in ckpt.entries.items()]
+    float_bytes: dict = {}
+    for (_, dt, shape), e in zip(plan, ckpt.entries.values()):
+        if dt.is_floating_point:
+            float_bytes[dt] = float_bytes.get(dt, 0) + e.numel * torch.empty(0, dtype=dt).element_size()
+    out_label = dtype_label(max(float_bytes, key=float_bytes.get)) if float_bytes else "none"
+
+    wan2gp_args = None
+    if wan2gp_json is not None:
+        wan2gp_json = Path(wan2gp_json)
+        if wan2gp_json.exists() and not overwrite:
+            raise ValueError(f"{str(wan2gp_json)!r} already exists: pass overwrite=True (--overwrite) or another path")
+        if wan2gp_json.suffix != ".json":
+            raise ValueError(f"the Wan2GP definition path must end in .json, got {str(wan2gp_json)!r}")
+        architecture = infer_wan2gp_architecture(shapes, wan2gp_architecture)
+        check_wan2gp_filename(wan2gp_url or output, out_label)
+        description = wan2gp_description or (
+            "Slice fine-tune merged by slice-ft: " + ", ".join(
+                f"fraction {s.config.fraction} slice {s.config.slice_id} (seed {s.config.seed})" for s in loaded))
+        wan2gp_args = dict(architecture=architecture, phase=wan2gp_phase, name=wan2gp_name or output.stem,
+                           description=description, url=wan2gp_url)
+        wan2gp_definition(output, **wan2gp_args, file_dtype=out_label)  # validates phase and name before writing
+
+    records = prior + [s.provenance() for s in loaded]
+    metadata = dict(ckpt.metadata)
+    metadata.setdefault("format", "pt")
+    metadata[PROVENANCE_KEY] = json.dumps(records, sort_keys=True)
+
+    _check_space(output, plan)
+    with StreamWriter(output, plan, metadata) as writer:
+        changed = _stream(ckpt, names, plan, touched, loaded, writer, progress)
+        writer.commit()
+
+    result = MergeResult(output=output, key_format=names.fmt, key_prefix=names.prefix, dtype=out_label,
+                         tensors=len(plan), touched_tensors=len(touched), changed_weights=changed,
+                         slices=[s.provenance() for s in loaded])
+    if wan2gp_args is not None:
+        write_wan2gp_definition(wan2gp_json, output, **wan2gp_args, overwrite=overwrite, file_dtype=out_label)
+        result.wan2gp_json = wan2gp_json
+    return result
+
+
+def _stream(ckpt: Checkpoint, names: _Names, plan, touched, loaded, writer: StreamWriter, progress: bool) -> int:
+    """Write every tensor of BASE in order: merged, copied raw, or cast. Returns how many weights changed."""
+    changed = 0
+    handles, value_handles = {}, {}
+    try:
+        for f in ckpt.files:
+            handles[f] = open(f, "rb")
+        for s in loaded:
+            value_handles[id(s)] = s.open_values()
+        buffer = bytearray(COPY_CHUNK)
+        for (key, entry), (_, dt, _) in zip(_progress(list(ckpt.entries.items()), progress, writer.path), plan):
+            f = handles[entry.path]
+            dname = names.to_diffusers[key]
+            if dname in touched:
+                merged, n = _merged_tensor(read_tensor(f, entry), dt, dname, touched[dname], value_handles)
+                writer.write(key, merged)
+                changed += n
+                del merged
+            elif dt == entry.torch_dtype:
+                writer.write_raw(key, f, entry, buffer)
+            else:
+                writer.write(key, read_tensor(f, entry).to(dt))
+    finally:
+        for h in list(handles.values()) + list(value_handles.values()):
+            h.close()
+    return changed
+
+
+def _merged_tensor(base: torch.Tensor, dtype: torch.dtype, name: str, slices: list[SliceDeltas], handles):
+    """(BASE + the slices' deltas, number of weights changed). Only the selected weights are gathered, summed in
+    float32 (float64 for a float64 BASE) in slice order and rounded once into the output; the read buffer itself is
+    the output when the dtype does not change, so no other full-size tensor exists."""
+    acc_dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+    parts = [(torch.from_numpy(s.indices(name)), s.values(name, handles[id(s)]).to(acc_dtype)) for s in slices]
+    # One accumulator slot per distinct weight (indices are sorted and unique within a slice).
+    idx = parts[0][0] if len(parts) == 1 else torch.unique(torch.cat([i for i, _ in parts]))
+    flat = base.reshape(-1)
+    acc = flat[idx].to(acc_dtype)
+    for i, v in parts:  # in slice order: ((BASE + d1) + d2) where slices overlap
+        acc[torch.searchsorted(idx, i)] += v
+    out = flat if dtype == base.dtype else flat.to(dtype)
+    out[idx] = acc.to(dtype)
+    return out.view(base.shape), len(idx)
+
+
+def _check_space(output: Path, plan) -> None:
+    need = sum(torch.empty(0, dtype=dt).element_size() * math.prod(shape) for _, dt, shape in plan)
+    free = _free_space(output.parent)
+    if need > free:
+        raise ValueError(f"not enough free disk space for {str(output)!r}: it needs {_human(need)}, {_human(free)} "
+                         "are free; free space or write elsewhere")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _progress(items, enabled: bool, output: Path):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=f"merging into {output.name}", unit="tensor")
