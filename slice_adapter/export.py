@@ -13,8 +13,10 @@ What each loader keeps:
   only. Its Wan converter drops norm `.diff`/`.diff_b` keys and ignores the other `.diff` keys (modulation, patch
   embedding), so norm, modulation and convolution deltas are ComfyUI-only; `--format diffusers` leaves them out and
   lists them in the result's `dropped`.
-- diffusers quirk handled here: once any `lora_B.bias` exists it enables LoRA bias on every LoRA module, so every
-  Linear module gets both a pair and a bias delta (zero rank-1 pairs / zero bias deltas as padding).
+- diffusers quirks handled here: once any `lora_B.bias` exists it enables LoRA bias on every LoRA module, so every
+  Linear module gets both a pair and a bias delta (zero rank-1 pairs / zero bias deltas as padding); its converter
+  takes the I2V image projections (k_img, v_img) only when both appear, so a missing one gets a zero entry; it fails
+  on `.alpha` keys outside the blocks, so those are left out (no alpha means scale 1 in every loader).
 
 Size: r is the number of touched rows, so the file holds about r x (in + out) numbers per module, far more than the
 slice itself (at small fractions nearly every selected tile is in its own row). Merge instead when size matters.
@@ -26,7 +28,7 @@ import json
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -82,10 +84,11 @@ class _LoraLayout:
     biases: set[str]  # Linear modules with a bias delta
     diffs: list[str]  # every other delta (norms, modulation, convolutions, biases of untargeted weights)
     warnings: list[str]
+    padding: set[str] = field(default_factory=set)  # Linear modules with no delta that get zero LoRA entries
 
     @property
     def modules(self) -> list[str]:
-        return sorted(self.pairs | self.biases)
+        return sorted(self.pairs | self.biases | self.padding)
 
     @property
     def with_bias(self) -> bool:  # diffusers turns on lora_bias for every module once any bias delta exists
@@ -106,6 +109,15 @@ def _lora_layout(slice_: SliceDeltas) -> _LoraLayout:
             if leaf == "bias" and "norm" not in module and "patch_embedding" not in module:
                 out.warnings.append(f"{name!r}: bias delta of a module whose weight the slice does not target; "
                                     "written as .diff_b (ComfyUI applies it; diffusers may not load it)")
+    # diffusers' Wan converter handles the image projections (k_img / v_img) only when both appear somewhere, and
+    # fails on the leftover keys otherwise: give the missing one a zero entry (both have the same shape).
+    image_kv = [m for m in out.modules if m.endswith((".attn2.add_k_proj", ".attn2.add_v_proj"))]
+    kinds = {m.rpartition(".")[2] for m in image_kv}
+    if len(kinds) == 1:
+        have = image_kv[0]
+        other = have[: -len("add_k_proj")] + ("add_v_proj" if have.endswith("add_k_proj") else "add_k_proj")
+        out.linear[other] = out.linear[have]
+        out.padding.add(other)
     return out
 
 

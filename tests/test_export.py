@@ -74,6 +74,36 @@ def test_lora_loaded_by_diffusers_matches_the_slice(tmp_path, inputs, base_outpu
     assert result["dropped"] == [] and result["ignored_by_diffusers"] == []
 
 
+I2V = dict(image_dim=24, added_kv_proj_dim=32, in_channels=8)  # a tiny Wan 2.1 I2V: image projections k_img/v_img
+
+
+@pytest.mark.parametrize("fraction,slice_id,targets", [(0.02, 3, None), (0.5, 1, ["add_k_proj", "to_q"])])
+def test_i2v_lora_loads_even_with_only_one_image_projection(tmp_path, fraction, slice_id, targets):
+    from diffusers import WanPipeline
+    from slice_ft.tiny import build_tiny_components
+
+    exclude = NON_LINEAR + ["norm_added_k", "norm1"]  # image embedder norm1/norm2 are LayerNorms too
+    folder = make_slice(tmp_path / "s", fraction, slice_id, model_overrides=I2V, target_modules=targets,
+                        exclude_modules=exclude)
+    result = export_lora(folder, tmp_path / "lora.safetensors", "comfy")
+    g = torch.Generator().manual_seed(0)
+    # diffusers splits image and text tokens assuming 512 text tokens
+    inputs = dict(hidden_states=torch.randn(1, 8, 3, 8, 8, generator=g), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, 512, 32, generator=g),
+                  encoder_hidden_states_image=torch.randn(1, 5, 24, generator=g))
+    model = build_tiny_transformer(0, **I2V)
+    slice_adapter.load_adapter(model, folder)
+    want = transformer_output(model, inputs)
+    pipe = WanPipeline(**{**build_tiny_components(0), "transformer": build_tiny_transformer(0, **I2V)})
+    before = transformer_output(pipe.transformer, inputs)
+    pipe.load_lora_weights(str(tmp_path / "lora.safetensors"))
+    got = transformer_output(pipe.transformer, inputs)
+    assert (want - before).abs().max() > 1e-4
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+    if targets:  # add_v_proj has no delta: it got a zero entry so that diffusers' converter takes k_img at all
+        assert "blocks.0.attn2.add_v_proj" in result["padded_modules"]
+
+
 def test_comfy_keys_hold_every_delta_exactly_under_comfyui_arithmetic(tmp_path):
     folder = make_slice(tmp_path / "s", 0.1, 2)  # default targets: norms, biases and modulation too
     state = tiny_state(0)
