@@ -269,7 +269,7 @@ class Linear(nn.Module, SliceLayer):
         if self.merged:
             return result
         adapters = self._adapters_to_apply()
-        if not adapters:
+        if not adapters or x.numel() == 0:
             return result
         dtype = _compute_dtype(x)
         x2d = x.reshape(-1, x.shape[-1])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from torch import nn
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner, _ExcludedModule
 
 from .config import SliceConfig
 from .layer import Elementwise, Linear, ParamSlice, SliceLayer
@@ -77,11 +77,21 @@ class SliceModel(BaseTuner):
             module_name, _, pname = name.rpartition(".")
             owners.setdefault(module_name, {})[pname] = (plan.layouts[name], tiles)
         self._injection_owners = owners
+        excluded = set()
+        if config.exclude_modules:  # tell PEFT what was excluded, or it warns that nothing was
+            kept = {lay.name for lay in plan.layouts.values()}
+            for lay in model_layouts(model, config.target_modules, None):
+                if lay.name not in kept:
+                    excluded.add(lay.name.rpartition(".")[0])
+        self._excluded_owners = excluded - set(owners)
 
-    def _check_target_module_exists(self, peft_config: SliceConfig, key: str) -> bool:
+    def _check_target_module_exists(self, peft_config: SliceConfig, key: str):
         if _is_adapter_name(key) or key.endswith("base_layer"):
             return False
-        return canonical_name(key) in getattr(self, "_injection_owners", {})
+        name = canonical_name(key)
+        if name in getattr(self, "_excluded_owners", ()):
+            return _ExcludedModule()
+        return name in getattr(self, "_injection_owners", {})
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
         entries = self._injection_owners[canonical_name(current_key)]

@@ -227,6 +227,15 @@ def test_a_deep_copied_model_keeps_its_own_slices(inputs):
     assert not torch.allclose(run(model, inputs), run(clone, inputs))
 
 
+def test_empty_inputs_pass_through_and_exclusions_raise_no_peft_warning(recwarn):
+    model = make_wan()
+    model.add_adapter(SliceConfig(fraction=0.2, slice_id=0, init_weights=False, exclude_modules=["norm2"]))
+    assert not [w for w in recwarn if "exclude" in str(w.message)]
+    layer = model.blocks[0].attn2.to_k
+    out = layer(torch.zeros(1, 0, 32))
+    assert out.shape == (1, 0, 32)
+
+
 def test_a_weight_whose_share_rounds_to_zero_gets_no_adapter_parameter():
     model = make_wan()
     model.add_adapter(SliceConfig(fraction=0.001, slice_id=0))
