@@ -51,10 +51,11 @@ def main(argv=None):
     for fraction in size["fractions"]:
         specs[f"unmerged slice {fraction:g}"] = dict(base, mode="unmerged", fraction=fraction)
     specs[f"merged slice {size['fractions'][0]:g}"] = dict(base, mode="merged", fraction=size["fractions"][0])
+    specs = common.select_rows(specs, args.only, ("base",), parser)
     repeats = args.repeats or size["repeats"]
     print(f"inference: {len(specs)} configurations, {repeats} interleaved repeats", flush=True)
     results = common.run_interleaved(setup, specs, repeats=repeats, calls=size["calls"], warmup=size["warmup"],
-                                     inline=args.smoke)
+                                     threads=args.threads, inline=args.smoke)
     rows = []
     for name, spec in specs.items():
         ratio = common.ratio_summary(results, name, "base", "wall")
@@ -78,7 +79,7 @@ def main(argv=None):
         "setup": {"layout": {k: config[k] for k in ("num_attention_heads", "attention_head_dim", "ffn_dim",
                                                      "text_dim", "num_layers")},
                   "latent": list(size["latent"]), "text_len": size["text_len"], "repeats": repeats,
-                  "calls": size["calls"], "warmup": size["warmup"]},
+                  "threads": args.threads, "calls": size["calls"], "warmup": size["warmup"]},
         "rows": rows,
     })
 

@@ -103,7 +103,7 @@ def write_slices(folder: Path, model: str, overrides: dict, fraction: float, sli
 
 
 def main(argv=None):
-    parser = common.base_arg_parser(__doc__.splitlines()[0])
+    parser = common.base_arg_parser(__doc__.splitlines()[0], rows=False)
     parser.add_argument("--workdir", default=None,
                         help="Where the synthetic checkpoint and outputs go (default: a temp folder under /tmp); "
                              "needs 3× the checkpoint's size free. Removed afterwards unless --keep.")

@@ -48,10 +48,11 @@ def main(argv=None):
     for fraction in size["fractions"]:
         specs[f"plan {fraction:g}"] = dict(base, op="plan", fraction=fraction)
     specs[f"build + add_adapter {size['fractions'][0]:g}"] = dict(base, op="inject", fraction=size["fractions"][0])
+    specs = common.select_rows(specs, args.only, ("build meta model",), parser)
     repeats = args.repeats or size["repeats"]
     print(f"plan: {len(specs)} configurations, {repeats} interleaved repeats", flush=True)
     results = common.run_interleaved(setup, specs, repeats=repeats, calls=size["calls"], warmup=size["warmup"],
-                                     inline=args.smoke)
+                                     threads=args.threads, inline=args.smoke)
     rows = []
     for name, spec in specs.items():
         res = results[name]
@@ -70,7 +71,8 @@ def main(argv=None):
         "smoke": args.smoke,
         "command": common.command_line(),
         "machine": common.machine_info(),
-        "setup": {"model": size["model"], "overrides": size["overrides"], "repeats": repeats, "calls": size["calls"]},
+        "setup": {"model": size["model"], "overrides": size["overrides"], "repeats": repeats,
+                  "threads": args.threads, "calls": size["calls"]},
         "rows": rows,
     })
 

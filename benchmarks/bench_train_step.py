@@ -106,26 +106,20 @@ def evaluate(results: dict, specs: dict) -> list[dict]:
 
 def main(argv=None):
     parser = common.base_arg_parser(__doc__.splitlines()[0])
-    parser.add_argument("--only", default=None,
-                        help="Comma-separated row names to run beside the frozen base (e.g. 'slice 0.001').")
     args = parser.parse_args(argv)
     common.quiet_warnings()
     size = SMOKE if args.smoke else FULL
     config, specs = configurations(size)
-    if args.only:
-        keep = {"frozen", *[s.strip() for s in args.only.split(",")]}
-        # the slice rows are judged against the LoRA of equal weights, so it comes along
-        for name in list(keep):
-            if specs.get(name, {}).get("method") == "slice":
-                keep |= {n for n, s in specs.items() if s["method"] == "lora" and s["equal_to"] == specs[name]["equal_to"]}
-        unknown = keep - set(specs)
-        if unknown:
-            parser.error(f"--only names unknown rows {sorted(unknown)}; rows are {sorted(specs)}")
-        specs = {n: s for n, s in specs.items() if n in keep}
+    # a slice row is judged against the LoRA of equal weights, so that LoRA comes along
+    wanted = [n.strip() for n in (args.only or "").split(",") if n.strip()]
+    paired = [f"lora {specs[n]['equal_to']}" for n in wanted if specs.get(n, {}).get("method") == "slice"]
+    specs = common.select_rows(specs, args.only, ("frozen", *paired), parser)
     repeats = args.repeats or size["repeats"]
     print(f"train step: {len(specs)} configurations, {repeats} interleaved repeats", flush=True)
+    # the slice at 1e-3 is profiled against the frozen base: which ops its extra time goes to
+    profiled = [n for n in ("frozen", "slice 0.001") if n in specs]
     results = common.run_interleaved(setup, specs, repeats=repeats, calls=size["calls"], warmup=size["warmup"],
-                                     inline=args.smoke)
+                                     threads=args.threads, inline=args.smoke, profile=profiled)
     common.write_json(args.output, {
         "benchmark": "train_step",
         "smoke": args.smoke,
@@ -134,8 +128,13 @@ def main(argv=None):
         "setup": {"layout": {k: config[k] for k in ("num_attention_heads", "attention_head_dim", "ffn_dim",
                                                      "text_dim", "num_layers")},
                   "latent": list(size["latent"]), "text_len": size["text_len"], "repeats": repeats,
+                  "threads": args.threads,
                   "calls": size["calls"], "warmup": size["warmup"]},
         "rows": evaluate(results, specs),
+        "profile": ({"config": "slice 0.001", "baseline": "frozen", "ms_per_step_self_cpu": {
+            n: sum(v[0] for v in results[n].profile.values()) for n in profiled},
+            "extra_ops": common.profile_diff(results["slice 0.001"].profile, results["frozen"].profile)}
+            if len(profiled) == 2 else None),
     })
 
 

@@ -131,6 +131,24 @@ def _warm(step, n: int) -> None:
     reset_peak_rss()  # the peak is over timed calls only; setup's transient copies are not the step's cost
 
 
+def _profile(step, n: int) -> dict:
+    """Self CPU milliseconds and calls per step of each op over `n` profiled steps."""
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            step()
+    return {e.key: (e.self_cpu_time_total / n / 1000, e.count / n) for e in prof.key_averages()}
+
+
+def profile_diff(profile: dict, baseline: dict, top: int = 8) -> list[tuple[str, float, float]]:
+    """The ops a configuration spends the most extra self-CPU time on, vs the baseline: (op, +ms/step, +calls)."""
+    keys = set(profile) | set(baseline)
+    rows = [(k, profile.get(k, (0, 0))[0] - baseline.get(k, (0, 0))[0],
+             profile.get(k, (0, 0))[1] - baseline.get(k, (0, 0))[1]) for k in keys]
+    return sorted(rows, key=lambda r: -r[1])[:top]
+
+
 def _worker_main(conn, setup: Callable, spec: dict, threads: int):
     """Worker loop: build the configuration, then answer ("warmup", n) and ("run", n) (n (wall, CPU) pairs)."""
     try:
@@ -145,6 +163,8 @@ def _worker_main(conn, setup: Callable, spec: dict, threads: int):
                 conn.send(("warm", _warm(step, arg)))
             elif cmd == "run":
                 conn.send(("times", _timed(step, arg)))
+            elif cmd == "profile":
+                conn.send(("profile", _profile(step, arg)))
             elif cmd == "memory":
                 conn.send(("memory", {"peak_rss_mb": peak_rss_mb(), "rss_mb": rss_mb()}))
             else:
@@ -180,6 +200,9 @@ class _ProcessWorker:
     def run(self, n: int):
         return self._ask(("run", n))
 
+    def profile(self, n: int):
+        return self._ask(("profile", n))
+
     def memory(self) -> dict:
         return self._ask(("memory", None))
 
@@ -209,6 +232,9 @@ class _InlineWorker:
     def run(self, n: int):
         return _timed(self.step, n)
 
+    def profile(self, n: int):
+        return _profile(self.step, n)
+
     def memory(self) -> dict:
         return {"peak_rss_mb": peak_rss_mb(), "rss_mb": rss_mb()}
 
@@ -224,6 +250,7 @@ class Result:
     times: list[list[tuple[float, float]]] = field(default_factory=list)
     info: dict = field(default_factory=dict)
     memory: dict = field(default_factory=dict)
+    profile: dict = field(default_factory=dict)
 
     def per_repeat(self, clock: str = "wall") -> list[float]:
         k = 0 if clock == "wall" else 1
@@ -235,14 +262,15 @@ class Result:
 
 
 def run_interleaved(setup: Callable, specs: dict[str, dict], *, repeats: int, calls: int, warmup: int = 1,
-                    threads: int | None = None, inline: bool = False, log=print) -> dict[str, Result]:
+                    threads: int = 1, inline: bool = False, profile: tuple = (), profile_steps: int = 2,
+                    log=print) -> dict[str, Result]:
     """Time `step()` of each configuration, interleaved; one spawned worker per configuration, all alive together.
 
     `setup(spec) -> (step, info)` runs in the worker (it must be a module-level function). Each of `repeats`
     rounds runs `calls` timed calls of every configuration, the order rotated each round. `inline=True` runs
-    every configuration in this process instead (smoke runs: seconds, but no per-configuration memory).
+    every configuration in this process instead (smoke runs: seconds, but no per-configuration memory). The
+    configurations named in `profile` are then profiled op by op (after the memory is read: the profiler allocates).
     """
-    threads = threads or os.cpu_count() or 1
     ctx = mp.get_context("spawn")
     workers = {}
     results = {name: Result(name) for name in specs}
@@ -264,6 +292,8 @@ def run_interleaved(setup: Callable, specs: dict[str, dict], *, repeats: int, ca
                 f"{n} {results[n].per_repeat()[-1] * 1e3:.0f} ms" for n in names))
         for name, worker in workers.items():
             results[name].memory = worker.memory()
+        for name in profile:
+            results[name].profile = workers[name].profile(profile_steps)
     finally:
         for worker in workers.values():
             worker.close()
@@ -313,7 +343,6 @@ def machine_info() -> dict:
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
         "diffusers": diffusers.__version__,
         "peft": peft.__version__,
         "commit": commit,
@@ -351,6 +380,17 @@ def md_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def select_rows(specs: dict, only, always: tuple, parser) -> dict:
+    """The rows `--only` names (comma-separated) plus the `always` rows (baselines), in table order."""
+    if not only:
+        return specs
+    keep = {*always, *[s.strip() for s in only.split(",") if s.strip()]}
+    unknown = keep - set(specs)
+    if unknown:
+        parser.error(f"--only names unknown rows {sorted(unknown)}; the rows are {list(specs)}")
+    return {n: s for n, s in specs.items() if n in keep}
+
+
 def quiet_warnings() -> None:
     """Silence library warnings that repeat every step (SHiRA's sparse-tensor note) and would flood the logs."""
     import warnings
@@ -359,14 +399,21 @@ def quiet_warnings() -> None:
     os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning")  # inherited by spawned workers
 
 
-def base_arg_parser(description: str):
-    """Flags every benchmark script takes: --smoke (seconds-long sizes) and --output (its JSON result)."""
+def base_arg_parser(description: str, rows: bool = True):
+    """Flags every benchmark script takes: --smoke (seconds-long sizes), --output (its JSON result), ...;
+    `rows=True` adds --only, for tables whose rows can be measured one at a time against their baseline."""
     import argparse
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--smoke", action="store_true", help="Tiny sizes: runs in seconds; checks the script, not speed.")
     parser.add_argument("--output", required=True, help="Where to write the JSON result (read by run_all.py).")
     parser.add_argument("--repeats", type=int, default=None, help="Interleaved rounds (default: per benchmark).")
+    if rows:
+        parser.add_argument("--only", default=None,
+                            help="Comma-separated row names to measure (with the baseline they are compared to).")
+    # One thread by default: on a shared machine a descheduled OpenMP thread stalls every parallel region, which
+    # measured as 2-10x swings with 2 threads while other jobs ran; ratios of compute are what the tables compare.
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per configuration.")
     return parser
 
 

@@ -1,0 +1,88 @@
+"""The benchmark scripts must not rot: their seconds-long smoke run renders every table of BENCHMARKS.md."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# The rows each smoke table must have (first column), in order.
+EXPECTED_ROWS = {
+    "## 1. Training step": ["frozen", "slice 0.001", "lora 0.001 (r=", "shira 0.001 (r=", "slice 0.01",
+                            "lora 0.01 (r=", "shira 0.01 (r=", "full"],
+    "## 2. Inference": ["base", "unmerged slice 0.001", "merged slice 0.001"],
+    "## 3. Merge": ["plain copy", "merge CLI, end to end", "merge alone"],
+    "## 4. Planning": ["build meta model", "plan 0.001", "build + add_adapter 0.001"],
+    "## Quality study": ["slice", "lora", "full"],
+}
+RATIO = re.compile(r"^\d+\.\d+× \(\d+\.\d+–\d+\.\d+\)$")  # median (min–max)
+
+
+def first_table(section: str) -> list[list[str]]:
+    """The cells of a section's first markdown table, header and separator removed."""
+    lines = section.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split(" | ")])
+    return rows
+
+
+def section(report: str, title: str) -> str:
+    start = report.index(title)
+    end = report.find("\n## ", start + 1)
+    return report[start:end if end > 0 else len(report)]
+
+
+@pytest.fixture(scope="module")
+def smoke_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run_all.py"), "--smoke", "--output", str(out)],
+                          capture_output=True, text=True, timeout=170, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def test_smoke_run_writes_every_table_with_a_row_per_configuration(smoke_report):
+    report = (smoke_report / "BENCHMARKS.md").read_text()
+    assert "SMOKE RUN" in report
+    for title, expected in EXPECTED_ROWS.items():
+        names = [row[0] for row in first_table(section(report, title))]
+        assert len(names) == len(expected), (title, names)
+        for name, want in zip(names, expected):
+            assert name.startswith(want), (title, names)
+    assert "## Targets (issue 5)" in report and "## GPU (issue 6)" in report
+    assert "not yet measured" in report.lower()
+
+
+def test_smoke_ratios_are_numbers(smoke_report):
+    report = (smoke_report / "BENCHMARKS.md").read_text()
+    train = first_table(section(report, "## 1. Training step"))
+    for row in train:
+        assert RATIO.match(row[3]) and RATIO.match(row[4]), row  # × frozen, wall and CPU
+        assert re.match(r"^\d+\.\d+×$", row[6]), row  # peak × frozen
+        assert row[-1].startswith("`python benchmarks/bench_train_step.py"), row
+    for row in first_table(section(report, "## 2. Inference")):
+        assert RATIO.match(row[2]) and RATIO.match(row[3]), row
+    for row in first_table(section(report, "## 3. Merge"))[1:]:
+        assert RATIO.match(row[3]), row
+    targets = first_table(section(report, "## Targets (issue 5)"))
+    assert targets and all(row[-1] == "met" or row[-1].startswith("missed — ") for row in targets)
+
+
+def test_smoke_plots_exist_or_the_report_says_why(smoke_report):
+    report = (smoke_report / "BENCHMARKS.md").read_text()
+    try:
+        import matplotlib  # noqa: F401  (the `bench` extra)
+    except ImportError:
+        assert "matplotlib is not installed" in report
+        return
+    for name in ("train_step.png", "quality_loss_curves.png"):
+        png = smoke_report / "plots" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+        assert f"plots/{name})" in report
