@@ -246,8 +246,10 @@ def main(args: argparse.Namespace) -> dict:
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
-        # Slices may target parameters a T2V forward never uses (e.g. image projections): let DDP skip them.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        # Every block parameter takes part in a T2V forward (I2V models are refused), so DDP needs no graph search.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        # Without a GPU, accelerate joins the launched processes (gloo) only when told to run on the CPU.
+        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
@@ -355,7 +357,10 @@ def main(args: argparse.Namespace) -> dict:
     # --- lr scheduler ------------------------------------------------------------------------------------------
     max_train_steps = args.max_train_steps
     if max_train_steps is None:
-        per_epoch = max(gather_object([sum(1 for _ in loader._positions())]))  # probing only, no decoding
+        counter = BucketedLoader(dataset, buckets, batch_size=args.train_batch_size, seed=args.seed,
+                                 shuffle=False, rank=accelerator.process_index, world_size=accelerator.num_processes,
+                                 frame_stride=args.frame_stride)  # a throwaway loader: its skip counts stay out of the log
+        per_epoch = max(gather_object([sum(1 for _ in counter._positions())]))  # probing only, no decoding
         max_train_steps = args.num_train_epochs * max(1, math.ceil(per_epoch / args.gradient_accumulation_steps))
     # accelerate steps a prepared scheduler once per process per optimizer step: scale as diffusers' examples do.
     lr_scheduler = get_scheduler(
@@ -441,8 +446,8 @@ def main(args: argparse.Namespace) -> dict:
         for reason, n in s["skipped"].items():
             skipped[reason] = skipped.get(reason, 0) + n
     result["skipped"] = skipped
-    logger.info(f"data: {sum(s['yielded_items'] for s in stats)} samples used, {sum(skipped.values())} files "
-                f"skipped {skipped or ''}".rstrip())
+    logger.info(f"data: {sum(s['yielded_items'] for s in stats)} samples used; skipped {sum(skipped.values())} "
+                f"unusable files (counted once per epoch){': ' + str(skipped) if skipped else ''}")
     outputs = {}
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(transformer)
@@ -452,11 +457,15 @@ def main(args: argparse.Namespace) -> dict:
         accelerator.log({"data/skipped_files": sum(skipped.values())}, step=global_step)
         del unwrapped
     wandb_dir = tracker_dir(accelerator)
+    # Release DDP and the process group while every process is still alive (a late rank can hang in teardown);
+    # this also frees the training copy before the merge reads the base from disk.
+    accelerator.wait_for_everyone()
+    del transformer, optimizer, lr_scheduler, params
+    comps.transformer = None
+    accelerator.free_memory()
+    gc.collect()
     accelerator.end_training()
     if accelerator.is_main_process and args.save_merged:
-        del transformer, optimizer, params  # the merge reads the base from disk: free the training copy first
-        comps.transformer = None
-        gc.collect()
         outputs["merged"] = str(save_merged(comps.source, outputs["slice"], output_dir, rebuild_base=comps.reload))
     if accelerator.is_main_process:
         if result["samples"]:

@@ -93,8 +93,9 @@ def load_components(
     for module in (comps.transformer, comps.vae, comps.text_encoder):
         module.requires_grad_(False)
         module.eval()
-    comps.text_encoder.to(text_encoder_dtype)
-    comps.vae.to(vae_dtype)
+    for module, dtype in ((comps.text_encoder, text_encoder_dtype), (comps.vae, vae_dtype)):
+        if module.dtype != dtype:
+            module.to(dtype)
     return comps
 
 

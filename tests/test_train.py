@@ -1,0 +1,394 @@
+"""End-to-end tests of train_slice_ft.py on the tiny embedded Wan (CPU, offline).
+
+Runs call `main()` in this process (accelerate's state reset between runs); only the two-process run is a
+subprocess (`accelerate launch`). W&B runs offline and the test reads the run's `.wandb` records.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import train_slice_ft
+from slice_ft.corpus import generate_corpus, write_corrupt_file
+
+REPO = Path(__file__).resolve().parents[1]
+ISSUE_FLAGS = (
+    "--pretrained_model_name_or_path --output_dir --seed --mixed_precision --gradient_checkpointing --learning_rate "
+    "--lr_scheduler --lr_warmup_steps --max_train_steps --num_train_epochs --train_batch_size "
+    "--gradient_accumulation_steps --max_grad_norm --checkpointing_steps --checkpoints_total_limit "
+    "--resume_from_checkpoint --report_to --tracker_project_name --validation_prompts --validation_steps --ff --ffid "
+    "--slice_fraction --slice_id --slice_seed --timestep_sampling --discrete_flow_shift --min_timestep --max_timestep "
+    "--config --transformer_file --expert --save_merged --cache_dir --optimizer --weighting_scheme --blocks_to_swap "
+    "--base_dtype --dataset_name --image_column --video_column --caption_column --bucket_resolutions "
+    "--bucket_frame_counts --boundary_ratio"
+).split()
+
+
+# --- helpers ------------------------------------------------------------------------------------------------------
+
+
+def _reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def train(output_dir, *flags, dataset=None):
+    """Run the recipe in this process with small tiny-model defaults; `flags` override them."""
+    _reset_accelerate()
+    base = ["--pretrained_model_name_or_path", "tiny", "--output_dir", str(output_dir), "--report_to", "none",
+            "--bucket_resolutions", "48x32,32x48", "--bucket_frame_counts", "1,5", "--ff", "0.25", "--ffid", "1",
+            "--learning_rate", "1e-2", "--checkpointing_steps", "1000"]
+    if dataset is not None:
+        base += ["--dataset_name", str(dataset)]
+    return train_slice_ft.main(train_slice_ft.parse_args(base + [str(f) for f in flags]))
+
+
+def slice_values(output_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(output_dir) / "slice" / "adapter_model.safetensors"))
+
+
+def wandb_records(path):
+    """Records of a `.wandb` file (W&B's leveldb-style log: 7-byte header, 32 KiB blocks, chunked records)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B", "not a W&B run file"
+    block, pos, buf = 32768, 7, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # a block's tail too short for a header is padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if length == 0 and kind == 0:
+            pos += left
+            continue
+        buf += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST chunk: a record is complete
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(buf)
+            buf = b""
+            yield rec
+
+
+def wandb_history_and_config(run_dir):
+    files = glob.glob(str(Path(run_dir) / "run-*.wandb"))
+    assert len(files) == 1, files
+    history, config = [], {}
+    for rec in wandb_records(files[0]):
+        kind = rec.WhichOneof("record_type")
+        if kind == "history":
+            history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
+        elif kind == "config":
+            config.update({i.key: json.loads(i.value_json) for i in rec.config.update})
+    return history, config
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """4 images and 2 five-frame videos in two aspect ratios, captions in metadata.jsonl."""
+    root = tmp_path_factory.mktemp("corpus")
+    generate_corpus(root, num_images=4, num_videos=2, size=[(48, 32), (32, 48)], num_frames=5, seed=3)
+    return root
+
+
+# --- flags and config ---------------------------------------------------------------------------------------------
+
+
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_slice_ft.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    missing = [flag for flag in ISSUE_FLAGS if flag not in text]
+    assert not missing, f"--help does not list {missing}"
+
+
+def test_yaml_keys_are_flag_names_and_the_command_line_wins(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("ff: 0.5\nffid: 1\nlearning_rate: 2e-3\nmax_train_steps: 7\ngradient_checkpointing: true\n"
+                   "validation_prompts: [a red circle, blue stripes]\ndataset_name: somewhere\n")
+    args = train_slice_ft.parse_args(["--config", str(cfg), "--learning_rate", "1e-3", "--ffid", "0"])
+    assert (args.slice_fraction, args.slice_id, args.max_train_steps) == (0.5, 0, 7)
+    assert args.learning_rate == 1e-3 and args.gradient_checkpointing is True
+    assert args.validation_prompts == ["a red circle", "blue stripes"]
+
+    cfg.write_text("dataset_name: somewhere\nlearning_rat: 1e-3\n")
+    with pytest.raises(ValueError, match="unknown key 'learning_rat'.*did you mean 'learning_rate'"):
+        train_slice_ft.parse_args(["--config", str(cfg)])
+    cfg.write_text("dataset_name: somewhere\noptimizer: sgd\n")
+    with pytest.raises(ValueError, match="'optimizer'.*'sgd'.*adamw"):
+        train_slice_ft.parse_args(["--config", str(cfg)])
+
+
+# --- the demo -----------------------------------------------------------------------------------------------------
+
+
+def test_demo_config_trains_writes_every_output_and_logs_to_wandb(tmp_path, capsys):
+    out = tmp_path / "demo"
+    _reset_accelerate()
+    args = train_slice_ft.parse_args(["--config", str(REPO / "configs" / "demo.yaml"), "--output_dir", str(out),
+                                      "--cache_dir", str(out / "cache"), "--max_train_steps", "30"])
+    assert args.report_to == "wandb" and args.save_merged and args.generate_demo_corpus
+    result = train_slice_ft.main(args)
+
+    losses = np.array(result["losses"])
+    assert len(losses) == 30
+    assert losses[-8:].mean() < 0.85 * losses[:8].mean(), f"loss did not fall: {losses.round(3)}"
+
+    assert (out / "demo_corpus" / "metadata.jsonl").is_file()
+    assert (out / "slice" / "adapter_config.json").is_file()
+    sample = out / "samples" / "step-30-0.mp4"
+    import av
+
+    with av.open(str(sample)) as video:
+        assert sum(1 for _ in video.decode(video=0)) == args.validation_num_frames
+
+    # merged = tiny base + slice, as a diffusers transformer folder
+    from diffusers import WanTransformer3DModel
+
+    import slice_adapter
+    from slice_ft.tiny import build_tiny_transformer
+
+    merged = WanTransformer3DModel.from_pretrained(str(out / "merged"))
+    expected = build_tiny_transformer(0)
+    slice_adapter.load_adapter(expected, out / "slice")
+    slice_adapter.merge_adapters(expected)
+    from slice_ft.outputs import merged_state_dict
+
+    want = merged_state_dict(expected)
+    got = merged.state_dict()
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert not all(torch.equal(got[k], v) for k, v in build_tiny_transformer(0).state_dict().items())
+
+    printed = capsys.readouterr().out
+    for name in ("slice", "merged", "samples", "wandb"):
+        assert f"  {name}" in printed, printed
+
+    runs = glob.glob(str(out / "wandb" / "offline-run-*"))
+    assert len(runs) == 1
+    history, config = wandb_history_and_config(runs[0])
+    assert config["slice_fraction"] == 0.25 and config["pretrained_model_name_or_path"] == "tiny"
+    steps = [h for h in history if "loss" in h]
+    assert [h["_step"] for h in steps] == list(range(1, 31))
+    assert np.allclose([h["loss"] for h in steps], losses)
+    for key in ("lr", "grad_norm", "step_time", "samples_per_sec"):
+        assert all(np.isfinite(h[key]) and h[key] >= 0 for h in steps), key
+    assert steps[0]["lr"] == pytest.approx(args.learning_rate)
+    videos = [h for h in history if h.get("validation/_type") == "videos"]
+    assert videos and videos[-1]["validation/count"] == 1
+
+
+# --- checkpoints --------------------------------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_from_latest_ends_bit_identical_to_an_uninterrupted_run(tmp_path, corpus, monkeypatch):
+    flags = ["--max_train_steps", "6", "--checkpointing_steps", "3", "--checkpoints_total_limit", "1",
+             "--train_batch_size", "2", "--gradient_accumulation_steps", "2", "--lr_scheduler", "linear",
+             "--lr_warmup_steps", "2", "--timestep_sampling", "logit_normal"]
+    train(tmp_path / "straight", *flags, dataset=corpus)
+
+    real_save = train_slice_ft.save_checkpoint
+
+    def save_then_crash(accelerator, output_dir, step, *a, **kw):
+        path = real_save(accelerator, output_dir, step, *a, **kw)
+        raise _Stop(path)
+
+    monkeypatch.setattr(train_slice_ft, "save_checkpoint", save_then_crash)
+    with pytest.raises(_Stop):
+        train(tmp_path / "resumed", *flags, dataset=corpus)
+    assert [p.name for p in (tmp_path / "resumed").glob("checkpoint-*")] == ["checkpoint-3"]
+    assert not (tmp_path / "resumed" / "slice").exists()
+    monkeypatch.setattr(train_slice_ft, "save_checkpoint", real_save)
+
+    result = train(tmp_path / "resumed", *flags, "--resume_from_checkpoint", "latest", dataset=corpus)
+    assert len(result["losses"]) == 3  # steps 4..6 only
+    straight, resumed = slice_values(tmp_path / "straight"), slice_values(tmp_path / "resumed")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert any(straight[k].abs().sum() > 0 for k in straight)
+    # --checkpoints_total_limit 1: only the newest checkpoint is left
+    assert [p.name for p in (tmp_path / "resumed").glob("checkpoint-*")] == ["checkpoint-6"]
+
+
+# --- distributed --------------------------------------------------------------------------------------------------
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    data = tmp_path / "images"
+    generate_corpus(data, num_images=4, num_videos=0, size=(48, 32), seed=5)
+    common = ["--pretrained_model_name_or_path", "tiny", "--dataset_name", str(data), "--report_to", "none",
+              "--bucket_resolutions", "48x32", "--bucket_frame_counts", "1", "--ff", "0.25", "--ffid", "1",
+              "--learning_rate", "1e-2", "--max_train_steps", "2", "--checkpointing_steps", "1000",
+              "--shuffle_buffer_size", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=str(REPO))
+    with socket.socket() as sock:  # a free port: other test runs may hold accelerate's default one
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(REPO / "train_slice_ft.py"), *common, "--output_dir", str(tmp_path / "two"), "--train_batch_size", "1"]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
+        _, stderr = proc.communicate()
+        pytest.fail(f"the 2-process run did not finish in 240 s:\n{stderr[-4000:]}")
+    assert proc.returncode == 0, stderr[-4000:]
+    assert "2 process(es) x batch 1" in stderr
+
+    _reset_accelerate()
+    train_slice_ft.main(train_slice_ft.parse_args(common + ["--output_dir", str(tmp_path / "one"),
+                                                            "--train_batch_size", "2"]))
+    one, two = slice_values(tmp_path / "one"), slice_values(tmp_path / "two")
+    assert one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
+    assert any(one[k].abs().sum() > 0 for k in one)
+
+
+# --- data ---------------------------------------------------------------------------------------------------------
+
+
+def test_corrupt_and_uncaptioned_files_are_skipped_counted_and_logged(tmp_path, caplog):
+    data = tmp_path / "data"
+    generate_corpus(data, num_images=3, num_videos=1, size=(48, 32), num_frames=5, seed=1)
+    write_corrupt_file(data / "broken.mp4", "truncated")
+    write_corrupt_file(data / "noise.png", "garbage")
+    with open(data / "metadata.jsonl", "a") as fh:  # captioned, so they fail on decoding, not on the caption
+        fh.write(json.dumps({"file_name": "broken.mp4", "text": "a red circle"}) + "\n")
+        fh.write(json.dumps({"file_name": "noise.png", "text": "green noise"}) + "\n")
+    generate_corpus(tmp_path / "extra", num_images=1, num_videos=0, size=(48, 32), caption_format="none", seed=2)
+    (tmp_path / "extra" / "img_0000_red_circles.png").rename(data / "no_caption.png")
+    with caplog.at_level(logging.INFO):
+        # 4 good files at batch 1: step 5 is in the second epoch, so the whole folder has been read once
+        result = train(tmp_path / "out", "--max_train_steps", "5", dataset=data)
+    assert result["global_step"] == 5
+    skipped = result["skipped"]
+    assert set(skipped) == {"no_caption", "unreadable"} and skipped["no_caption"] >= 1 and skipped["unreadable"] >= 2
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(f"skipped {sum(skipped.values())} unusable files" in m for m in messages), messages
+    for name in ("broken.mp4", "noise.png", "no_caption.png"):
+        assert any(m.startswith("skipping") and name in m for m in messages), name
+
+
+def test_latent_cache_is_reused_without_calling_the_encoders(tmp_path, corpus, monkeypatch):
+    cache = tmp_path / "cache"
+    first = train(tmp_path / "a", "--max_train_steps", "2", "--cache_dir", cache, dataset=corpus)
+    files = sorted(cache.rglob("*.safetensors"))
+    assert len(list((cache / "latents").glob("*.safetensors"))) == 6
+    assert len(list((cache / "text").glob("*.safetensors"))) >= 1
+
+    import slice_ft.encoding
+    import slice_ft.training
+
+    def forbidden(*a, **k):
+        raise AssertionError("an encoder ran although everything is cached")
+
+    for module in (slice_ft.encoding, slice_ft.training):
+        monkeypatch.setattr(module, "encode_videos", forbidden)
+        monkeypatch.setattr(module, "encode_prompts", forbidden)
+    second = train(tmp_path / "b", "--max_train_steps", "2", "--cache_dir", cache, dataset=corpus)
+    assert sorted(cache.rglob("*.safetensors")) == files
+    assert first["losses"] == second["losses"]
+
+
+# --- models -------------------------------------------------------------------------------------------------------
+
+
+def test_single_file_original_keys_train_and_merge_back_in_the_same_format(tmp_path, corpus):
+    from slice_ft.models import load_transformer, save_transformer_state_dict
+    from slice_ft.tiny import TINY_TRANSFORMER_CONFIG, build_tiny_transformer
+
+    base = build_tiny_transformer(7)
+    sd = {k: (v.to(torch.bfloat16) if k.endswith("weight") and v.ndim == 2 else v) for k, v in base.state_dict().items()}
+    ckpt = save_transformer_state_dict(sd, tmp_path / "wan_tiny.safetensors", "wan", "model.diffusion_model.")
+    cfg_dir = tmp_path / "cfg"
+    cfg_dir.mkdir()
+    (cfg_dir / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DModel", **TINY_TRANSFORMER_CONFIG}))
+
+    train(tmp_path / "out", "--max_train_steps", "2", "--transformer_file", ckpt, "--transformer_config",
+          cfg_dir / "config.json", "--save_merged", dataset=corpus)
+    merged_file = tmp_path / "out" / "merged" / "wan_tiny.safetensors"
+    with safe_open(str(ckpt), "pt") as a, safe_open(str(merged_file), "pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        assert all(k.startswith("model.diffusion_model.") for k in b.keys())
+        assert "model.diffusion_model.blocks.0.self_attn.q.weight" in b.keys()
+        assert all(a.get_tensor(k).dtype == b.get_tensor(k).dtype for k in a.keys())
+        changed = [k for k in a.keys() if not torch.equal(a.get_tensor(k), b.get_tensor(k))]
+    assert changed and all(".blocks." in k for k in changed)
+
+    # the merged file is exactly the trained slice baked into the file it was trained from
+    import slice_adapter
+
+    model, _ = load_transformer(None, transformer_file=ckpt, config=str(cfg_dir))
+    slice_adapter.load_adapter(model, tmp_path / "out" / "slice")
+    slice_adapter.merge_adapters(model)
+    merged, info = load_transformer(None, transformer_file=merged_file, config=str(cfg_dir))
+    assert (info["key_format"], info["prefix"]) == ("wan", "model.diffusion_model.")
+    from slice_ft.outputs import merged_state_dict
+
+    want = merged_state_dict(model)
+    got = merged.state_dict()
+    # round(base + delta) once, to the dtype the base file stores
+    assert all(torch.equal(got[k].to(sd[k].dtype), want[k].to(sd[k].dtype)) for k in want)
+
+
+def _tiny_a14b_pipeline(path, boundary_ratio):
+    from diffusers import WanPipeline
+
+    from slice_ft.tiny import build_tiny_components, build_tiny_transformer
+
+    WanPipeline(**build_tiny_components(0), transformer_2=build_tiny_transformer(1),
+                boundary_ratio=boundary_ratio).save_pretrained(str(path))
+    return path
+
+
+@pytest.mark.parametrize("expert", ["low", "high"])
+def test_wan22_expert_trains_its_transformer_on_its_side_of_the_boundary(tmp_path, corpus, expert):
+    pipe = _tiny_a14b_pipeline(tmp_path / "a14b", boundary_ratio=0.6)
+    result = train(tmp_path / "out", "--pretrained_model_name_or_path", pipe, "--expert", expert,
+                   "--max_train_steps", "4", "--train_batch_size", "2", "--timestep_sampling", "uniform",
+                   "--save_merged", dataset=corpus)
+    timesteps = np.array(result["timesteps"])
+    assert len(timesteps) >= 4  # one per sample; a bucket's last batch may be short
+    if expert == "low":
+        assert (timesteps < 600).all(), timesteps
+    else:
+        assert (timesteps >= 600).all() and (timesteps <= 1000).all(), timesteps
+    # the merged folder is the trained expert (transformer_2 for low) with the slice baked in
+    subfolder = {"low": "transformer_2", "high": "transformer"}[expert]
+    merged = load_file(str(tmp_path / "out" / "merged" / "diffusion_pytorch_model.safetensors"))
+    base = load_file(str(pipe / subfolder / "diffusion_pytorch_model.safetensors"))
+    other = load_file(str(pipe / {"low": "transformer", "high": "transformer_2"}[expert] /
+                          "diffusion_pytorch_model.safetensors"))
+    total = sum(t.numel() for t in base.values())
+    same_as_base = sum(int((base[k] == merged[k]).sum()) for k in base)
+    same_as_other = sum(int((other[k] == merged[k]).sum()) for k in other)
+    assert total > same_as_base > 0.7 * total  # a quarter of the block weights moved, nothing else
+    assert same_as_other < 0.1 * total
