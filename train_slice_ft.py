@@ -21,14 +21,18 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import (
+    DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, gather_object, set_seed,
+)
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 import slice_adapter
 from slice_adapter import SliceConfig
 from slice_ft import flow_matching as fm
-from slice_ft.checkpointing import TrainingProgress, register_slice_hooks, resolve_resume, save_checkpoint
+from slice_ft.checkpointing import (
+    TrainingProgress, full_parameters, list_checkpoints, register_slice_hooks, resolve_resume, save_checkpoint,
+)
 from slice_ft.components import TINY, DTYPES, load_components, spatial_multiple
 from slice_ft.config import parse_args_with_config
 from slice_ft.data import BucketConfig, BucketedLoader, build_dataset
@@ -256,20 +260,15 @@ def main(args: argparse.Namespace) -> dict:
     if args.blocks_to_swap and accelerator.num_processes > 1:
         raise ValueError(f"--blocks_to_swap {args.blocks_to_swap} runs in one process only (got "
                          f"{accelerator.num_processes}); drop it or use FSDP (configs/accelerate/fsdp.yaml)")
+    if args.validation_prompts and accelerator.distributed_type == DistributedType.FSDP:
+        logger.warning("no validation samples under FSDP (a sharded model renders only with every process): render "
+                       "them afterwards from OUTPUT_DIR/slice")
+        args.validation_prompts = []
     set_seed(args.seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
 
-    dataset_name = args.dataset_name
-    if dataset_name is None:  # --generate_demo_corpus
-        dataset_name = str(output_dir / DEMO_CORPUS_SUBDIR)
-        if accelerator.is_main_process and not (Path(dataset_name) / "metadata.jsonl").is_file():
-            from slice_ft.corpus import generate_corpus
-
-            records = generate_corpus(dataset_name, num_images=8, num_videos=8, size=[(48, 32), (32, 48)],
-                                      num_frames=(5, 9), seed=args.seed)
-            logger.info(f"generated a demo corpus of {len(records)} captioned images and videos in {dataset_name}")
-        accelerator.wait_for_everyone()
+    dataset_name = args.dataset_name or make_demo_corpus(accelerator, output_dir, args.seed)
 
     # --- models (frozen) ---------------------------------------------------------------------------------------
     weight_dtype = DTYPES[args.mixed_precision]
@@ -332,25 +331,7 @@ def main(args: argparse.Namespace) -> dict:
                             frame_stride=args.frame_stride, decode_threads=args.decode_threads)
     comps.vae.to(accelerator.device)
     comps.text_encoder.to(accelerator.device)
-    cache = None
-    if args.cache_dir:
-        cache = LatentCache(args.cache_dir, {
-            "vae": comps.identity["vae"], "text_encoder": comps.identity["text_encoder"],
-            "max_sequence_length": args.max_sequence_length,
-            "dtype": "float32" if args.mixed_precision == "no" else str(weight_dtype).removeprefix("torch."),
-            "frame_stride": args.frame_stride,
-        })
-        if accelerator.is_main_process:
-            all_items = BucketedLoader(dataset, buckets, batch_size=1, shuffle=False, frame_stride=args.frame_stride)
-            counts = cache.precompute(all_items.iter_items(), comps.vae, comps.text_encoder, comps.tokenizer,
-                                      device=accelerator.device, progress=True)
-            logger.info(f"latent cache {args.cache_dir}: {counts}")
-        accelerator.wait_for_everyone()
-        if args.validation_prompts:  # the pipeline needs them again: park them on the CPU
-            comps.vae.to("cpu")
-            comps.text_encoder.to("cpu")
-        else:
-            free_encoders(comps)
+    cache = make_latent_cache(accelerator, args, comps, dataset, buckets) if args.cache_dir else None
     encoder = BatchEncoder(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
                            max_sequence_length=args.max_sequence_length, cache=cache, device=accelerator.device)
 
@@ -440,22 +421,20 @@ def main(args: argparse.Namespace) -> dict:
 
     # --- final save --------------------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
-    stats = gather_object([loader.stats.as_dict()])
-    skipped = {}
-    for s in stats:
-        for reason, n in s["skipped"].items():
-            skipped[reason] = skipped.get(reason, 0) + n
-    result["skipped"] = skipped
-    logger.info(f"data: {sum(s['yielded_items'] for s in stats)} samples used; skipped {sum(skipped.values())} "
-                f"unusable files (counted once per epoch){': ' + str(skipped) if skipped else ''}")
+    result["skipped"] = summarize_data(loader)
+    if result["losses"]:
+        k = max(1, len(result["losses"]) // 10)
+        logger.info(f"loss: {sum(result['losses'][:k]) / k:.4f} over the first {k} step(s) -> "
+                    f"{sum(result['losses'][-k:]) / k:.4f} over the last {k}")
     outputs = {}
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(transformer)
-        outputs["slice"] = str(save_slice(unwrapped, output_dir))
-        if args.validation_prompts:
-            result["samples"] += run_validation(accelerator, transformer, comps, args, validation, global_step)
-        accelerator.log({"data/skipped_files": sum(skipped.values())}, step=global_step)
-        del unwrapped
+    with full_parameters(accelerator, transformer):
+        if accelerator.is_main_process:
+            outputs["slice"] = str(save_slice(accelerator.unwrap_model(transformer), output_dir))
+            if args.validation_prompts:
+                result["samples"] += run_validation(accelerator, transformer, comps, args, validation, global_step)
+            accelerator.log({"data/skipped_files": sum(result["skipped"].values())}, step=global_step)
+            if (checkpoints := list_checkpoints(output_dir)):
+                outputs["checkpoint"] = str(checkpoints[-1])
     wandb_dir = tracker_dir(accelerator)
     # Release DDP and the process group while every process is still alive (a late rank can hang in teardown);
     # this also frees the training copy before the merge reads the base from disk.
@@ -475,6 +454,52 @@ def main(args: argparse.Namespace) -> dict:
         print_outputs(outputs, output_dir)
     result.update(outputs=outputs, global_step=global_step)
     return result
+
+
+def make_demo_corpus(accelerator, output_dir: Path, seed: int) -> str:
+    """--generate_demo_corpus: captioned images and short videos in OUTPUT_DIR/demo_corpus (kept across runs)."""
+    folder = output_dir / DEMO_CORPUS_SUBDIR
+    if accelerator.is_main_process and not (folder / "metadata.jsonl").is_file():
+        from slice_ft.corpus import generate_corpus
+
+        records = generate_corpus(folder, num_images=8, num_videos=8, size=[(48, 32), (32, 48)], num_frames=(5, 9),
+                                  seed=seed)
+        logger.info(f"generated a demo corpus of {len(records)} captioned images and videos in {folder}")
+    accelerator.wait_for_everyone()
+    return str(folder)
+
+
+def make_latent_cache(accelerator, args, comps, dataset, buckets) -> LatentCache:
+    """Encode every sample not cached yet (main process), then free the encoders (or park them for validation)."""
+    dtype = "float32" if args.mixed_precision == "no" else str(DTYPES[args.mixed_precision]).removeprefix("torch.")
+    cache = LatentCache(args.cache_dir, {
+        "vae": comps.identity["vae"], "text_encoder": comps.identity["text_encoder"],
+        "max_sequence_length": args.max_sequence_length, "dtype": dtype, "frame_stride": args.frame_stride,
+    })
+    if accelerator.is_main_process:
+        every_item = BucketedLoader(dataset, buckets, batch_size=1, shuffle=False, frame_stride=args.frame_stride)
+        counts = cache.precompute(every_item.iter_items(), comps.vae, comps.text_encoder, comps.tokenizer,
+                                  device=accelerator.device, progress=True)
+        logger.info(f"latent cache {args.cache_dir}: {counts}")
+    accelerator.wait_for_everyone()
+    if args.validation_prompts:  # the validation pipeline needs them again
+        comps.vae.to("cpu")
+        comps.text_encoder.to("cpu")
+    else:
+        free_encoders(comps)
+    return cache
+
+
+def summarize_data(loader) -> dict:
+    """Skip counts of every process, summed and logged."""
+    stats = gather_object([loader.stats.as_dict()])
+    skipped: dict = {}
+    for s in stats:
+        for reason, n in s["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    logger.info(f"data: {sum(s['yielded_items'] for s in stats)} samples used; skipped {sum(skipped.values())} "
+                f"unusable files (counted once per epoch){': ' + str(skipped) if skipped else ''}")
+    return skipped
 
 
 def run_validation(accelerator, transformer, comps, args, settings, step) -> list[str]:

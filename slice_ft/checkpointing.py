@@ -6,6 +6,7 @@ The frozen base is never written: a save hook replaces the model weights acceler
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -53,8 +54,16 @@ def load_slice_values(model: torch.nn.Module, folder: str | os.PathLike, adapter
             param.copy_(values[key].to(param.device, param.dtype))
 
 
-def register_slice_hooks(accelerator) -> None:
-    """Make `save_state`/`load_state` write and read the slice instead of the full model (diffusers' LoRA pattern)."""
+def register_slice_hooks(accelerator) -> bool:
+    """Make `save_state`/`load_state` write and read the slice instead of the full model (diffusers' LoRA pattern).
+
+    Under FSDP and DeepSpeed accelerate saves the sharded module itself (base included) and nothing is registered;
+    returns whether the hooks were registered.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return False
 
     def save_model_hook(models, weights, output_dir):
         for model in models:
@@ -68,6 +77,24 @@ def register_slice_hooks(accelerator) -> None:
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
+    return True
+
+
+@contextlib.contextmanager
+def full_parameters(accelerator, model):
+    """Inside: every parameter of `model` is whole on each process (FSDP gathers its shards; a no-op otherwise).
+
+    Enter it on every process.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(model, writeback=False):
+            yield
+    else:
+        yield
 
 
 # --- progress ---------------------------------------------------------------------------------------------------

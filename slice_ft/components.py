@@ -111,7 +111,7 @@ def _load_tiny(sub, expert, transformer_file, transformer_config, boundary_ratio
     else:
         transformer = build_tiny_transformer(seed)
         if base_dtype != torch.float32:
-            transformer.to(base_dtype)
+            _cast_like_from_pretrained(transformer, base_dtype)
         source = {"kind": TINY, "seed": seed, "subfolder": sub, "key_format": "diffusers", "prefix": ""}
         reload = lambda: build_tiny_transformer(seed)  # noqa: E731
     ratio = None
@@ -122,6 +122,14 @@ def _load_tiny(sub, expert, transformer_file, transformer_config, boundary_ratio
         scheduler=build_tiny_scheduler(), subfolder=sub, boundary_ratio=ratio, source=source,
         identity={"vae": "tiny-wan-vae:seed=0", "text_encoder": "tiny-umt5:seed=0"}, reload=reload,
     )
+
+
+def _cast_like_from_pretrained(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast to `dtype` except the modules diffusers keeps in float32 (`from_pretrained(torch_dtype=...)` does this)."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    for name, param in model.named_parameters():
+        if not keep.intersection(name.split(".")):
+            param.data = param.data.to(dtype)
 
 
 def _load_file(root, sub, transformer_file, transformer_config, base_dtype):

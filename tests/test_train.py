@@ -318,6 +318,50 @@ def test_latent_cache_is_reused_without_calling_the_encoders(tmp_path, corpus, m
     assert first["losses"] == second["losses"]
 
 
+def test_low_memory_options_train_the_float32_slice_on_an_fp8_swapped_base(tmp_path, corpus, caplog):
+    with caplog.at_level(logging.INFO):
+        result = train(tmp_path / "out", "--max_train_steps", "2", "--mixed_precision", "bf16", "--base_dtype", "fp8",
+                       "--gradient_checkpointing", "--blocks_to_swap", "1", "--optimizer", "adafactor",
+                       "--weighting_scheme", "cosmap", dataset=corpus)
+    assert all(np.isfinite(result["losses"]))
+    values = slice_values(tmp_path / "out")
+    assert all(v.dtype == torch.float32 for v in values.values())
+    assert any(v.abs().sum() > 0 for v in values.values())
+    assert any("fp8 base: 20 block Linear weights" in r.getMessage() for r in caplog.records)
+
+
+def test_optimizers_cover_only_the_slice_and_adamw8bit_explains_a_missing_bitsandbytes():
+    from slice_ft.training import build_optimizer
+
+    params = [torch.nn.Parameter(torch.ones(4, 8))]
+    params[0].grad = torch.ones(4, 8)
+    for name in ("adamw", "adafactor"):
+        opt = build_optimizer(params, name, learning_rate=0.1)
+        before = params[0].detach().clone()
+        opt.step()
+        assert not torch.equal(before, params[0]), name
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit, match="pip install bitsandbytes"):
+            build_optimizer(params, "adamw8bit", learning_rate=0.1)
+    else:
+        assert type(build_optimizer(params, "adamw8bit", learning_rate=0.1)).__name__ == "AdamW8bit"
+    with pytest.raises(ValueError, match="--optimizer 'sgd' is unknown"):
+        build_optimizer(params, "sgd", learning_rate=0.1)
+
+
+def test_every_training_config_parses_and_every_accelerate_config_loads():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        args = train_slice_ft.parse_args(["--config", str(path)])
+        assert args.slice_fraction > 0 and args.output_dir, path
+    kinds = {p.stem: load_config_from_file(str(p)).distributed_type.value
+             for p in (REPO / "configs" / "accelerate").glob("*.yaml")}
+    assert kinds == {"single_gpu": "NO", "multi_gpu_ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero2": "DEEPSPEED"}
+
+
 # --- models -------------------------------------------------------------------------------------------------------
 
 
