@@ -24,7 +24,7 @@ _BLOCK_NUM = re.compile(r"(^|\.)blocks\.\d+\.")
 
 
 def param_name_for_key(key: str) -> str:
-    """`base_model.model.<M>.slice_values.<p>` -> `<M>.<p>`; raw parameters live under `<owner>.slice_params`."""
+    """`base_model.model.<M>.slice_values.<p>` -> `<M>.<p>`; raw parameters live under `<owner>.sliced_params`."""
     if not key.startswith(PEFT_KEY_PREFIX) or _VALUES_INFIX not in key:
         raise ValueError(f"{key!r} is not a slice values key (expected "
                          f"'{PEFT_KEY_PREFIX}<module>{_VALUES_INFIX}<param>')")

@@ -4,7 +4,7 @@
   `index_add` (cost proportional to the slice, never a dense copy of the weight); bias deltas are element-wise.
 - `Elementwise` wraps a leaf module with small parameters (norms): it runs the base module with W + delta.
 - `ParamSlice` serves raw parameters of a container module (`scale_shift_table` on a Wan block): it is attached to
-  that module as the child `slice_params` and shadows the parameter with W + delta for the duration of its forward.
+  that module as the child `sliced_params` and shadows the parameter with W + delta for the duration of its forward.
 """
 
 from __future__ import annotations
@@ -331,7 +331,7 @@ class Elementwise(nn.Module, SliceLayer):
 class ParamSlice(nn.Module, SliceLayer):
     """Slice of raw parameters owned by a container module (e.g. a Wan block's `scale_shift_table`).
 
-    Attached to the owner as its child `slice_params`; the owner's forward sees W + delta through the instance
+    Attached to the owner as its child `sliced_params`; the owner's forward sees W + delta through the instance
     attribute that shadows the parameter between a forward pre-hook and a forward hook.
     """
 
@@ -393,7 +393,7 @@ class ParamSlice(nn.Module, SliceLayer):
             self._remove_shadows(owner, None, None)
 
     def forward(self, *args, **kwargs):
-        raise RuntimeError("slice_params is applied through hooks on its owner module and is never called directly")
+        raise RuntimeError("sliced_params is applied through hooks on its owner module and is never called directly")
 
     def extra_repr(self) -> str:
         return f"owner={type(self.owner).__name__}"

@@ -257,7 +257,9 @@ def layout_fingerprint(layouts: Iterable[ParamLayout]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-ADAPTER_CHILD = "slice_params"  # the child a tuner attaches to a module that owns raw targeted parameters
+# The child a tuner attaches to a module owning raw targeted parameters; it must not contain the prefix "slice_",
+# or PEFT's delete_adapter skips it.
+ADAPTER_CHILD = "sliced_params"
 
 
 def canonical_name(name: str) -> str:

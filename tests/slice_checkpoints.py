@@ -119,7 +119,7 @@ def synthetic_slice(folder, shapes: dict, fraction, slice_id, seed=0, target_mod
         lay = plan.layouts[name]
         module, _, pname = name.rpartition(".")
         if pname not in ("weight", "bias"):
-            module += ".slice_params"  # raw parameters are served by the owner's slice_params child
+            module += ".sliced_params"  # raw parameters are served by the owner's sliced_params child
         shape = (len(tiles), lay.tile_width) if lay.tiled_rows else (len(tiles),)
         values[f"{PEFT_KEY_PREFIX}{module}.slice_values.{pname}"] = torch.randn(shape, generator=g) * 0.02
     save_file(values, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})

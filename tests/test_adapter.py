@@ -28,7 +28,7 @@ def dense_weights_with_slices(model, adapters=None):
             for adapter in adapters or module.active_adapters:
                 if adapter not in module.slice_values:
                     continue
-                owner = name.removesuffix(".slice_params") if name.endswith("slice_params") else name
+                owner = name.removesuffix(".sliced_params") if name.endswith("sliced_params") else name
                 for pname, delta in module.get_delta_weight(adapter).items():
                     key = f"{owner}.{pname}"
                     state[key] = state.get(key, 0) + delta
@@ -80,7 +80,7 @@ def test_gradients_reach_only_the_slice_and_equal_the_dense_gradient(inputs):
         name = f"blocks.1.ffn.net.0.proj.{pname}"
         expected = ref_grads[name].grad.reshape(-1)[torch.from_numpy(plan.flat_indices(name))]
         torch.testing.assert_close(value.grad.reshape(-1), expected, atol=1e-7, rtol=1e-4)
-    value = model.blocks[0].slice_params.slice_values["default"]["scale_shift_table"]
+    value = model.blocks[0].sliced_params.slice_values["default"]["scale_shift_table"]
     expected = ref_grads["blocks.0.scale_shift_table"].grad.reshape(-1)[
         torch.from_numpy(plan.flat_indices("blocks.0.scale_shift_table"))]
     torch.testing.assert_close(value.grad, expected, atol=1e-7, rtol=1e-4)
@@ -218,7 +218,7 @@ def test_a_deep_copied_model_keeps_its_own_slices(inputs):
     model = make_wan()
     model.add_adapter(SliceConfig(fraction=0.2, slice_id=0, init_weights=False))
     clone = copy.deepcopy(model)
-    assert clone.blocks[0].slice_params.owner is clone.blocks[0]
+    assert clone.blocks[0].sliced_params.owner is clone.blocks[0]
     with torch.no_grad():
         for name, p in clone.named_parameters():
             if ".slice_values." in name:
@@ -376,3 +376,30 @@ def test_registry_makes_slice_a_peft_type():
     assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.SLICE] is slice_adapter.SliceModel
     assert SliceConfig(target_modules=["to_q"]).fraction == 0.001  # every field has a default
     assert SliceConfig(fraction=0.25).num_slices == 4
+
+
+def test_peft_disable_adapter_context_and_delete_adapter(inputs):
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(make_wan(), SliceConfig(fraction=0.2, slice_id=0, init_weights=False))
+    peft_model.add_adapter("second", SliceConfig(fraction=0.2, slice_id=1, init_weights=False))
+    with_slice = run(peft_model, inputs)
+    with peft_model.disable_adapter():
+        torch.testing.assert_close(run(peft_model, inputs), run(make_wan(), inputs), atol=0, rtol=0)
+    torch.testing.assert_close(run(peft_model, inputs), with_slice, atol=0, rtol=0)
+    peft_model.delete_adapter("second")
+    assert not any(".second." in n for n, _ in peft_model.named_parameters())
+    torch.testing.assert_close(run(peft_model, inputs), with_slice, atol=0, rtol=0)
+
+
+def test_safe_merge_refuses_non_finite_values_and_touches_nothing():
+    model = make_wan()
+    model.add_adapter(SliceConfig(fraction=0.2, slice_id=0, init_weights=False))
+    before = {k: v.clone() for k, v in model.state_dict().items() if "slice_" not in k}
+    with torch.no_grad():
+        model.blocks[0].attn1.to_q.slice_values["default"]["weight"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaNs or infs"):
+        model.blocks[0].attn1.to_q.merge(safe_merge=True)
+    after = {k: v for k, v in model.state_dict().items() if "slice_" not in k}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not model.blocks[0].attn1.to_q.merged

@@ -35,7 +35,7 @@ def slice_output(folder, inputs, zero=()):
         if not isinstance(module, SliceLayer) or "default" not in module.slice_values:
             continue
         for pname, values in module.slice_values["default"].items():
-            owner = name.removesuffix(".slice_params").replace(".base_layer", "")
+            owner = name.removesuffix(".sliced_params").replace(".base_layer", "")
             if any(f"{owner}.{pname}".endswith(z) or f".{z}." in f"{owner}.{pname}." for z in zero):
                 values.data.zero_()
     return transformer_output(model, inputs)

@@ -68,7 +68,7 @@ def test_slice_deltas_rebuild_the_adapters_own_dense_delta(tmp_path):
     want = {}
     for name, module in model.named_modules():
         if hasattr(module, "get_delta_weight") and "default" in getattr(module, "slice_values", {}):
-            owner = name.removesuffix(".slice_params").replace(".base_layer", "")
+            owner = name.removesuffix(".sliced_params").replace(".base_layer", "")
             for pname, delta in module.get_delta_weight("default").items():
                 want[f"{owner}.{pname}"] = delta
     assert set(got) == set(want) and len(got) > 20
