@@ -322,8 +322,12 @@ def test_low_memory_options_train_the_float32_slice_on_an_fp8_swapped_base(tmp_p
     with caplog.at_level(logging.INFO):
         result = train(tmp_path / "out", "--max_train_steps", "2", "--mixed_precision", "bf16", "--base_dtype", "fp8",
                        "--gradient_checkpointing", "--blocks_to_swap", "1", "--optimizer", "adafactor",
-                       "--weighting_scheme", "cosmap", dataset=corpus)
+                       "--weighting_scheme", "cosmap", "--report_to", "tensorboard", dataset=corpus)
     assert all(np.isfinite(result["losses"]))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(result["outputs"]["tensorboard"]).Reload()
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx(result["losses"])
     values = slice_values(tmp_path / "out")
     assert all(v.dtype == torch.float32 for v in values.values())
     assert any(v.abs().sum() > 0 for v in values.values())
@@ -401,6 +405,26 @@ def test_single_file_original_keys_train_and_merge_back_in_the_same_format(tmp_p
     got = merged.state_dict()
     # round(base + delta) once, to the dtype the base file stores
     assert all(torch.equal(got[k].to(sd[k].dtype), want[k].to(sd[k].dtype)) for k in want)
+
+
+def test_a_second_slice_stacks_on_the_merged_first_without_touching_it(tmp_path, corpus):
+    from slice_ft.models import save_transformer_state_dict
+    from slice_ft.tiny import TINY_TRANSFORMER_CONFIG, build_tiny_transformer
+
+    base = save_transformer_state_dict(build_tiny_transformer(3).state_dict(), tmp_path / "base.safetensors", "wan")
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"_class_name": "WanTransformer3DModel", **TINY_TRANSFORMER_CONFIG}))
+    common = ["--max_train_steps", "2", "--transformer_config", cfg, "--save_merged"]
+    train(tmp_path / "one", *common, "--transformer_file", base, "--ffid", "1", dataset=corpus)
+    first = tmp_path / "one" / "merged" / "base.safetensors"
+    train(tmp_path / "two", *common, "--transformer_file", first, "--ffid", "2", dataset=corpus)
+    second = tmp_path / "two" / "merged" / "base.safetensors"
+
+    w0, w1, w2 = (load_file(str(p)) for p in (base, first, second))
+    moved_by_1 = sum(int((w0[k] != w1[k]).sum()) for k in w0)
+    moved_by_2 = sum(int((w1[k] != w2[k]).sum()) for k in w0)
+    both = sum(int(((w0[k] != w1[k]) & (w1[k] != w2[k])).sum()) for k in w0)
+    assert moved_by_1 > 0 and moved_by_2 > 0 and both == 0
 
 
 def _tiny_a14b_pipeline(path, boundary_ratio):
