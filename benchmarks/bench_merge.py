@@ -26,7 +26,7 @@ SMOKE = dict(model="wan2.1-t2v-1.3b", fraction=1e-2, slices=(0, 1), repeats=1,
                             freq_dim=32))
 
 # Runs the CLI in a child that imports its modules first, so the merge's own time and peak are seen apart from the
-# interpreter's start-up; the child's whole-process peak comes from wait4 in the parent.
+# interpreter's start-up. Peaks are the child's own VmHWM: its ru_maxrss would start at the parent's high-water mark.
 _CHILD = r"""
 import json, runpy, sys, time
 sys.path.insert(0, {bench!r})
@@ -46,6 +46,15 @@ except SystemExit as e:
 t_merge = time.perf_counter() - t0
 print("BENCH " + json.dumps(dict(import_s=t_import, import_peak_mb=import_peak, merge_s=t_merge,
                                  merge_peak_mb=common.peak_rss_mb())))
+"""
+
+
+_PYCOPY = r"""
+import sys
+with open(sys.argv[1], "rb") as src, open(sys.argv[2], "wb") as dst:
+    buf = memoryview(bytearray(1 << 20))
+    while n := src.readinto(buf):
+        dst.write(buf[:n])
 """
 
 
@@ -129,26 +138,30 @@ def main(argv=None):
                *[a for s in slices for a in ("--slice", str(s))], "--output", str(out_merge), "--no_progress"]
         child = _CHILD.format(bench=str(Path(__file__).resolve().parent), argv=cli, script=cli[0])
         copy_cmd = ["cp", "--reflink=never", str(base), str(out_copy)]
-        samples = {"copy": [], "merge_cli": [], "merge_call": [], "peak_mb": [], "merge_peak_mb": [],
+        # the floor of any merge that streams bytes through user space, as the merge does (cp copies in the kernel)
+        pycopy_cmd = [sys.executable, "-c", _PYCOPY, str(base), str(out_copy)]
+        samples = {"copy": [], "pycopy": [], "merge_cli": [], "merge_call": [], "peak_mb": [], "merge_peak_mb": [],
                    "import_peak_mb": [], "import_s": []}
         for r in range(repeats):
             # alternate the order: whoever runs second finds the base in the page cache warmed by the first
-            for which in (("copy", "merge") if r % 2 == 0 else ("merge", "copy")):
-                if which == "copy":
-                    wall, _, _ = common.run_with_peak(copy_cmd)
-                    samples["copy"].append(wall)
+            for which in (("copy", "pycopy", "merge") if r % 2 == 0 else ("merge", "pycopy", "copy")):
+                if which != "merge":
+                    wall, _ = common.run_timed(copy_cmd if which == "copy" else pycopy_cmd)
+                    samples[which].append(wall)
                     out_copy.unlink()
                 else:
-                    wall, peak, text = common.run_with_peak([sys.executable, "-c", child])
+                    wall, text = common.run_timed([sys.executable, "-c", child])
                     inner = json.loads(next(l for l in text.splitlines() if l.startswith("BENCH "))[6:])
                     samples["merge_cli"].append(wall)
                     samples["merge_call"].append(inner["merge_s"])
-                    samples["peak_mb"].append(peak)
+                    # the whole process: the larger of the import phase's peak and the merge phase's
+                    samples["peak_mb"].append(max(inner["import_peak_mb"], inner["merge_peak_mb"]))
                     samples["merge_peak_mb"].append(inner["merge_peak_mb"])
                     samples["import_peak_mb"].append(inner["import_peak_mb"])
                     samples["import_s"].append(inner["import_s"])
                     out_merge.unlink()
-            print(f"  repeat {r + 1}/{repeats}: copy {samples['copy'][-1]:.2f} s, merge CLI "
+            print(f"  repeat {r + 1}/{repeats}: copy {samples['copy'][-1]:.2f} s (Python copy "
+                  f"{samples['pycopy'][-1]:.2f} s), merge CLI "
                   f"{samples['merge_cli'][-1]:.2f} s (of which the merge {samples['merge_call'][-1]:.2f} s), "
                   f"peak {samples['peak_mb'][-1]:.0f} MB", flush=True)
     finally:
@@ -163,9 +176,10 @@ def main(argv=None):
     for name, key, what in (("merge CLI, end to end", "merge_cli", "process start, imports and merge"),
                             ("merge alone (CLI after its imports)", "merge_call", "the merge_slices call")):
         ratios = common.Summary.of([c / m for c, m in zip(samples["copy"], samples[key])])
+        py = common.Summary.of([c / m for c, m in zip(samples["pycopy"], samples[key])])
         row = {"name": name, "what": what, "wall_s": common.Summary.of(samples[key]).as_dict(),
                "gb_per_s": gb / common.Summary.of(samples[key]).median, "x_copy_throughput": ratios.as_dict(),
-               "targets": []}
+               "x_pycopy_throughput": py.as_dict(), "targets": []}
         row["targets"].append(("≥ 0.7× copy throughput", ratios.median >= 0.7, f"{ratios.median:.2f}×"))
         rows.append(row)
     peak = common.Summary.of(samples["peak_mb"])
@@ -176,8 +190,9 @@ def main(argv=None):
                                f"{peak.median:.0f} MB"))
     rows[1]["peak_rss_mb"] = merge_peak.as_dict()
     rows[1]["above_imports_mb"] = merge_peak.median - imports.median
-    rows[1]["targets"].append((f"peak above imports < 3× largest + 300 MB = {limit_mb:.0f} MB",
-                               merge_peak.median - imports.median < limit_mb,
+    # the 300 MB of the target is the interpreter's allowance: what the merge itself adds gets 3× the largest tensor
+    rows[1]["targets"].append((f"peak above imports < 3× largest tensor = {3 * largest_mb:.0f} MB",
+                               merge_peak.median - imports.median < 3 * largest_mb,
                                f"{merge_peak.median - imports.median:.0f} MB"))
     common.write_json(args.output, {
         "benchmark": "merge",
@@ -189,6 +204,9 @@ def main(argv=None):
                   "merge_command": "python scripts/merge_slices.py --base BASE --slice S0 --slice S1 --output OUT "
                                    "--no_progress"},
         "copy": {"wall_s": copy.as_dict(), "gb_per_s": gb / copy.median},
+        "pycopy": {"wall_s": common.Summary.of(samples["pycopy"]).as_dict(),
+                   "gb_per_s": gb / common.Summary.of(samples["pycopy"]).median,
+                   "what": "Python readinto/write loop, 1 MiB buffer"},
         "imports": {"peak_rss_mb": imports.as_dict(), "seconds": common.Summary.of(samples["import_s"]).as_dict()},
         "largest_tensor_mb": largest_mb,
         "rows": rows,

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-FULL = dict(model="wan2.1-t2v-14b", overrides={}, fractions=(1e-3, 1e-2), repeats=5, calls=1, warmup=1)
+FULL = dict(model="wan2.1-t2v-14b", overrides={}, fractions=(1e-3, 1e-2), repeats=4, calls=1, warmup=1)
 SMOKE = dict(model="wan2.1-t2v-1.3b", overrides=dict(num_layers=2), fractions=(1e-3,), repeats=2, calls=1, warmup=0)
 
 

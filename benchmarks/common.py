@@ -65,26 +65,20 @@ def rss_mb() -> float:
     return kb / 1024 if kb is not None else float("nan")
 
 
-def run_with_peak(cmd: list[str], env=None) -> tuple[float, float, str]:
-    """Run a command to completion; (wall seconds, peak RSS of that process in MB, stdout+stderr tail).
+def run_timed(cmd: list[str], env=None) -> tuple[float, str]:
+    """Run a command to completion; (wall seconds, stdout+stderr tail). Raises on failure.
 
-    The peak is the kernel's ru_maxrss of exactly this child (os.wait4), so nothing else in the tree counts.
+    No peak memory here on purpose: a child's ru_maxrss (wait4) starts from the parent's own high-water mark,
+    which the kernel records when the child execs out of the parent's (v)forked memory. A child that must report
+    its peak reads its own VmHWM instead.
     """
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    chunks = []
-    while True:  # drain the pipe ourselves: wait4 must be the call that reaps the child
-        chunk = proc.stdout.read(65536)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    text = b"".join(chunks).decode(errors="replace")
+    text = proc.stdout.decode(errors="replace")
     if proc.returncode != 0:
         raise RuntimeError(f"command failed ({proc.returncode}): {shlex.join(cmd)}\n{text[-3000:]}")
-    return wall, usage.ru_maxrss / 1024, text[-2000:]
+    return wall, text[-2000:]
 
 
 # -- statistics ---------------------------------------------------------------------------------------------------
@@ -472,8 +466,9 @@ def apply_method(model, method: str, *, fraction: float = 1e-3, rank: int = 1, s
                  adapter_name: str = "default", seed: int = 0) -> list:
     """Make `model` trainable the way `method` does; returns the trainable parameters.
 
-    frozen: nothing trainable (the caller asks for input gradients); slice: a SliceConfig; lora/shira: PEFT on the
-    block Linears with rank `rank` (LoRA alpha = rank, so scale 1); full: every block parameter.
+    frozen: nothing trainable (the caller asks for input gradients); slice: a SliceConfig over every block
+    parameter; lora/shira: PEFT on the block Linears with rank `rank` (LoRA alpha = rank, so scale 1); full: every
+    block parameter.
     """
     import peft
 

@@ -29,13 +29,13 @@ import common  # noqa: E402
 FULL = dict(
     model=dict(num_attention_heads=2, attention_head_dim=128, ffn_dim=1024, num_layers=4, text_dim=64, freq_dim=64),
     latent=(16, 3, 8, 8), batch=8, pretrain_steps=300, pretrain_lr=1e-3, pretrain_per_family=256,
-    steps=100, eval_every=25, n_train=32, n_val=32, n_test=48, fraction=0.02, seeds=(0, 1, 2),
+    steps=100, eval_at=(5, 10, 20, 35, 50, 75), n_train=32, n_val=32, n_test=48, fraction=0.02, seeds=(0, 1, 2),
     lrs={"slice": (1e-2, 3e-2, 1e-1), "lora": (3e-3, 1e-2, 3e-2), "full": (3e-4, 1e-3, 3e-3)},
 )
 SMOKE = dict(
     model=dict(num_attention_heads=2, attention_head_dim=16, ffn_dim=64, num_layers=1, text_dim=16, freq_dim=16),
     latent=(16, 1, 4, 4), batch=2, pretrain_steps=2, pretrain_lr=1e-3, pretrain_per_family=4,
-    steps=2, eval_every=1, n_train=4, n_val=4, n_test=4, fraction=0.1, seeds=(0, 1),
+    steps=2, eval_at=(1,), n_train=4, n_val=4, n_test=4, fraction=0.1, seeds=(0, 1),
     lrs={"slice": (1e-2,), "lora": (1e-3,), "full": (1e-4,)},
 )
 METHODS = ("slice", "lora", "full")
@@ -178,8 +178,9 @@ class EvalSet:
         return total / n
 
 
-def train(model, params, data: Clips, *, steps: int, lr: float, batch: int, seed: int, evals: dict, eval_every: int):
-    """AdamW on `params` with flow matching (uniform sigmas); returns the eval curve [(step, {name: loss})]."""
+def train(model, params, data: Clips, *, steps: int, lr: float, batch: int, seed: int, evals: dict, eval_at=()):
+    """AdamW on `params` with flow matching (uniform sigmas); returns the eval curve [(step, {name: loss})] at
+    step 0, the steps in `eval_at` and the last step."""
     import torch
 
     from slice_ft.flow_matching import (flow_matching_loss, flow_target, noisy_latents, sample_sigmas,
@@ -199,7 +200,7 @@ def train(model, params, data: Clips, *, steps: int, lr: float, batch: int, seed
         torch.nn.utils.clip_grad_norm_(params, 1.0)  # as the training recipe does; keeps high-LR sweeps finite
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if evals and (step % eval_every == 0 or step == steps):
+        if evals and (step in eval_at or step == steps):
             curve.append((step, {k: e.loss(model) for k, e in evals.items()}))
     model.eval()
     return curve
@@ -251,20 +252,20 @@ class Study:
         params = [p for p in model.parameters()]
         t0 = time.perf_counter()
         curve = train(model, params, data, steps=s["pretrain_steps"], lr=s["pretrain_lr"], batch=s["batch"], seed=0,
-                      evals={"U": self.test["U"]}, eval_every=max(1, s["pretrain_steps"] // 4))
+                      evals={"U": self.test["U"]}, eval_at=range(0, s["pretrain_steps"], 100))
         self.log(f"  pretrained in {time.perf_counter() - t0:.0f} s: U loss {curve[0][1]['U']:.3f} -> "
                  f"{curve[-1][1]['U']:.3f}")
         return {k: v.detach().clone() for k, v in model.state_dict().items()}, curve
 
     def phase(self, method: str, state: dict, concept: str, *, lr: float, seed: int, slice_id: int, rank: int):
-        """Fine-tune `state` on one concept; (merged state, eval curve on A/B test)."""
+        """Fine-tune `state` on one concept; (merged state, eval curve on A/B test, trainable weights)."""
         s = self.size
         family = CONCEPT_A if concept == "A" else CONCEPT_B
         data = self.world.draw(family, s["n_train"], 100 + seed)
         model = self.model(state)
         params = common.apply_method(model, method, fraction=s["fraction"], rank=rank, slice_id=slice_id, seed=seed)
         curve = train(model, params, data, steps=s["steps"], lr=lr, batch=s["batch"], seed=1000 * seed + slice_id,
-                      evals={"A": self.test["A"], "B": self.test["B"]}, eval_every=s["eval_every"])
+                      evals={"A": self.test["A"], "B": self.test["B"]}, eval_at=s["eval_at"])
         return merged_state(model), curve, sum(p.numel() for p in params)
 
     def losses(self, state) -> dict:
@@ -350,6 +351,9 @@ def run(size: dict, *, workers: int = 2, threads: int = 1, log=print) -> dict:
     study.log = log
     meta = build_meta_transformer(study.config)
     selected = slice_adapter.plan(meta, SliceConfig(fraction=size["fraction"], slice_id=1)).selected
+    # A's and B's slices must share no weight: that is what the retention claim rests on
+    overlap = slice_adapter.overlap(meta, SliceConfig(fraction=size["fraction"], slice_id=1),
+                                    SliceConfig(fraction=size["fraction"], slice_id=2))
     rank = common.equal_rank(meta, selected)
     base, pre_curve = study.pretrain()
     base_losses = study.losses(base)
@@ -396,6 +400,7 @@ def run(size: dict, *, workers: int = 2, threads: int = 1, log=print) -> dict:
         "text_len": TEXT_LEN,
         "rank": rank,
         "selected": selected,
+        "slice_overlap": overlap,
         "base_losses": base_losses,
         "pretrain_curve": pre_curve,
         "sweep": {m: {f"{lr:g}": v for lr, v in d.items()} for m, d in sweep.items()},

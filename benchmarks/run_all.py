@@ -39,8 +39,10 @@ def have_matplotlib() -> bool:
 
 
 # -- running --------------------------------------------------------------------------------------------------------
-def run_benchmarks(names, json_dir: Path, plots_dir: Path, smoke: bool) -> None:
-    """Full runs: one subprocess per benchmark (its own imports and memory). Smoke: in this process, one import."""
+def run_benchmarks(names, json_dir: Path, plots_dir: Path, smoke: bool) -> dict:
+    """Full runs: one subprocess per benchmark (its own imports and memory); a failure is reported and the rest
+    still run. Smoke: in this process (one import), and any failure raises: that is what CI is for."""
+    failed = {}
     for name in names:
         out = json_dir / f"{name}.json"
         argv = ["--output", str(out)] + (["--smoke"] if smoke else [])
@@ -52,8 +54,11 @@ def run_benchmarks(names, json_dir: Path, plots_dir: Path, smoke: bool) -> None:
             module = __import__(SCRIPTS[name][:-3])
             module.main(argv)
         else:
-            subprocess.run([sys.executable, str(HERE / SCRIPTS[name]), *argv], check=True)
+            proc = subprocess.run([sys.executable, str(HERE / SCRIPTS[name]), *argv])
+            if proc.returncode != 0:
+                failed[name] = f"`{SCRIPTS[name]}` exited with status {proc.returncode} (see the run's log)"
         print(f"== {name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return failed
 
 
 # -- formatting -----------------------------------------------------------------------------------------------------
@@ -93,18 +98,23 @@ def _ms(x: float) -> str:
 
 # -- sections -------------------------------------------------------------------------------------------------------
 def _profile_note(data: dict) -> tuple[str, str]:
-    """(one-line cause, markdown table) from the profile of the slice at 1e-3 against the frozen base."""
+    """(one-line cause, markdown table) from a benchmark's profile of a slice row against its baseline."""
     prof = data.get("profile")
     if not prof:
         return "", ""
-    rows = [[f"`{op}`", f"+{ms:.1f}", f"{calls:+.0f}"] for op, ms, calls in prof["extra_ops"] if ms > 0]
+    config, baseline = prof["config"], prof["baseline"]
+    extra = [(op, ms, calls) for op, ms, calls in prof["extra_ops"] if ms > 0]
+    rows = [[f"`{op}`", f"+{ms:.1f}", f"{calls:+.0f}"] for op, ms, calls in extra]
     totals = prof["ms_per_step_self_cpu"]
-    top = ", ".join(f"`{op}` +{ms:.1f} ms ({calls:+.0f} calls)" for op, ms, calls in prof["extra_ops"][:3] if ms > 0)
-    cause = f"the slice's extra ops per step are led by {top} (profile below)"
-    table = common.md_table(["op (self CPU time)", "extra ms / step vs frozen", "extra calls / step"], rows)
-    table += (f"\n\nSelf CPU time of all ops: frozen {totals['frozen']:.0f} ms/step, slice 0.001 "
-              f"{totals['slice 0.001']:.0f} ms/step (one profiled run of 2 steps after the timing; the rest of a "
-              "step's time is Python and autograd dispatch, which the op table does not show).")
+    top = ", ".join(f"`{op}` +{ms:.1f} ms ({calls:+.0f} calls)" for op, ms, calls in extra[:3])
+    total = sum(ms for _, ms, _ in extra)
+    cause = (f"its ops add {total:.0f} ms per call, led by {top}, the rest is Python dispatch of the wrapped "
+             "layers (profile below)")
+    table = common.md_table(["op (self CPU time)", f"extra ms per call vs {baseline}", "extra calls per call"], rows)
+    table += (f"\n\nSelf CPU time of all ops per call: {baseline} {totals[baseline]:.0f} ms, {config} "
+              f"{totals[config]:.0f} ms (one profiled run of 2 calls after the timing, so these totals are noisier "
+              "than the table's timings; a call's time beyond its ops is Python and autograd dispatch, which the "
+              "op table does not show).")
     return cause, table
 
 
@@ -121,11 +131,15 @@ def section_train_step(data: dict, plots_rel: str | None) -> tuple[str, list]:
             lora = rows_by.get(f"lora {r['name'].split()[1]}")
             why["step ≤ 1.05× frozen"] = cause or "see the profile"
             if lora:
+                lora_x = lora["x_frozen_wall"]["median"]
                 why["step ≤ LoRA's"] = (
-                    f"LoRA adds two thin matmuls per targeted Linear; {cause or 'the slice adds gathers and bmm'}")
+                    f"LoRA stays at {lora_x:.2f}× the frozen base (two thin matmuls per Linear, and no gradient "
+                    f"into the input latents); the slice pays its per-layer ops at any fraction: {cause}")
+                diff = r["peak_rss_mb"] - lora["peak_rss_mb"]
                 why["peak memory ≤ LoRA's"] = (
-                    f"{r['peak_rss_mb'] - lora['peak_rss_mb']:+.0f} MB vs LoRA, from the slice's per-layer buffers "
-                    "(deltas scattered to padded tiles, gathered inputs) and allocator reuse")
+                    f"{diff:+.0f} MB ({100 * diff / lora['peak_rss_mb']:+.1f} %)"
+                    + (", within the allocator's run-to-run spread" if abs(diff) < 0.01 * lora["peak_rss_mb"] else
+                       ": the slice's per-layer temporaries (padded tile deltas, gathered inputs)"))
             for t in r["targets"]:
                 summary.append(("Training step", r["name"], *t, why.get(t[0], "")))
         rows.append([
@@ -162,7 +176,7 @@ def section_train_step(data: dict, plots_rel: str | None) -> tuple[str, list]:
     if plots_rel:
         text += ["", f"![training step ratios]({plots_rel}/{TRAIN_PLOT})"]
     if prof_table:
-        text += ["", "Where the slice's extra time goes (slice 0.001 vs frozen, per step):", "", prof_table]
+        text += ["", "Where the slice's extra time goes (slice 0.001 vs frozen, one training step):", "", prof_table]
     return "\n".join(text), summary
 
 
@@ -201,10 +215,10 @@ def plot_train_step(data: dict, path: Path) -> None:
 
 def section_inference(data: dict) -> tuple[str, list]:
     st = data["setup"]
+    cause, prof_table = _profile_note(data)
     summary, rows = [], []
     for r in data["rows"]:
-        why = {"unmerged ≤ 1.03× base": "the unmerged slice runs its gather/bmm/index_add per sliced Linear and "
-                                        "patches norms and modulation tables every forward; merge for inference"}
+        why = {"unmerged ≤ 1.03× base": (cause or "the slice's per-layer ops") + "; merged, the slice costs nothing"}
         for t in r["targets"]:
             summary.append(("Inference", r["name"], *t, why.get(t[0], "")))
         rows.append([r["name"], _s(r["wall_s"]), _x(r["x_base_wall"], 3), _x(r["x_base_cpu"], 3),
@@ -222,6 +236,9 @@ def section_inference(data: dict) -> tuple[str, list]:
         common.md_table(["configuration", "forward time", "× base (wall)", "× base (CPU)", "peak RSS",
                          "targets (issue 5)", "command"], rows),
     ]
+    if prof_table:
+        text += ["", "Where the unmerged slice's extra time goes (unmerged slice 0.001 vs base, one forward):", "",
+                 prof_table]
     return "\n".join(text), summary
 
 
@@ -233,8 +250,10 @@ def section_merge(data: dict) -> tuple[str, list]:
     summary, rows = [], []
     cli, call = data["rows"][0], data["rows"][1]
     startup = cli["wall_s"]["median"] - call["wall_s"]["median"]
-    streaming = ("the merge streams every byte through user space (read into a buffer, write out) where `cp` "
-                 "copies inside the kernel, and the touched tensors go through float32 and back")
+    streaming = (f"the merge moves every byte through user space, like the Python copy that runs at "
+                 f"{copy['wall_s']['median'] / data['pycopy']['wall_s']['median']:.2f}× `cp` on this machine; on top, "
+                 "every touched tensor (at this fraction, nearly all) goes to float32 and back, and its slice "
+                 "indices are regenerated and searched")
     why_cli = (f"{startup:.1f} s of the CLI's {cli['wall_s']['median']:.1f} s are interpreter start and imports "
                f"(`slice_adapter` pulls in torch, peft and diffusers); the merge alone runs at "
                f"{call['x_copy_throughput']['median']:.2f}× copy" if startup > 0.3 * cli["wall_s"]["median"]
@@ -251,10 +270,15 @@ def section_merge(data: dict) -> tuple[str, list]:
         for t in r["targets"]:
             summary.append(("Merge", r["name"], *t, w.get(t[0], "")))
         rows.append([r["name"], _s(r["wall_s"]), f"{r['gb_per_s']:.2f} GB/s", _x(r["x_copy_throughput"]),
-                     f"{r['peak_rss_mb']['median']:.0f} MB", _verdicts(r["targets"], w),
-                     _cmd("bench_merge.py")])
-    rows.insert(0, ["plain copy (`cp`)", _s(copy["wall_s"]), f"{copy['gb_per_s']:.2f} GB/s", "1×", "—", "baseline",
+                     _x(r["x_pycopy_throughput"]), f"{r['peak_rss_mb']['median']:.0f} MB",
+                     _verdicts(r["targets"], w), _cmd("bench_merge.py")])
+    py = data["pycopy"]
+    rows.insert(0, ["plain copy (`cp`)", _s(copy["wall_s"]), f"{copy['gb_per_s']:.2f} GB/s", "1×",
+                    f"{py['wall_s']['median'] / copy['wall_s']['median']:.2f}×", "—", "baseline",
                     _cmd("bench_merge.py")])
+    rows.insert(1, ["Python streaming copy (1 MiB buffer)", _s(py["wall_s"]), f"{py['gb_per_s']:.2f} GB/s",
+                    f"{copy['wall_s']['median'] / py['wall_s']['median']:.2f}×", "1×", "—",
+                    "context: the floor of any merge that moves the bytes through user space", _cmd("bench_merge.py")])
     text = [
         "## 3. Merge",
         "",
@@ -262,14 +286,17 @@ def section_merge(data: dict) -> tuple[str, list]:
         f"{', '.join(map(str, st['slice_ids']))}, random values) into a synthetic checkpoint with the "
         f"{ck['layout']} layout in bf16 (diffusers keys, {ck['tensors']} tensors, {ck['bytes'] / 1e9:.2f} GB, "
         f"largest tensor `{ck['largest_tensor']}` {ck['largest_tensor_bytes'] / common.MB:.1f} MB), written to "
-        f"/tmp. Baseline: `{st['copy_command']}` of the same file. {st['repeats']} rounds, the order alternating "
-        "(both read the base from the page cache; neither syncs to disk). Peak: the process's ru_maxrss (wait4). "
+        f"/tmp. Baseline: `{st['copy_command']}` of the same file (which copies inside the kernel and, unlike the "
+        "merge, does not fsync); for context, a Python loop copying it through a 1 MiB buffer. "
+        f"{st['repeats']} rounds, the order alternating; every run reads the base from the page cache. Peak: the "
+        "merge process's own resident high-water mark (VmHWM; not wait4's ru_maxrss, which starts from the "
+        "parent's high-water mark when the child is exec'd from its forked memory). "
         "The second row runs the same CLI in a process that imported its modules first, so the merge's own time "
         f"and memory show apart from start-up: imports take {imports['seconds']['median']:.1f} s and peak at "
         f"{imports['peak_rss_mb']['median']:.0f} MB.",
         "",
-        common.md_table(["run", "time", "throughput", "× copy throughput", "peak RSS", "targets (issue 5)",
-                         "command"], rows),
+        common.md_table(["run", "time", "throughput", "× copy throughput", "× Python copy throughput",
+                         "peak RSS", "targets (issue 5)", "command"], rows),
     ]
     return "\n".join(text), summary
 
@@ -334,8 +361,9 @@ def section_quality(data: dict, plots_rel: str | None) -> str:
         f"{st['batch']}, {st['pretrain_per_family']} clips per family); the same base for every seed. Each "
         f"fine-tune: {st['steps']} steps, batch {st['batch']}, {st['n_train']} training clips, AdamW, gradient "
         "clipping 1.0, uniform sigmas. *slice*: `SliceConfig(fraction="
-        f"{st['fraction']:g})`, slice id 1 for A and id 2 for B; *lora*: rank {data['rank']} (alpha = rank) on the "
-        "block Linears, the same trainable count up to rounding; *full*: every block parameter. A's learning rate "
+        f"{st['fraction']:g})` over every block parameter, slice id 1 for A and id 2 for B (the two share "
+        f"{data.get('slice_overlap', 0)} weights); *lora*: rank {data['rank']} (alpha = rank) on the block Linears, "
+        "the same trainable count up to rounding; *full*: every block parameter. A's learning rate "
         f"per method is chosen on seed {st['seeds'][0]} by A's validation loss ({st['n_val']} clips); B is trained "
         "with the same rate on the A-merged model (slice: `merge_adapters`, then a new slice; LoRA: merged, then a "
         "new LoRA; full: further full fine-tuning). Losses are held-out flow-matching losses on "
@@ -370,7 +398,8 @@ The low-VRAM table (training a slice of a large Wan on one GPU with offloading) 
 """
 
 
-def render(results: dict, output: Path, plots_dir: Path, wall_s: float | None, argv: list[str]) -> str:
+def render(results: dict, output: Path, plots_dir: Path, wall_s: float | None, argv: list[str],
+           failed: dict | None = None) -> str:
     plots_rel = os.path.relpath(plots_dir, output.parent)
     first = next(iter(results.values()))
     mach = first["machine"]
@@ -395,6 +424,8 @@ def render(results: dict, output: Path, plots_dir: Path, wall_s: float | None, a
     if "quality" in results:
         sections.append(section_quality(results["quality"], plots_rel
                                         if (plots_dir / QUALITY_PLOT).exists() else None))
+    for name, why in (failed or {}).items():
+        sections.append(f"## {name}: not measured\n\nThe run failed: {why}.")
     if not have_matplotlib():
         sections.append("(No plots: matplotlib is not installed; `pip install matplotlib` and run again.)")
     sections.append(GPU_SECTION)
@@ -422,6 +453,19 @@ def render(results: dict, output: Path, plots_dir: Path, wall_s: float | None, a
         common.md_table(["benchmark", "row", "target", "measured", "verdict"], target_rows),
     ]
     return "\n".join(head + [""] + ["\n\n".join(sections)]) + "\n"
+
+
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """argv less `option` and its value (where results go does not change what is measured)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == option:
+            skip = True
+        elif not a.startswith(option + "="):
+            out.append(a)
+    return out
 
 
 def main(argv=None):
@@ -458,18 +502,19 @@ def main(argv=None):
 
     common.quiet_warnings()
     t0 = time.perf_counter()
+    failed = {}
     if args.from_json:
         json_dir = Path(args.from_json)
     else:
         json_dir = Path(args.json_dir or tempfile.mkdtemp(prefix="slice_ft_bench_json_"))
         json_dir.mkdir(parents=True, exist_ok=True)
-        run_benchmarks(names, json_dir, plots_dir, args.smoke)
+        failed = run_benchmarks(names, json_dir, plots_dir, args.smoke)
     results = {n: json.loads((json_dir / f"{n}.json").read_text()) for n in names if (json_dir / f"{n}.json").exists()}
     if not results:
         parser.error(f"no benchmark results in {json_dir}")
     wall = None if args.from_json else time.perf_counter() - t0
-    shown = [a for a in raw_argv if not a.startswith("--json-dir")] if not args.from_json else ["(re-rendered)"]
-    output.write_text(render(results, output, plots_dir, wall, shown))
+    shown = _without_option(raw_argv, "--json-dir") if not args.from_json else ["(re-rendered)"]
+    output.write_text(render(results, output, plots_dir, wall, shown, failed))
     print(f"wrote {output} (JSON results in {json_dir})")
     return output
 
