@@ -38,7 +38,7 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for name, tensor in model.state_dict().items():
         parts = name.split(".")
-        if any(p.startswith("slice_") for p in parts):
+        if any(p.startswith("slice") for p in parts):  # slice_values, sliced_params: adapter state
             continue
         out[".".join(p for p in parts if p != "base_layer")] = tensor
     return out
