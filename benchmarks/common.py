@@ -135,7 +135,7 @@ def _profile(step, n: int) -> dict:
     return {e.key: (e.self_cpu_time_total / n / 1000, e.count / n) for e in prof.key_averages()}
 
 
-def profile_diff(profile: dict, baseline: dict, top: int = 8) -> list[tuple[str, float, float]]:
+def profile_diff(profile: dict, baseline: dict, top: int = 12) -> list[tuple[str, float, float]]:
     """The ops a configuration spends the most extra self-CPU time on, vs the baseline: (op, +ms/step, +calls)."""
     keys = set(profile) | set(baseline)
     rows = [(k, profile.get(k, (0, 0))[0] - baseline.get(k, (0, 0))[0],

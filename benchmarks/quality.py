@@ -224,6 +224,8 @@ def merged_state(model) -> dict:
 
 
 class Study:
+    """The study's fixed parts: model config, data world, held-out sets; and its steps (pretrain, phase, losses)."""
+
     def __init__(self, size: dict, log=print):
         import torch
 
@@ -245,7 +247,8 @@ class Study:
             model.load_state_dict(state)
         return model
 
-    def pretrain(self) -> dict:
+    def pretrain(self) -> tuple[dict, list]:
+        """All weights trained on the base corpus: (state dict, curve of the unrelated family's test loss)."""
         s = self.size
         data = concat(*[self.world.draw(f, s["pretrain_per_family"], 0) for f in BASE_FAMILIES])
         model = self.model()
