@@ -61,49 +61,54 @@ class TileIndex:
         return (self.num_tiles, self.tile_width) if self.layout.tiled_rows else (self.num_tiles,)
 
 
-class _TileDelta(torch.autograd.Function):
-    """out = result + scale * (x[:, seg] @ tile into row) for every selected tile, batched per segment.
+class _SliceLinearDelta(torch.autograd.Function):
+    """Adds a Linear's slice to its base output in place: tiles `out[:, row] += x[:, seg] @ tile` and bias elements.
 
-    The contribution goes straight into a copy of the base output with one `index_add`; x is saved, not copied, and
-    the gather is redone in backward.
+    Tiles are batched per segment (one gather, one bmm, one `index_add_`); the base output is written in place (the
+    base Linear does not save it for backward), and x is saved, not copied: the gather is redone in backward.
     """
 
     @staticmethod
-    def forward(ctx, result2d, x2d, values, seg_ids, slot, rows_padded, nmax: int, dtype: torch.dtype, scale: float):
-        tokens, width = x2d.shape[0], values.shape[1]
-        groups = seg_ids.numel()
-        deltas = values.new_zeros(groups * nmax, width).index_copy_(0, slot, values).view(groups, nmax, width)
-        if scale != 1.0:
-            deltas = deltas * scale
-        xs = x2d.reshape(tokens, -1, width).index_select(1, seg_ids).transpose(0, 1).to(dtype)  # (groups, T, w)
-        part = torch.bmm(xs, deltas.to(dtype).transpose(1, 2))  # (groups, T, nmax)
-        part = part.transpose(0, 1).reshape(tokens, groups * nmax).to(result2d.dtype)
-        ctx.save_for_backward(x2d, values, seg_ids, slot, rows_padded)
+    def forward(ctx, out2d, x2d, w_values, b_values, seg_ids, slot, rows_padded, bias_idx, nmax, dtype, scale):
+        if w_values is not None:
+            tokens, width = x2d.shape[0], w_values.shape[1]
+            groups = seg_ids.numel()
+            deltas = w_values.new_zeros(groups * nmax, width).index_copy_(0, slot, w_values).view(groups, nmax, width)
+            xs = x2d.reshape(tokens, -1, width).index_select(1, seg_ids).transpose(0, 1).to(dtype)  # (groups, T, w)
+            part = torch.bmm(xs, (deltas * scale).to(dtype).transpose(1, 2))  # (groups, T, nmax)
+            out2d.index_add_(1, rows_padded, part.transpose(0, 1).reshape(tokens, groups * nmax).to(out2d.dtype))
+        if b_values is not None:
+            bias = (b_values * scale).to(out2d.dtype)
+            out2d.index_add_(1, bias_idx, bias.expand(out2d.shape[0], -1))
+        ctx.mark_dirty(out2d)
+        ctx.save_for_backward(x2d, w_values, seg_ids, slot, rows_padded, bias_idx)
         ctx.nmax, ctx.dtype, ctx.scale = nmax, dtype, scale
-        return result2d.index_add(1, rows_padded, part)
+        return out2d
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2d, values, seg_ids, slot, rows_padded = ctx.saved_tensors
+        x2d, w_values, seg_ids, slot, rows_padded, bias_idx = ctx.saved_tensors
         nmax, dtype, scale = ctx.nmax, ctx.dtype, ctx.scale
-        tokens, width = x2d.shape[0], values.shape[1]
-        groups = seg_ids.numel()
-        grad_part = grad_out.to(dtype).index_select(1, rows_padded).view(tokens, groups, nmax).transpose(0, 1)
-        if scale != 1.0:
-            grad_part = grad_part * scale
-        grad_x = grad_values = None
-        if ctx.needs_input_grad[2]:
-            xs = x2d.reshape(tokens, -1, width).index_select(1, seg_ids).transpose(0, 1).to(dtype)
-            grad_deltas = torch.bmm(grad_part.transpose(1, 2), xs).reshape(groups * nmax, width)
-            grad_values = grad_deltas.index_select(0, slot).to(values.dtype)
-        if ctx.needs_input_grad[1]:
-            deltas = values.new_zeros(groups * nmax, width).index_copy_(0, slot, values).view(groups, nmax, width)
-            grad_xs = torch.bmm(grad_part, deltas.to(dtype))  # (groups, T, w)
-            grad_x = torch.zeros(tokens, x2d.shape[1] // width, width, dtype=x2d.dtype, device=x2d.device)
-            grad_x.index_add_(1, seg_ids, grad_xs.transpose(0, 1).to(x2d.dtype))
-            grad_x = grad_x.view(tokens, x2d.shape[1])
-        grad_result = grad_out if ctx.needs_input_grad[0] else None
-        return grad_result, grad_x, grad_values, None, None, None, None, None, None
+        grad_x = grad_w = grad_b = None
+        if w_values is not None and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+            tokens, width = x2d.shape[0], w_values.shape[1]
+            groups = seg_ids.numel()
+            grad_part = grad_out.to(dtype).index_select(1, rows_padded).view(tokens, groups, nmax).transpose(0, 1)
+            if scale != 1.0:
+                grad_part = grad_part * scale
+            if ctx.needs_input_grad[2]:
+                xs = x2d.reshape(tokens, -1, width).index_select(1, seg_ids).transpose(0, 1).to(dtype)
+                grad_deltas = torch.bmm(grad_part.transpose(1, 2), xs).reshape(groups * nmax, width)
+                grad_w = grad_deltas.index_select(0, slot).to(w_values.dtype)
+            if ctx.needs_input_grad[1]:
+                deltas = w_values.new_zeros(groups * nmax, width).index_copy_(0, slot, w_values).view(groups, nmax, width)
+                grad_xs = torch.bmm(grad_part, deltas.to(dtype))  # (groups, T, w)
+                grad_x = torch.zeros(tokens, x2d.shape[1] // width, width, dtype=x2d.dtype, device=x2d.device)
+                grad_x.index_add_(1, seg_ids, grad_xs.transpose(0, 1).to(x2d.dtype))
+                grad_x = grad_x.view(tokens, x2d.shape[1])
+        if ctx.needs_input_grad[3]:
+            grad_b = (grad_out.index_select(1, bias_idx).float().sum(0) * scale)
+        return grad_out, grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -275,18 +280,15 @@ class Linear(nn.Module, SliceLayer):
         x2d = x.reshape(-1, x.shape[-1])
         out2d = result.reshape(-1, result.shape[-1])
         for adapter in adapters:
-            scale = self.slice_scale[adapter]
-            for pname, values in self.slice_values[adapter].items():
-                idx = self.slice_index[adapter][pname]
-                data = idx.on(x.device)
-                if idx.layout.tiled_rows:
-                    out2d = _TileDelta.apply(
-                        out2d, x2d, values, data["seg_ids"], data["slot"], data["rows_padded"], idx.nmax, dtype, scale
-                    )
-                else:  # bias elements: a dense bias-sized delta is cheap
-                    bias = torch.zeros(out2d.shape[-1], dtype=torch.float32, device=x.device)
-                    bias = bias.index_add(0, data["flat"], values.float() * scale)
-                    out2d = out2d + bias.to(out2d.dtype)
+            values, index = self.slice_values[adapter], self.slice_index[adapter]
+            w_values, b_values = values["weight"] if "weight" in values else None, values["bias"] if "bias" in values else None
+            w_index = index["weight"].on(x.device) if w_values is not None else {}
+            nmax = index["weight"].nmax if w_values is not None else 0
+            bias_idx = index["bias"].on(x.device)["flat"] if b_values is not None else None
+            out2d = _SliceLinearDelta.apply(
+                out2d, x2d, w_values, b_values, w_index.get("seg_ids"), w_index.get("slot"),
+                w_index.get("rows_padded"), bias_idx, nmax, dtype, self.slice_scale[adapter],
+            )
         return out2d.view(result.shape)
 
     def __repr__(self) -> str:
