@@ -64,51 +64,63 @@ class TileIndex:
 class _SliceLinearDelta(torch.autograd.Function):
     """Adds a Linear's slice to its base output in place: tiles `out[:, row] += x[:, seg] @ tile` and bias elements.
 
-    Tiles are batched per segment (one gather, one bmm, one `index_add_`); the base output is written in place (the
-    base Linear does not save it for backward), and x is saved, not copied: the gather is redone in backward.
+    Tiles are batched per segment (one gather, one bmm, one `index_add_`). The base output is written in place (the
+    base Linear does not save it, and it is not a view, so autograd adds no copy), and x is saved, not copied: the
+    gather is redone in backward.
     """
 
     @staticmethod
-    def forward(ctx, out2d, x2d, w_values, b_values, seg_ids, slot, rows_padded, bias_idx, nmax, dtype, scale):
+    def _gather(x2d, seg_ids, width, dtype):
+        xs = x2d.reshape(x2d.shape[0], -1, width)
+        if seg_ids.numel() != xs.shape[1]:  # every segment holds a tile: no gather needed
+            xs = xs.index_select(1, seg_ids)
+        return xs.transpose(0, 1).to(dtype)  # (groups, T, w)
+
+    @staticmethod
+    def forward(ctx, result, x2d, w_values, b_values, seg_ids, slot, rows_padded, bias_idx, nmax, dtype, scale):
+        out2d = result.view(-1, result.shape[-1])
         if w_values is not None:
             tokens, width = x2d.shape[0], w_values.shape[1]
             groups = seg_ids.numel()
             deltas = w_values.new_zeros(groups * nmax, width).index_copy_(0, slot, w_values).view(groups, nmax, width)
-            xs = x2d.reshape(tokens, -1, width).index_select(1, seg_ids).transpose(0, 1).to(dtype)  # (groups, T, w)
+            xs = _SliceLinearDelta._gather(x2d, seg_ids, width, dtype)
             part = torch.bmm(xs, (deltas * scale).to(dtype).transpose(1, 2))  # (groups, T, nmax)
             out2d.index_add_(1, rows_padded, part.transpose(0, 1).reshape(tokens, groups * nmax).to(out2d.dtype))
         if b_values is not None:
             bias = (b_values * scale).to(out2d.dtype)
             out2d.index_add_(1, bias_idx, bias.expand(out2d.shape[0], -1))
-        ctx.mark_dirty(out2d)
+        ctx.mark_dirty(result)
         ctx.save_for_backward(x2d, w_values, seg_ids, slot, rows_padded, bias_idx)
         ctx.nmax, ctx.dtype, ctx.scale = nmax, dtype, scale
-        return out2d
+        return result
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_result):
         x2d, w_values, seg_ids, slot, rows_padded, bias_idx = ctx.saved_tensors
         nmax, dtype, scale = ctx.nmax, ctx.dtype, ctx.scale
+        grad_out = grad_result.reshape(-1, grad_result.shape[-1])
         grad_x = grad_w = grad_b = None
         if w_values is not None and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
             tokens, width = x2d.shape[0], w_values.shape[1]
-            groups = seg_ids.numel()
+            groups, segments = seg_ids.numel(), x2d.shape[1] // width
             grad_part = grad_out.to(dtype).index_select(1, rows_padded).view(tokens, groups, nmax).transpose(0, 1)
             if scale != 1.0:
                 grad_part = grad_part * scale
             if ctx.needs_input_grad[2]:
-                xs = x2d.reshape(tokens, -1, width).index_select(1, seg_ids).transpose(0, 1).to(dtype)
+                xs = _SliceLinearDelta._gather(x2d, seg_ids, width, dtype)
                 grad_deltas = torch.bmm(grad_part.transpose(1, 2), xs).reshape(groups * nmax, width)
                 grad_w = grad_deltas.index_select(0, slot).to(w_values.dtype)
             if ctx.needs_input_grad[1]:
                 deltas = w_values.new_zeros(groups * nmax, width).index_copy_(0, slot, w_values).view(groups, nmax, width)
-                grad_xs = torch.bmm(grad_part, deltas.to(dtype))  # (groups, T, w)
-                grad_x = torch.zeros(tokens, x2d.shape[1] // width, width, dtype=x2d.dtype, device=x2d.device)
-                grad_x.index_add_(1, seg_ids, grad_xs.transpose(0, 1).to(x2d.dtype))
-                grad_x = grad_x.view(tokens, x2d.shape[1])
+                grad_xs = torch.bmm(grad_part, deltas.to(dtype)).transpose(0, 1).to(x2d.dtype)  # (T, groups, w)
+                if groups == segments:
+                    grad_x = grad_xs.reshape(tokens, x2d.shape[1])
+                else:
+                    grad_x = torch.zeros(tokens, segments, width, dtype=x2d.dtype, device=x2d.device)
+                    grad_x = grad_x.index_add_(1, seg_ids, grad_xs).view(tokens, x2d.shape[1])
         if ctx.needs_input_grad[3]:
-            grad_b = (grad_out.index_select(1, bias_idx).float().sum(0) * scale)
-        return grad_out, grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+            grad_b = grad_out.index_select(1, bias_idx).float().sum(0) * scale
+        return grad_result, grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -270,26 +282,43 @@ class Linear(nn.Module, SliceLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
-        adapters = self._adapters_to_apply()
+        adapters = [] if self.merged else self._adapters_to_apply()
         if not adapters or x.numel() == 0:
-            return result
+            return self.base_layer(x, *args, **kwargs)
         dtype = _compute_dtype(x)
         x2d = x.reshape(-1, x.shape[-1])
-        out2d = result.reshape(-1, result.shape[-1])
+        result = self.base_layer(x2d, *args, **kwargs)  # 2-D in: the output is not a view, so it can take the slice in place
+        if result._base is not None or not result.is_contiguous():
+            result = result.clone()
         for adapter in adapters:
             values, index = self.slice_values[adapter], self.slice_index[adapter]
             w_values, b_values = values["weight"] if "weight" in values else None, values["bias"] if "bias" in values else None
             w_index = index["weight"].on(x.device) if w_values is not None else {}
             nmax = index["weight"].nmax if w_values is not None else 0
             bias_idx = index["bias"].on(x.device)["flat"] if b_values is not None else None
-            out2d = _SliceLinearDelta.apply(
-                out2d, x2d, w_values, b_values, w_index.get("seg_ids"), w_index.get("slot"),
+            result = _SliceLinearDelta.apply(
+                result, x2d, w_values, b_values, w_index.get("seg_ids"), w_index.get("slot"),
                 w_index.get("rows_padded"), bias_idx, nmax, dtype, self.slice_scale[adapter],
             )
-        return out2d.view(result.shape)
+        return result.view(*x.shape[:-1], result.shape[-1])
+        adapters = self._adapters_to_apply()
+        if not adapters or x.numel() == 0:
+            return result
+        dtype = _compute_dtype(x)
+        x2d = x.reshape(-1, x.shape[-1])
+        if not result.is_contiguous() or result._base is not None:
+            result = result.contiguous() if not result.is_contiguous() else result.clone()
+        for adapter in adapters:
+            values, index = self.slice_values[adapter], self.slice_index[adapter]
+            w_values, b_values = values["weight"] if "weight" in values else None, values["bias"] if "bias" in values else None
+            w_index = index["weight"].on(x.device) if w_values is not None else {}
+            nmax = index["weight"].nmax if w_values is not None else 0
+            bias_idx = index["bias"].on(x.device)["flat"] if b_values is not None else None
+            result = _SliceLinearDelta.apply(
+                result, x2d, w_values, b_values, w_index.get("seg_ids"), w_index.get("slot"),
+                w_index.get("rows_padded"), bias_idx, nmax, dtype, self.slice_scale[adapter],
+            )
+        return result
 
     def __repr__(self) -> str:
         return "slice." + super().__repr__()
