@@ -221,6 +221,16 @@ class SliceLayer(BaseTunerLayer):
         params = self.sliced_parameters()
         return {p: self.dense_delta(adapter, p, params[p]) for p in self.slice_values[adapter]}
 
+    def patched_parameters(self) -> dict[str, torch.Tensor]:
+        """W + delta of every parameter the active adapters slice here, in the base parameter's dtype."""
+        params = self.sliced_parameters()
+        patched = {}
+        for adapter in self._adapters_to_apply():
+            for pname in self.slice_values[adapter]:
+                base = patched.get(pname, params[pname])
+                patched[pname] = (base.float() + self.dense_delta(adapter, pname, base)).to(base.dtype)
+        return patched
+
     def _selected_view(self, adapter: str, pname: str, param: torch.Tensor):
         """(getter, setter) of the selected entries of `param`, shaped like the adapter's values."""
         idx = self.slice_index[adapter][pname].on(param.device)
@@ -301,24 +311,6 @@ class Linear(nn.Module, SliceLayer):
                 w_index.get("rows_padded"), bias_idx, nmax, dtype, self.slice_scale[adapter],
             )
         return result.view(*x.shape[:-1], result.shape[-1])
-        adapters = self._adapters_to_apply()
-        if not adapters or x.numel() == 0:
-            return result
-        dtype = _compute_dtype(x)
-        x2d = x.reshape(-1, x.shape[-1])
-        if not result.is_contiguous() or result._base is not None:
-            result = result.contiguous() if not result.is_contiguous() else result.clone()
-        for adapter in adapters:
-            values, index = self.slice_values[adapter], self.slice_index[adapter]
-            w_values, b_values = values["weight"] if "weight" in values else None, values["bias"] if "bias" in values else None
-            w_index = index["weight"].on(x.device) if w_values is not None else {}
-            nmax = index["weight"].nmax if w_values is not None else 0
-            bias_idx = index["bias"].on(x.device)["flat"] if b_values is not None else None
-            result = _SliceLinearDelta.apply(
-                result, x2d, w_values, b_values, w_index.get("seg_ids"), w_index.get("slot"),
-                w_index.get("rows_padded"), bias_idx, nmax, dtype, self.slice_scale[adapter],
-            )
-        return result
 
     def __repr__(self) -> str:
         return "slice." + super().__repr__()
@@ -332,16 +324,6 @@ class Elementwise(nn.Module, SliceLayer):
         SliceLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, entries, init_weights=init_weights)
-
-    def patched_parameters(self) -> dict[str, torch.Tensor]:
-        """W + delta of every sliced parameter, in the base parameter's dtype."""
-        params = self.sliced_parameters()
-        patched = {}
-        for adapter in self._adapters_to_apply():
-            for pname in self.slice_values[adapter]:
-                base = patched.get(pname, params[pname])
-                patched[pname] = (base.float() + self.dense_delta(adapter, pname, base)).to(base.dtype)
-        return patched
 
     def forward(self, *args: Any, **kwargs: Any):
         if self.disable_adapters:
@@ -395,13 +377,7 @@ class ParamSlice(nn.Module, SliceLayer):
             return
         if self.merged:
             return
-        params = self.sliced_parameters()
-        patched = {}
-        for adapter in self._adapters_to_apply():
-            for pname in self.slice_values[adapter]:
-                base = patched.get(pname, params[pname])
-                patched[pname] = (base.float() + self.dense_delta(adapter, pname, base)).to(base.dtype)
-        for pname, value in patched.items():
+        for pname, value in self.patched_parameters().items():
             object.__setattr__(owner, pname, value)  # shadows owner._parameters[pname] for attribute access
 
     def _remove_shadows(self, owner, args, output):
