@@ -33,20 +33,9 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-WAN_14B = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=40,
-    attention_head_dim=128,
-    in_channels=16,
-    out_channels=16,
-    text_dim=4096,
-    freq_dim=256,
-    ffn_dim=13824,
-    num_layers=40,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-)
+from slice_adapter.wan_configs import wan_config  # noqa: E402
+
+WAN_14B = wan_config("wan2.1-t2v-14b")
 LATENTS_14B = (1, 16, 21, 60, 104)  # 81 frames at 480x832 through the Wan VAE (4x temporal, 8x spatial)
 TEXT_14B = (1, 512, 4096)
 

@@ -17,7 +17,7 @@ import torch
 from .checkpoint import TensorEntry, read_header, read_tensor
 from .config import SliceConfig
 from .io import PEFT_KEY_PREFIX, WEIGHTS_NAME, read_adapter_config, recorded_layouts
-from .selection import ADAPTER_CHILD, ParamLayout, SlicePlan, _matches, block_index, layout_fingerprint, plan_layouts
+from .selection import ADAPTER_CHILD, ParamLayout, SlicePlan, is_targeted, layout_fingerprint, plan_layouts
 
 _VALUES_INFIX = ".slice_values."
 _BLOCK_NUM = re.compile(r"(^|\.)blocks\.\d+\.")
@@ -48,12 +48,7 @@ def layouts_from_shapes(shapes: dict, target_modules=None, exclude_modules=None)
     """
     layouts = []
     for name, shape in shapes.items():
-        module = name.rpartition(".")[0]
-        if target_modules is None:
-            targeted = block_index(name) is not None
-        else:
-            targeted = _matches(target_modules, module, name)
-        if not targeted or _matches(exclude_modules, module, name):
+        if not is_targeted(name.rpartition(".")[0], name, target_modules, exclude_modules):
             continue
         layouts.append(ParamLayout(name, tuple(shape), name.endswith(".weight") and len(shape) == 2))
     return layouts

@@ -283,6 +283,15 @@ def _matches(patterns, module_name: str, param_name: str) -> bool:
     return False
 
 
+def is_targeted(module_name: str, param_name: str, target_modules=None, exclude_modules=None) -> bool:
+    """Whether a parameter is sliced under `target_modules`/`exclude_modules` (rules: see `model_layouts`)."""
+    if target_modules is None:
+        targeted = block_index(param_name) is not None
+    else:
+        targeted = _matches(target_modules, module_name, param_name)
+    return targeted and not _matches(exclude_modules, module_name, param_name)
+
+
 def model_layouts(model, target_modules=None, exclude_modules=None) -> list[ParamLayout]:
     """The targeted parameters of `model` (any device, meta included), in the model's own order.
 
@@ -305,11 +314,7 @@ def model_layouts(model, target_modules=None, exclude_modules=None) -> list[Para
             if _is_adapter_name(pname):
                 continue
             full = f"{canon_module}.{pname}" if canon_module else pname
-            if target_modules is None:
-                targeted = block_index(full) is not None
-            else:
-                targeted = _matches(target_modules, canon_module, full)
-            if not targeted or _matches(exclude_modules, canon_module, full):
+            if not is_targeted(canon_module, full, target_modules, exclude_modules):
                 continue
             rows = isinstance(base, nn.Linear) and pname == "weight" and param.dim() == 2
             layouts.append(ParamLayout(full, tuple(param.shape), rows))

@@ -29,21 +29,10 @@ from slice_ft.offload import (
     quantize_base_to_fp8,
 )
 
+from conftest import TINY_WAN  # noqa: E402
+
 NUM_LAYERS = 4
-CONFIG = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=2,
-    attention_head_dim=16,
-    in_channels=4,
-    out_channels=4,
-    text_dim=32,
-    freq_dim=32,
-    ffn_dim=64,
-    num_layers=NUM_LAYERS,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    rope_max_seq_len=64,
-)
+CONFIG = dict(TINY_WAN, num_layers=NUM_LAYERS)
 TOL = 1e-6
 
 
