@@ -2,12 +2,14 @@
 
 `open_checkpoint` reads a single file or a diffusers folder (sharded with its index, or one file) from the headers
 alone and validates them (dtype, shape vs byte range, file size vs header: truncation). `read_tensor` reads one tensor
-with plain file reads; `StreamWriter` writes a safetensors file tensor by tensor through a temp file renamed into place.
-Peak memory is a few times the largest tensor, never the checkpoint.
+with plain file reads (into one reused buffer through a `TensorReader`); `StreamWriter` writes a safetensors file tensor
+by tensor through a temp file renamed into place, copying untouched byte ranges inside the kernel
+(`os.copy_file_range`) where it can. Peak memory is a few times the largest tensor, never the checkpoint.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -42,7 +44,11 @@ DTYPE_ALIASES = {
     "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-COPY_CHUNK = 1024 * 1024  # raw copies of untouched tensors go through one reused buffer of this size
+COPY_CHUNK = 16 * 1024 * 1024  # raw copies that cannot stay in the kernel go through one reused buffer of this size
+KERNEL_COPY_CHUNK = 1 << 30  # bytes per os.copy_file_range call
+# copy_file_range refusals that mean "not between these files" (another file system, an old kernel, a sandbox that
+# filters the syscall): fall back to copying through a buffer
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF, errno.EPERM}
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 SINGLE_NAME = "diffusion_pytorch_model.safetensors"
 
@@ -201,14 +207,83 @@ def open_checkpoint(path) -> Checkpoint:
     return Checkpoint(path, [path], entries, metadata, is_folder=False)
 
 
+def _truncated(entry: TensorEntry) -> ValueError:
+    return ValueError(f"{str(entry.path)!r} ended while reading {entry.name!r}: the file is truncated")
+
+
+def pread_into(fd: int, view: memoryview, offset: int, entry: TensorEntry) -> None:
+    """Fill `view` with the bytes of `fd` from `offset` (positional reads: no seek, no Python-side buffering)."""
+    done, total = 0, view.nbytes
+    while done < total:
+        if hasattr(os, "preadv"):
+            got = os.preadv(fd, [view[done:]], offset + done)
+        else:  # pragma: no cover - platforms without preadv
+            chunk = os.pread(fd, total - done, offset + done)
+            got = len(chunk)
+            view[done:done + got] = chunk
+        if not got:
+            raise _truncated(entry)
+        done += got
+
+
+class TensorReader:
+    """Reads tensors of a checkpoint's files into one reused buffer, sized for the largest tensor read.
+
+    `read_tensor(reader, entry)` returns a view of that buffer: valid until the next read. Nothing is allocated per
+    tensor, so a stream of reads costs no page faults, and memory stays at one tensor whatever the checkpoint's size.
+    """
+
+    def __init__(self, files, capacity: int = 0):
+        self._files: dict[Path, object] = {}
+        try:
+            for path in files:
+                self._files[Path(path)] = open(path, "rb", buffering=0)
+        except BaseException:
+            self.close()
+            raise
+        self._buffer = torch.empty(max(int(capacity), 1), dtype=torch.uint8)
+
+    def fd(self, path) -> int:
+        return self._files[Path(path)].fileno()
+
+    def buffer(self, nbytes: int) -> torch.Tensor:
+        """The reused buffer's first `nbytes` bytes (grown if it is smaller)."""
+        if nbytes > self._buffer.numel():
+            self._buffer = torch.empty(0, dtype=torch.uint8)  # drop the old one before allocating the new
+            self._buffer = torch.empty(nbytes, dtype=torch.uint8)
+        return self._buffer[:nbytes]
+
+    def read(self, entry: TensorEntry) -> torch.Tensor:
+        buf = self.buffer(entry.nbytes)
+        if entry.nbytes:
+            pread_into(self.fd(entry.path), memoryview(buf.numpy()), entry.start, entry)
+        return buf.view(entry.torch_dtype).reshape(entry.shape)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
 def read_tensor(f, entry: TensorEntry) -> torch.Tensor:
     """One tensor read with a plain read from an open file (no mmap: mapped pages stay in the process's RSS, so
-    reading through safe_open's mmap would make a streaming merge look, and count, as big as the checkpoint)."""
+    reading through safe_open's mmap would make a streaming merge look, and count, as big as the checkpoint).
+
+    `f` is an open binary file (a new tensor is allocated) or a `TensorReader` (the tensor is a view of its reused
+    buffer, valid until its next read)."""
+    if isinstance(f, TensorReader):
+        return f.read(entry)
     buf = torch.empty(entry.nbytes, dtype=torch.uint8)
     f.seek(entry.start)
     got = f.readinto(memoryview(buf.numpy())) if entry.nbytes else 0
     if got != entry.nbytes:
-        raise ValueError(f"{str(entry.path)!r} ended while reading {entry.name!r}: the file is truncated")
+        raise _truncated(entry)
     return buf.view(entry.torch_dtype).reshape(entry.shape)
 
 
@@ -220,9 +295,19 @@ def copy_raw(f, entry: TensorEntry, out, buffer: bytearray) -> None:
     while left:
         got = f.readinto(view[: min(left, len(buffer))])
         if not got:
-            raise ValueError(f"{str(entry.path)!r} ended while reading {entry.name!r}: the file is truncated")
-        out.write(view[:got])
+            raise _truncated(entry)
+        _write_all(out, view[:got])
         left -= got
+
+
+def _write_all(out, data) -> None:
+    """Write every byte of `data` (an unbuffered file may take fewer per call)."""
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        n = out.write(view)
+        if n is None:  # pragma: no cover - non-blocking files only
+            continue
+        view = view[n:]
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -246,20 +331,25 @@ class StreamWriter:
             header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
         offset = 0
         self._expected: list[tuple[str, int]] = []
+        offsets: dict[str, int] = {}
         for name, dtype, shape in plan:
             nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
             header[name] = {"dtype": ST_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             self._expected.append((name, nbytes))
+            offsets[name] = offset
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes so the data stays aligned
         self.total_bytes = 8 + len(raw) + offset
+        self._position = {name: 8 + len(raw) + o for name, o in offsets.items()}  # where each tensor's bytes go
+        self._order = {name: i for i, (name, _) in enumerate(self._expected)}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         self.tmp = Path(tmp)
-        self._f = os.fdopen(fd, "wb")
-        self._f.write(struct.pack("<Q", len(raw)))
-        self._f.write(raw)
+        self._f = os.fdopen(fd, "wb", buffering=0)  # tensors are written in large pieces: no Python-side buffer
+        self._kernel_copy = hasattr(os, "copy_file_range")
+        self._copy_buffer: Optional[bytearray] = None
+        _write_all(self._f, struct.pack("<Q", len(raw)) + raw)
         self._next = 0
 
     def _check(self, name: str, nbytes: int) -> None:
@@ -274,17 +364,68 @@ class StreamWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         data = tensor_bytes(tensor)
         self._check(name, data.nbytes)
-        self._f.write(data)
+        _write_all(self._f, data)
 
     def write_raw(self, name: str, f, entry: TensorEntry, buffer: bytearray) -> None:
         self._check(name, entry.nbytes)
         copy_raw(f, entry, self._f, buffer)
 
+    def copy_span(self, entries: list[TensorEntry], reader: TensorReader) -> None:
+        """Copy the bytes of consecutive tensors unchanged (bit-identical). They must be next in the plan and lie
+        back to back in one file of `reader`. The copy stays in the kernel (`os.copy_file_range`: no Python buffer)
+        where the files allow it, else goes through one reused buffer."""
+        if not entries:
+            return
+        for a, b in zip(entries, entries[1:]):
+            if b.path != a.path or b.start != a.end:
+                raise RuntimeError(f"StreamWriter.copy_span: {b.name!r} does not follow {a.name!r} in one file")
+        for e in entries:
+            self._check(e.name, e.nbytes)
+        src = reader.fd(entries[0].path)
+        start, total = entries[0].start, entries[-1].end - entries[0].start
+        done = 0
+        if self._kernel_copy:
+            try:
+                while done < total:
+                    n = os.copy_file_range(src, self._f.fileno(), min(total - done, KERNEL_COPY_CHUNK), start + done)
+                    if not n:
+                        raise _truncated(self._entry_at(entries, start + done))
+                    done += n
+            except OSError as err:
+                if err.errno not in _NO_KERNEL_COPY:
+                    raise
+                self._kernel_copy = False  # e.g. across file systems: the buffer from now on
+        if done < total:
+            if self._copy_buffer is None:
+                self._copy_buffer = bytearray(COPY_CHUNK)
+            view = memoryview(self._copy_buffer)
+            while done < total:
+                piece = view[: min(total - done, len(view))]
+                pread_into(src, piece, start + done, self._entry_at(entries, start + done))
+                _write_all(self._f, piece)
+                done += piece.nbytes
+
+    def patch(self, name: str, offset: int, data) -> None:
+        """Overwrite bytes of tensor `name`, already written, from byte `offset` within it (positional writes: the
+        stream goes on where it was)."""
+        view = memoryview(data).cast("B")
+        if self._order.get(name, len(self._expected)) >= self._next:
+            raise RuntimeError(f"StreamWriter.patch: {name!r} has not been written yet")
+        if offset < 0 or offset + view.nbytes > self._expected[self._order[name]][1]:
+            raise RuntimeError(f"StreamWriter.patch: bytes [{offset}, {offset + view.nbytes}) lie outside {name!r}")
+        at = self._position[name] + offset
+        while view.nbytes:
+            n = os.pwrite(self._f.fileno(), view, at)
+            view, at = view[n:], at + n
+
+    @staticmethod
+    def _entry_at(entries: list[TensorEntry], offset: int) -> TensorEntry:
+        return next((e for e in entries if e.start <= offset < e.end), entries[-1])
+
     def commit(self) -> Path:
         if self._next != len(self._expected):
             self.abort()
             raise RuntimeError(f"StreamWriter: {len(self._expected) - self._next} planned tensors were never written")
-        self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
         os.replace(self.tmp, self.path)

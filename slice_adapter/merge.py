@@ -7,9 +7,10 @@ next to the folder's `config.json` to load it with `from_pretrained`). OUT keeps
 `slice_ft.merged_slices`: every merged slice's config and layout fingerprint, appended to BASE's own list when BASE is
 itself a merge (stacking).
 
-Memory: one tensor is read; only its selected weights are gathered, updated in float32 and rounded once to the output
-dtype; then it is written. Untouched tensors are copied byte for byte through a fixed buffer. Peak memory is about
-the largest tensor (twice that when casting), never the checkpoint.
+Memory: one tensor is read into a buffer reused for every tensor; only its selected weights are gathered, updated in
+float32 and rounded once to the output dtype, in place; then it is written. Runs of untouched tensors are copied byte
+for byte inside the kernel (`os.copy_file_range`; through a fixed buffer where that is not possible). Peak memory is
+about the largest tensor (twice that when casting), never the checkpoint.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 
-from .checkpoint import COPY_CHUNK, Checkpoint, StreamWriter, dtype_label, open_checkpoint, parse_dtype, read_tensor
+from .checkpoint import (Checkpoint, StreamWriter, TensorEntry, TensorReader, dtype_label, open_checkpoint, parse_dtype,
+                         pread_into, read_tensor)
 from .deltas import SliceDeltas, check_layout_matches, iter_touched, planned_overlap, prior_plan, read_slice
 from .export import check_wan2gp_filename, infer_wan2gp_architecture, wan2gp_definition, write_wan2gp_definition
 from .keys import detect_key_format, diffusers_to_wan, wan_to_diffusers
@@ -211,7 +214,7 @@ def merge_slices(
 
     _check_space(output, plan)
     with StreamWriter(output, plan, metadata) as writer:
-        changed = _stream(ckpt, names, plan, touched, loaded, writer, progress)
+        changed = _stream(ckpt, names, plan, touched, loaded, writer, progress, disjoint=not allow_overlap)
         writer.commit()
 
     result = MergeResult(output=output, key_format=names.fmt, key_prefix=names.prefix, dtype=out_label,
@@ -223,49 +226,163 @@ def merge_slices(
     return result
 
 
-def _stream(ckpt: Checkpoint, names: _Names, plan, touched, loaded, writer: StreamWriter, progress: bool) -> int:
-    """Write every tensor of BASE in order: merged, copied raw, or cast. Returns how many weights changed."""
+# A touched tensor whose selected weights are sparse is copied in the kernel with the rest, then patched: its selected
+# weights are read in byte ranges (those closer than PATCH_GAP_BYTES merged into one), updated and written back in
+# place. Each range costs a read and a write call, counted as PATCH_RANGE_COST bytes of copying through user space;
+# the patch is used when that cost is below the tensor's size, for tensors of PATCH_MIN_BYTES or more.
+PATCH_GAP_BYTES = 4096
+PATCH_RANGE_COST = 4096
+PATCH_MIN_BYTES = 1 << 20
+
+
+@dataclass
+class _Patch:
+    """The byte ranges of a tensor to patch, in elements: [starts, starts + lengths), packed at `packed` offsets."""
+
+    starts: np.ndarray
+    lengths: np.ndarray
+    packed: np.ndarray
+    total: int
+    indices: list  # each slice's flat indices (numpy int64, sorted)
+
+    def remap(self, idx: np.ndarray) -> torch.Tensor:
+        """Flat tensor indices -> indices into the packed ranges."""
+        r = np.searchsorted(self.starts, idx, side="right") - 1
+        return torch.from_numpy(idx - self.starts[r] + self.packed[r])
+
+
+def _patch_plan(entry: TensorEntry, name: str, slices: list[SliceDeltas]) -> Optional[_Patch]:
+    """How to patch `entry` in place, or None where reading it whole is cheaper."""
+    if entry.nbytes < PATCH_MIN_BYTES:
+        return None
+    itemsize = entry.nbytes // max(entry.numel, 1)
+    indices = [s.indices(name) for s in slices]
+    flat = indices[0] if len(indices) == 1 else np.unique(np.concatenate(indices))
+    if not len(flat):
+        return None
+    gap = PATCH_GAP_BYTES // itemsize
+    cut = np.flatnonzero(np.diff(flat) > gap + 1)
+    starts = np.concatenate([flat[:1], flat[cut + 1]])
+    lengths = np.concatenate([flat[cut], flat[-1:]]) + 1 - starts
+    total = int(lengths.sum())
+    if len(starts) * PATCH_RANGE_COST + 2 * total * itemsize >= entry.nbytes:
+        return None
+    packed = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    return _Patch(starts, lengths, packed, total, indices)
+
+
+def _stream(ckpt: Checkpoint, names: _Names, plan, touched, loaded, writer: StreamWriter, progress: bool,
+            disjoint: bool = False) -> int:
+    """Write every tensor of BASE in order: merged, copied raw, or cast. Returns how many weights changed.
+
+    Runs of tensors that keep their bytes (untouched, or touched sparsely: patched afterwards) are copied in the
+    kernel; the others are read into one reused buffer, merged or cast, and written. `disjoint`: the slices share no
+    weight (checked before), so each one's deltas go straight into the tensor."""
+    items = list(ckpt.entries.items())
+    dtypes = [dt for _, dt, _ in plan]
+    dnames = [names.to_diffusers[k] for k, _ in items]
+    raw = [dnames[i] not in touched and dtypes[i] == e.torch_dtype for i, (_, e) in enumerate(items)]
+    capacity = max((e.nbytes for (_, e), r in zip(items, raw) if not r), default=0)
     changed = 0
-    handles, value_handles = {}, {}
+    value_handles = {}
+    bar = _progress(len(items), progress, writer.path)
     try:
-        for f in ckpt.files:
-            handles[f] = open(f, "rb")
-        for s in loaded:
-            value_handles[id(s)] = s.open_values()
-        buffer = bytearray(COPY_CHUNK)
-        for (key, entry), (_, dt, _) in zip(_progress(list(ckpt.entries.items()), progress, writer.path), plan):
-            f = handles[entry.path]
-            dname = names.to_diffusers[key]
-            if dname in touched:
-                merged, n = _merged_tensor(read_tensor(f, entry), dt, dname, touched[dname], value_handles)
+        with TensorReader(ckpt.files, capacity) as reader:
+            for s in loaded:
+                value_handles[id(s)] = s.open_values()
+            i, n = 0, len(items)
+            while i < n:
+                key, entry = items[i]
+                dt, dname = dtypes[i], dnames[i]
+                patch = None
+                if not raw[i] and dt == entry.torch_dtype:
+                    patch = _patch_plan(entry, dname, touched[dname])
+                if raw[i] or patch is not None:
+                    # a run of tensors lying back to back that keep their bytes, up to and including the next one to
+                    # patch: one copy, in the kernel
+                    j = i + 1
+                    while (patch is None and j < n and items[j][1].path == entry.path
+                           and items[j][1].start == items[j - 1][1].end):
+                        if not raw[j]:
+                            if dtypes[j] != items[j][1].torch_dtype:
+                                break
+                            patch = _patch_plan(items[j][1], dnames[j], touched[dnames[j]])
+                            if patch is None:
+                                break
+                        j += 1
+                    writer.copy_span([e for _, e in items[i:j]], reader)
+                    if patch is not None:
+                        last_key, last = items[j - 1]
+                        changed += _patch_tensor(reader, writer, last_key, last, dnames[j - 1],
+                                                 touched[dnames[j - 1]], value_handles, disjoint, patch)
+                    bar.update(j - i)
+                    i = j
+                    continue
+                base = read_tensor(reader, entry)  # a view of the reader's buffer, valid until its next read
+                if dname in touched:
+                    merged, count = _merged_tensor(base, dt, dname, touched[dname], value_handles, disjoint)
+                    changed += count
+                else:
+                    merged = base.to(dt)
                 writer.write(key, merged)
-                changed += n
-                del merged
-            elif dt == entry.torch_dtype:
-                writer.write_raw(key, f, entry, buffer)
-            else:
-                writer.write(key, read_tensor(f, entry).to(dt))
+                del merged, base
+                bar.update(1)
+                i += 1
     finally:
-        for h in list(handles.values()) + list(value_handles.values()):
+        bar.close()
+        for h in value_handles.values():
             h.close()
     return changed
 
 
-def _merged_tensor(base: torch.Tensor, dtype: torch.dtype, name: str, slices: list[SliceDeltas], handles):
+def _patch_tensor(reader: TensorReader, writer: StreamWriter, key: str, entry: TensorEntry, name: str,
+                  slices: list[SliceDeltas], handles, disjoint: bool, patch: _Patch) -> int:
+    """Merge the slices into `entry`, already copied unchanged to the output: read the byte ranges holding its selected
+    weights from BASE, update them, write them over the copy. Returns how many weights changed."""
+    itemsize = entry.nbytes // entry.numel
+    buf = reader.buffer(patch.total * itemsize)
+    view = memoryview(buf.numpy())
+    fd = reader.fd(entry.path)
+    spans = [(s * itemsize, p * itemsize, (p + ln) * itemsize)
+             for s, ln, p in zip(patch.starts.tolist(), patch.lengths.tolist(), patch.packed.tolist())]
+    for at, lo, hi in spans:
+        pread_into(fd, view[lo:hi], entry.start + at, entry)
+    packed = buf.view(entry.torch_dtype)
+    parts = [(patch.remap(idx), s.values(name, handles[id(s)])) for s, idx in zip(slices, patch.indices)]
+    changed = _apply(packed, packed, entry.torch_dtype, parts, disjoint)
+    for at, lo, hi in spans:
+        writer.patch(key, at, view[lo:hi])
+    return changed
+
+
+def _merged_tensor(base: torch.Tensor, dtype: torch.dtype, name: str, slices: list[SliceDeltas], handles,
+                   disjoint: bool = False):
     """(BASE + the slices' deltas, number of weights changed). Only the selected weights are gathered, summed in
-    float32 (float64 for a float64 BASE) in slice order and rounded once into the output; the read buffer itself is
-    the output when the dtype does not change, so no other full-size tensor exists."""
-    acc_dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
-    parts = [(torch.from_numpy(s.indices(name)), s.values(name, handles[id(s)]).to(acc_dtype)) for s in slices]
-    # One accumulator slot per distinct weight (indices are sorted and unique within a slice).
-    idx = parts[0][0] if len(parts) == 1 else torch.unique(torch.cat([i for i, _ in parts]))
+    float32 (float64 for a float64 BASE) in slice order and rounded once into the output. When the dtype does not
+    change, `base` itself is updated in place and returned (no other full-size tensor exists); else the cast copy."""
     flat = base.reshape(-1)
+    out = flat if dtype == base.dtype else flat.to(dtype)
+    parts = [(torch.from_numpy(s.indices(name)), s.values(name, handles[id(s)])) for s in slices]
+    return out.view(base.shape), _apply(flat, out, dtype, parts, disjoint)
+
+
+def _apply(flat: torch.Tensor, out: torch.Tensor, dtype: torch.dtype, parts, disjoint: bool) -> int:
+    """out[i] = round(flat[i] + sum of the deltas at i), for every index i of `parts` ([(indices, float32 deltas)] in
+    slice order; indices sorted and unique within a part); `out` may be `flat`. Returns how many weights changed."""
+    acc_dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32
+    if len(parts) == 1 or disjoint:
+        # each weight gets one slice's delta: gather, add, round once, scatter, slice by slice (no weight is read
+        # after another slice wrote it, so the order does not matter)
+        for idx, v in parts:
+            out[idx] = (flat[idx].to(acc_dtype) + v.to(acc_dtype)).to(dtype)
+        return sum(len(idx) for idx, _ in parts)
+    # Overlapping slices: one accumulator slot per distinct weight.
+    idx = torch.unique(torch.cat([i for i, _ in parts]))
     acc = flat[idx].to(acc_dtype)
     for i, v in parts:  # in slice order: ((BASE + d1) + d2) where slices overlap
-        acc[torch.searchsorted(idx, i)] += v
-    out = flat if dtype == base.dtype else flat.to(dtype)
+        acc[torch.searchsorted(idx, i)] += v.to(acc_dtype)
     out[idx] = acc.to(dtype)
-    return out.view(base.shape), len(idx)
+    return len(idx)
 
 
 def _check_space(output: Path, plan) -> None:
@@ -284,9 +401,17 @@ def _human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def _progress(items, enabled: bool, output: Path):
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool, output: Path):
     if not enabled:
-        return items
+        return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=f"merging into {output.name}", unit="tensor")
+    return tqdm(total=total, desc=f"merging into {output.name}", unit="tensor")

@@ -1,0 +1,147 @@
+"""The streaming merge's fast paths (kernel copy of untouched runs, in-place patches of sparsely touched tensors, one
+reused read buffer) give bit for bit what a plain dense reference gives, at several fractions and dtypes."""
+
+import errno
+import os
+
+import pytest
+import torch
+
+import slice_adapter.checkpoint as checkpoint_module
+import slice_adapter.merge as merge_module
+from slice_adapter.merge import merge_slices
+
+from slice_checkpoints import load, raw_bytes, reference_merge, save_base, synthetic_shapes, synthetic_slice
+
+CONFIG = dict(num_layers=2, num_attention_heads=2, attention_head_dim=64, ffn_dim=512, text_dim=64, freq_dim=32,
+              in_channels=4, out_channels=4)
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    return synthetic_shapes(CONFIG)
+
+
+def make_base(path, shapes, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for i, (k, s) in enumerate(shapes.items()):
+        # mixed dtypes: every fifth tensor stays float32 (alignment of the reused buffer and the patches)
+        dt = torch.float32 if i % 5 == 4 else dtype
+        state[k] = (torch.randn(s, generator=g) * 0.05).to(dt)
+    return state, save_base(state, path)
+
+
+PATHS = {
+    "patch": dict(PATCH_MIN_BYTES=0, PATCH_RANGE_COST=0),  # patch every touched tensor it can
+    "dense": dict(PATCH_MIN_BYTES=1 << 62),  # read every touched tensor whole
+    "auto": {},
+}
+
+
+def force(monkeypatch, path):
+    for name, value in PATHS[path].items():
+        monkeypatch.setattr(merge_module, name, value)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("fraction", [0.001, 0.02, 0.3])
+@pytest.mark.parametrize("path", list(PATHS))
+def test_bit_exact_against_reference(tmp_path, monkeypatch, shapes, dtype, fraction, path):
+    state, base = make_base(tmp_path / "base.safetensors", shapes, dtype)
+    s0 = synthetic_slice(tmp_path / "s0", shapes, fraction, 0, value_seed=1)
+    s1 = synthetic_slice(tmp_path / "s1", shapes, fraction, 1, value_seed=2)
+    force(monkeypatch, path)
+    out = tmp_path / "out.safetensors"
+    result = merge_slices(base, [s0, s1], out, progress=False)
+    merged, want = load(out), reference_merge(state, [s0, s1])
+    assert list(merged) == list(load(base))
+    touched = 0
+    for k, v in want.items():
+        assert merged[k].dtype == v.dtype
+        assert torch.equal(merged[k].view(torch.uint8) if v.numel() else merged[k],
+                           v.view(torch.uint8) if v.numel() else v), k
+        if not torch.equal(state[k], v):
+            touched += 1
+        else:
+            assert raw_bytes(out, k) == raw_bytes(base, k)
+    assert result.touched_tensors >= touched > 0
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("out_dtype", ["bf16", "fp16", "fp32"])
+def test_cast_and_overlap_bit_exact(tmp_path, monkeypatch, shapes, path, out_dtype):
+    state, base = make_base(tmp_path / "base.safetensors", shapes, torch.bfloat16)
+    a = synthetic_slice(tmp_path / "a", shapes, 0.02, 1, value_seed=1)
+    b = synthetic_slice(tmp_path / "b", shapes, 0.05, 0, value_seed=2)  # shares weights with a
+    force(monkeypatch, path)
+    out = tmp_path / "out.safetensors"
+    merge_slices(base, [a, b], out, allow_overlap=True, progress=False)
+    merged, want = load(out), reference_merge(state, [a, b])
+    for k, v in want.items():
+        assert torch.equal(merged[k].view(torch.uint8), v.view(torch.uint8)), k
+    cast = tmp_path / "cast.safetensors"
+    merge_slices(base, [a, b], cast, allow_overlap=True, dtype=out_dtype, progress=False)
+    target = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[out_dtype]
+    merged, want = load(cast), reference_merge(state, [a, b], dtype=target)
+    for k, v in want.items():
+        assert merged[k].dtype == target
+        assert torch.equal(merged[k].view(torch.uint8), v.view(torch.uint8)), k
+
+
+def test_without_kernel_copy(tmp_path, monkeypatch, shapes):
+    """Where copy_file_range is refused (another file system, an old kernel), the buffer copy gives the same file."""
+    state, base = make_base(tmp_path / "base.safetensors", shapes, torch.bfloat16)
+    s0 = synthetic_slice(tmp_path / "s0", shapes, 0.01, 0, value_seed=1)
+    force(monkeypatch, "patch")
+    first = tmp_path / "first.safetensors"
+    merge_slices(base, [s0], first, progress=False)
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    monkeypatch.setattr(checkpoint_module, "COPY_CHUNK", 4096)  # many buffer rounds
+    second = tmp_path / "second.safetensors"
+    merge_slices(base, [s0], second, progress=False)
+    assert first.read_bytes() == second.read_bytes()
+    want = reference_merge(state, [s0])
+    merged = load(second)
+    for k, v in want.items():
+        assert torch.equal(merged[k].view(torch.uint8), v.view(torch.uint8)), k
+
+
+def test_failure_while_patching_leaves_outputs_intact(tmp_path, monkeypatch, shapes):
+    state, base = make_base(tmp_path / "base.safetensors", shapes, torch.bfloat16)
+    s0 = synthetic_slice(tmp_path / "s0", shapes, 0.01, 0, value_seed=1)
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"earlier output")
+    force(monkeypatch, "patch")
+    calls = {"n": 0}
+    real = checkpoint_module.StreamWriter.patch
+
+    def failing(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError("disk vanished")
+        return real(self, *args)
+
+    monkeypatch.setattr(checkpoint_module.StreamWriter, "patch", failing)
+    with pytest.raises(OSError, match="disk vanished"):
+        merge_slices(base, [s0], out, overwrite=True, progress=False)
+    assert out.read_bytes() == b"earlier output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "out.safetensors", "s0"]
+
+
+def test_truncated_base_after_the_header_check(tmp_path, monkeypatch, shapes):
+    """A BASE cut short while the merge runs is reported, whichever path reads it."""
+    state, base = make_base(tmp_path / "base.safetensors", shapes, torch.bfloat16)
+    s0 = synthetic_slice(tmp_path / "s0", shapes, 0.01, 0, value_seed=1)
+    ckpt = merge_module.open_checkpoint(base)
+    monkeypatch.setattr(merge_module, "open_checkpoint", lambda p: ckpt)
+    size = base.stat().st_size
+    with open(base, "r+b") as f:
+        f.truncate(size - 1000)
+    with pytest.raises(ValueError, match="truncated"):
+        merge_slices(base, [s0], tmp_path / "out.safetensors", progress=False)
+    assert not (tmp_path / "out.safetensors").exists()
