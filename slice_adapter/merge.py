@@ -237,38 +237,50 @@ PATCH_MIN_BYTES = 1 << 20
 
 @dataclass
 class _Patch:
-    """The byte ranges of a tensor to patch, in elements: [starts, starts + lengths), packed at `packed` offsets."""
+    """The byte ranges of a tensor to patch, in tiles of `width` weights: [starts, starts + lengths), packed one after
+    the other from tile `packed`."""
 
+    width: int
     starts: np.ndarray
     lengths: np.ndarray
     packed: np.ndarray
-    total: int
-    indices: list  # each slice's flat indices (numpy int64, sorted)
+    total: int  # weights in all ranges
+    tiles: list  # each slice's tile indices (numpy int64, sorted)
 
-    def remap(self, idx: np.ndarray) -> torch.Tensor:
-        """Flat tensor indices -> indices into the packed ranges."""
-        r = np.searchsorted(self.starts, idx, side="right") - 1
-        return torch.from_numpy(idx - self.starts[r] + self.packed[r])
+    def remap(self, tiles: np.ndarray) -> torch.Tensor:
+        """A slice's tiles -> flat indices of their weights in the packed ranges, in value order."""
+        r = np.searchsorted(self.starts, tiles, side="right") - 1
+        first = (tiles - self.starts[r] + self.packed[r]) * self.width
+        if self.width == 1:
+            return torch.from_numpy(first)
+        return torch.from_numpy((first[:, None] + np.arange(self.width, dtype=np.int64)[None, :]).reshape(-1))
 
 
 def _patch_plan(entry: TensorEntry, name: str, slices: list[SliceDeltas]) -> Optional[_Patch]:
-    """How to patch `entry` in place, or None where reading it whole is cheaper."""
-    if entry.nbytes < PATCH_MIN_BYTES:
+    """How to patch `entry` in place, or None where reading it whole is cheaper. Works on the slices' tiles (runs of
+    `tile_width` weights: the values' order is the tiles' order), not on each weight."""
+    if entry.nbytes < PATCH_MIN_BYTES or not entry.numel:
         return None
-    itemsize = entry.nbytes // max(entry.numel, 1)
-    indices = [s.indices(name) for s in slices]
-    flat = indices[0] if len(indices) == 1 else np.unique(np.concatenate(indices))
+    itemsize = entry.nbytes // entry.numel
+    tiles = [s.plan.tiles[name] for s in slices]
+    width = slices[0].plan.layouts[name].tile_width
+    if any(s.plan.layouts[name].tile_width != width for s in slices):
+        return None
+    flat = tiles[0]
+    if len(tiles) > 1:
+        flat = np.sort(np.concatenate(tiles))
+        flat = flat[np.concatenate([[True], np.diff(flat) != 0])]
     if not len(flat):
         return None
-    gap = PATCH_GAP_BYTES // itemsize
+    gap = PATCH_GAP_BYTES // (itemsize * width)
     cut = np.flatnonzero(np.diff(flat) > gap + 1)
     starts = np.concatenate([flat[:1], flat[cut + 1]])
     lengths = np.concatenate([flat[cut], flat[-1:]]) + 1 - starts
-    total = int(lengths.sum())
+    total = int(lengths.sum()) * width
     if len(starts) * PATCH_RANGE_COST + 2 * total * itemsize >= entry.nbytes:
         return None
     packed = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    return _Patch(starts, lengths, packed, total, indices)
+    return _Patch(width, starts, lengths, packed, total, tiles)
 
 
 def _stream(ckpt: Checkpoint, names: _Names, plan, touched, loaded, writer: StreamWriter, progress: bool,
@@ -343,12 +355,13 @@ def _patch_tensor(reader: TensorReader, writer: StreamWriter, key: str, entry: T
     buf = reader.buffer(patch.total * itemsize)
     view = memoryview(buf.numpy())
     fd = reader.fd(entry.path)
-    spans = [(s * itemsize, p * itemsize, (p + ln) * itemsize)
+    step = patch.width * itemsize
+    spans = [(s * step, p * step, (p + ln) * step)
              for s, ln, p in zip(patch.starts.tolist(), patch.lengths.tolist(), patch.packed.tolist())]
     for at, lo, hi in spans:
         pread_into(fd, view[lo:hi], entry.start + at, entry)
     packed = buf.view(entry.torch_dtype)
-    parts = [(patch.remap(idx), s.values(name, handles[id(s)])) for s, idx in zip(slices, patch.indices)]
+    parts = [(patch.remap(tiles), s.values(name, handles[id(s)])) for s, tiles in zip(slices, patch.tiles)]
     changed = _apply(packed, packed, entry.torch_dtype, parts, disjoint)
     for at, lo, hi in spans:
         writer.patch(key, at, view[lo:hi])
