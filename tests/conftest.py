@@ -5,23 +5,12 @@ import os
 import pytest
 import torch
 
+from slice_ft.tiny import TINY_TRANSFORMER_CONFIG
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-TINY_WAN = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=2,
-    attention_head_dim=16,
-    in_channels=4,
-    out_channels=4,
-    text_dim=32,
-    freq_dim=32,
-    ffn_dim=64,
-    num_layers=2,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    rope_max_seq_len=64,
-)
+TINY_WAN = dict(TINY_TRANSFORMER_CONFIG)  # the demo's tiny transformer: 2 blocks, width 32
 
 
 def make_wan(seed: int = 0, dtype=torch.float32, **overrides):
