@@ -170,8 +170,6 @@ def load_adapter(model: nn.Module, path, adapter_name: Optional[str] = None, is_
     try:
         _assign_values(model, name, values, path)
     except ValueError:
-        from peft.tuners.tuners_utils import delete_adapter as _  # noqa: F401  (only to fail early if missing)
-
         for module in model.modules():
             if isinstance(module, SliceLayer):
                 module.delete_adapter(name)

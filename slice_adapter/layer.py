@@ -201,20 +201,20 @@ class SliceLayer(BaseTunerLayer):
     def _adapters_to_apply(self) -> list[str]:
         return [a for a in self.active_adapters if a in self.slice_values]
 
+    def _selected(self, adapter: str, pname: str, tensor: torch.Tensor):
+        """(view, index) of `tensor` (shaped like parameter `pname`) such that `view[index]` are the entries the
+        adapter's values hold, in the values' shape: (rows, segments) of the tile view, or flat elements."""
+        index = self.slice_index[adapter][pname]
+        idx = index.on(tensor.device)
+        if index.layout.tiled_rows:
+            return tensor.view(tensor.shape[0], index.layout.segments_per_row, index.tile_width), (idx["rows"], idx["seg"])
+        return tensor.view(-1), (idx["flat"],)
+
     def dense_delta(self, adapter: str, pname: str, like: torch.Tensor) -> torch.Tensor:
-        """The adapter's delta of parameter `pname` as a dense float32 tensor shaped like `like` (merge, tests)."""
-        idx = self.slice_index[adapter][pname].on(like.device)
+        """The adapter's delta of parameter `pname` as a dense float32 tensor shaped like `like` (norms, tests)."""
         values = self.slice_values[adapter][pname] * self.slice_scale[adapter]
-        flat = torch.zeros(like.numel(), dtype=torch.float32, device=like.device)
-        layout = self.slice_index[adapter][pname].layout
-        if layout.tiled_rows:
-            w = layout.tile_width
-            tile_start = (idx["rows"] * layout.segments_per_row + idx["seg"]) * w
-            pos = (tile_start[:, None] + torch.arange(w, device=like.device)[None, :]).reshape(-1)
-            flat = flat.index_put((pos,), values.reshape(-1).float())
-        else:
-            flat = flat.index_put((idx["flat"],), values.float())
-        return flat.view(like.shape)
+        view, key = self._selected(adapter, pname, torch.zeros(like.shape, dtype=torch.float32, device=like.device))
+        return view.index_put(key, values.float()).view(like.shape)
 
     def get_delta_weight(self, adapter: str) -> dict[str, torch.Tensor]:
         """Dense deltas of every parameter the adapter slices in this layer."""
@@ -231,18 +231,6 @@ class SliceLayer(BaseTunerLayer):
                 patched[pname] = (base.float() + self.dense_delta(adapter, pname, base)).to(base.dtype)
         return patched
 
-    def _selected_view(self, adapter: str, pname: str, param: torch.Tensor):
-        """(getter, setter) of the selected entries of `param`, shaped like the adapter's values."""
-        idx = self.slice_index[adapter][pname].on(param.device)
-        layout = self.slice_index[adapter][pname].layout
-        if layout.tiled_rows:
-            view = param.data.view(param.shape[0], layout.segments_per_row, layout.tile_width)
-            key = (idx["rows"], idx["seg"])
-        else:
-            view = param.data.view(-1)
-            key = (idx["flat"],)
-        return (lambda: view[key].clone()), (lambda new: view.__setitem__(key, new))
-
     # -- merge / unmerge ------------------------------------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)
@@ -250,18 +238,18 @@ class SliceLayer(BaseTunerLayer):
         for adapter in adapter_names:
             if adapter not in self.slice_values:
                 continue
-            originals = {}
-            updates = {}
+            originals, updates = {}, []
             for pname, values in self.slice_values[adapter].items():
-                get, _ = self._selected_view(adapter, pname, params[pname])
-                original = get()
+                view, key = self._selected(adapter, pname, params[pname].data)
+                original = view[key]  # advanced indexing: already a copy
                 merged = (original.float() + values.detach().float() * self.slice_scale[adapter]).to(original.dtype)
                 if safe_merge and not torch.isfinite(merged).all():
                     raise ValueError(f"NaNs or infs detected in the merged weights of adapter {adapter!r} ({pname}): "
                                      "the slice is broken, nothing was merged")
-                originals[pname], updates[pname] = original, merged
-            for pname, merged in updates.items():
-                self._selected_view(adapter, pname, params[pname])[1](merged)
+                originals[pname] = original
+                updates.append((view, key, merged))
+            for view, key, merged in updates:
+                view[key] = merged
             self._merge_originals[adapter] = originals
             self.merged_adapters.append(adapter)
 
@@ -271,7 +259,8 @@ class SliceLayer(BaseTunerLayer):
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
             for pname, original in self._merge_originals.pop(adapter, {}).items():
-                self._selected_view(adapter, pname, params[pname])[1](original)
+                view, key = self._selected(adapter, pname, params[pname].data)
+                view[key] = original
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
