@@ -83,10 +83,7 @@ def main(argv=None):
                   "latent": list(size["latent"]), "text_len": size["text_len"], "repeats": repeats,
                   "threads": args.threads, "calls": size["calls"], "warmup": size["warmup"]},
         "rows": rows,
-        "profile": ({"config": "unmerged slice 0.001", "baseline": "base", "ms_per_step_self_cpu": {
-            n: sum(v[0] for v in results[n].profile.values()) for n in profiled},
-            "extra_ops": common.profile_diff(results["unmerged slice 0.001"].profile, results["base"].profile)}
-            if len(profiled) == 2 else None),
+        "profile": common.profile_summary(results, "unmerged slice 0.001", "base") if len(profiled) == 2 else None,
     })
 
 

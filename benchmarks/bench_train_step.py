@@ -131,10 +131,7 @@ def main(argv=None):
                   "threads": args.threads,
                   "calls": size["calls"], "warmup": size["warmup"]},
         "rows": evaluate(results, specs),
-        "profile": ({"config": "slice 0.001", "baseline": "frozen", "ms_per_step_self_cpu": {
-            n: sum(v[0] for v in results[n].profile.values()) for n in profiled},
-            "extra_ops": common.profile_diff(results["slice 0.001"].profile, results["frozen"].profile)}
-            if len(profiled) == 2 else None),
+        "profile": common.profile_summary(results, "slice 0.001", "frozen") if len(profiled) == 2 else None,
     })
 
 

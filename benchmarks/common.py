@@ -135,6 +135,15 @@ def _profile(step, n: int) -> dict:
     return {e.key: (e.self_cpu_time_total / n / 1000, e.count / n) for e in prof.key_averages()}
 
 
+def profile_summary(results: dict, config: str, baseline: str) -> dict | None:
+    """The JSON profile entry of a benchmark: total self-CPU ms per step of both, and the ops `config` adds."""
+    if config not in results or baseline not in results:
+        return None
+    return {"config": config, "baseline": baseline,
+            "ms_per_step_self_cpu": {n: sum(v[0] for v in results[n].profile.values()) for n in (baseline, config)},
+            "extra_ops": profile_diff(results[config].profile, results[baseline].profile)}
+
+
 def profile_diff(profile: dict, baseline: dict, top: int = 12) -> list[tuple[str, float, float]]:
     """The ops a configuration spends the most extra self-CPU time on, vs the baseline: (op, +ms/step, +calls)."""
     keys = set(profile) | set(baseline)
