@@ -33,17 +33,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        from slice_adapter.report import plan_report
+        from slice_adapter.report import format_bytes, plan_report
 
         report = plan_report(args.model, args.fraction, args.slice_id, args.seed, args.target_modules,
                              args.exclude_modules)
@@ -54,7 +47,7 @@ def main(argv=None) -> int:
         print(json.dumps(report))
         return 0
     r = report
-    print(f"model {r['model']}: {r['total_params']:,} parameters ({_size(r['model_bytes_bf16'])} in bf16)")
+    print(f"model {r['model']}: {r['total_params']:,} parameters ({format_bytes(r['model_bytes_bf16'])} in bf16)")
     print(f"slice fraction {r['fraction']} id {r['slice_id']} seed {r['seed']} (of {r['num_slices']} disjoint slices)")
     print(f"trainable {r['trainable_params']:,} = {r['percent_of_model']:.4f}% of the model, "
           f"{r['percent_of_targeted']:.4f}% of {r['targeted_params']:,} targeted")
@@ -62,7 +55,7 @@ def main(argv=None) -> int:
     print(f"per block ({b['blocks']} blocks): min {b['min']:,} mean {b['mean']:,.1f} max {b['max']:,}")
     print(f"{'':10}{'values':>12}{'gradients':>12}{'Adam (2)':>12}{'index':>12}{'VRAM est.':>12}")
     for scheme, m in r["bytes"].items():
-        print(f"{scheme:10}" + "".join(f"{_size(m[k]):>12}" for k in
+        print(f"{scheme:10}" + "".join(f"{format_bytes(m[k]):>12}" for k in
                                       ("values", "gradients", "adam_states", "index", "vram_estimate")))
     print(r["note"])
     return 0

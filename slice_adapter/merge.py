@@ -30,6 +30,7 @@ from .checkpoint import (Checkpoint, StreamWriter, TensorEntry, TensorReader, dt
 from .deltas import SliceDeltas, check_layout_matches, iter_touched, planned_overlap, prior_plan, read_slice
 from .export import check_wan2gp_filename, infer_wan2gp_architecture, wan2gp_definition, write_wan2gp_definition
 from .keys import detect_key_format, diffusers_to_wan, wan_to_diffusers
+from .report import format_bytes
 from .selection import overlap_count
 
 PROVENANCE_KEY = "slice_ft.merged_slices"
@@ -402,16 +403,8 @@ def _check_space(output: Path, plan) -> None:
     need = sum(torch.empty(0, dtype=dt).element_size() * math.prod(shape) for _, dt, shape in plan)
     free = _free_space(output.parent)
     if need > free:
-        raise ValueError(f"not enough free disk space for {str(output)!r}: it needs {_human(need)}, {_human(free)} "
+        raise ValueError(f"not enough free disk space for {str(output)!r}: it needs {format_bytes(need)}, {format_bytes(free)} "
                          "are free; free space or write elsewhere")
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 class _NoBar:

@@ -39,6 +39,15 @@ INDEX_BYTES_PER_ROW_TILE = 32  # ~4 int64 per tile (row, segment, slot, padded r
 INDEX_BYTES_PER_ELEMENT = 8  # one int64 per selected element of a norm/bias/modulation
 
 
+def format_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB' (binary units, as the tables and logs print sizes)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
 def _load_model_source(model: Union[str, dict, Path]):
     """(label, ("config", dict) or ("checkpoint", path)) for a model name, a config, or a path."""
     from .wan_configs import WAN_CONFIGS, wan_config
