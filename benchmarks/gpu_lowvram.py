@@ -8,8 +8,8 @@ The model is the real Wan 2.1/2.2 14B transformer config with random bf16 weight
 block by block; swapped blocks go straight to pinned CPU memory), 480x832, 81 frames (latents 1x16x21x60x104), text
 1x512x4096, gradient checkpointing, bf16 autocast, AdamW on the trainable tensors. Peak VRAM is
 torch.cuda.max_memory_allocated over the timed steps (weights included); s/step is the median after warm-up.
-Without CUDA it prints why, writes the table with "not yet measured" rows and exits 0. --smoke runs the same code
-path on CPU with a tiny config in seconds (CI).
+Without CUDA it prints why, writes the table with "not yet measured" rows and exits 0 (--plan_only does that on
+purpose, on any machine). --smoke runs the same code path on CPU with a tiny config in seconds (CI).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ class Row:
     adapter: str  # "slice" or "lora"
     base_dtype: str  # "bf16" or "fp8"
     swap: str  # "none", "half" or "max": 0, num_layers // 2, num_layers - 1 (0 / 20 / 39 on the 14B)
+    offload_activations: bool = False  # --gradient_checkpointing_cpu_offload
 
     def blocks_to_swap(self, num_layers: int) -> int:
         return {"none": 0, "half": num_layers // 2, "max": num_layers - 1}[self.swap]
@@ -59,7 +60,8 @@ class Row:
 ROWS = (
     Row("slice", "slice", "bf16", "none"),
     Row("slice + block swap", "slice", "bf16", "half"),
-    Row("slice + block swap (max)", "slice", "bf16", "max"),
+    Row("slice + block swap (all) + activation offload", "slice", "bf16", "max", True),
+    Row("slice + block swap (all), activations on the GPU", "slice", "bf16", "max"),
     Row("slice + fp8 base", "slice", "fp8", "none"),
     Row("LoRA baseline (equal trainable weights)", "lora", "bf16", "none"),
 )
@@ -142,11 +144,15 @@ def slice_trainable_count(cfg: dict, fraction: float) -> int:
     return _count_trainable(model)
 
 
+def lora_params_per_rank(cfg: dict) -> int:
+    """Trainable weights per unit of LoRA rank on LORA_TARGETS in every block: sum of (in + out) features."""
+    d, ffn, layers = cfg["num_attention_heads"] * cfg["attention_head_dim"], cfg["ffn_dim"], cfg["num_layers"]
+    return layers * (8 * (d + d) + (d + ffn) + (ffn + d))  # attn1 + attn2 (4 each, d x d), ffn up and down
+
+
 def lora_rank_for(cfg: dict, trainable: int) -> int:
     """LoRA rank on every block Linear whose r * sum(in + out) is closest to `trainable`."""
-    d, ffn, layers = cfg["num_attention_heads"] * cfg["attention_head_dim"], cfg["ffn_dim"], cfg["num_layers"]
-    per_rank = layers * (8 * (d + d) + (d + ffn) + (ffn + d))  # attn1 + attn2 (4 each, d x d), ffn up and down
-    return max(1, round(trainable / per_rank))
+    return max(1, round(trainable / lora_params_per_rank(cfg)))
 
 
 def add_adapter(model, row: Row, fraction: float, lora_rank: int) -> None:
@@ -164,7 +170,9 @@ def add_adapter(model, row: Row, fraction: float, lora_rank: int) -> None:
 def run_row(row: Row, cfg: dict, latents: tuple, text: tuple, device: torch.device, dtype: torch.dtype,
             fraction: float, lora_rank: int, steps: int, warmup: int) -> dict:
     """Build, set up in the training script's order, train `warmup + steps` steps; peak VRAM and median s/step."""
-    from slice_ft.offload import enable_block_swap, quantize_base_to_fp8
+    from contextlib import nullcontext
+
+    from slice_ft.offload import enable_block_swap, offload_saved_activations, quantize_base_to_fp8
 
     n_swap = row.blocks_to_swap(cfg["num_layers"])
     cuda = device.type == "cuda"
@@ -195,9 +203,9 @@ def run_row(row: Row, cfg: dict, latents: tuple, text: tuple, device: torch.devi
     times, loss = [], float("nan")
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        with autocast:
+        with autocast, (offload_saved_activations() if row.offload_activations else nullcontext()):
             pred = model(x, t, enc, return_dict=False)[0]
-        loss = F.mse_loss(pred.float(), (noise - x).float())
+            loss = F.mse_loss(pred.float(), (noise - x).float())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -219,8 +227,9 @@ def run_row(row: Row, cfg: dict, latents: tuple, text: tuple, device: torch.devi
 def format_table(header: list, rows: list) -> str:
     lines = header + [
         "",
-        "| run | adapter | base | blocks_to_swap | trainable params | peak VRAM (GiB) | s/step | note |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | adapter | base | blocks_to_swap | activation offload | trainable params | peak VRAM (GiB) | s/step "
+        "| note | command |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
@@ -235,6 +244,9 @@ def main(argv=None) -> int:
     parser.add_argument("--fraction", type=float, default=1e-3)
     parser.add_argument("--rows", type=str, default=None,
                         help="comma-separated row numbers (1-based) to run; default all")
+    parser.add_argument("--plan_only", action="store_true",
+                        help="run nothing: write the rows and their commands with 'not yet measured' (what "
+                             "run_all.py puts in BENCHMARKS.md until a GPU run has written --output)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
@@ -245,14 +257,17 @@ def main(argv=None) -> int:
         except (ValueError, IndexError):
             parser.error(f"--rows must list numbers in 1..{len(ROWS)}, got {args.rows!r}")
 
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and not args.plan_only
+    if args.smoke and args.plan_only:
+        parser.error("--smoke runs the tiny config on CPU; --plan_only runs nothing: pass one of them")
     if args.smoke:
         cfg, latents, text, device, dtype = TINY, LATENTS_TINY, TEXT_TINY, torch.device("cpu"), torch.float32
         gpu = "none (--smoke: tiny config on CPU, block swap emulated with a second CPU copy)"
     else:
         cfg, latents, text, dtype = WAN_14B, LATENTS_14B, TEXT_14B, torch.bfloat16
         device = torch.device("cuda") if cuda else None
-        gpu = torch.cuda.get_device_name(0) if cuda else "none: CUDA is not available"
+        gpu = (torch.cuda.get_device_name(0) if cuda else
+               "none: --plan_only" if args.plan_only else "none: CUDA is not available")
     model_desc = (
         f"Wan transformer dim {cfg['num_attention_heads'] * cfg['attention_head_dim']}, "
         f"{cfg['num_attention_heads']} heads x {cfg['attention_head_dim']}, ffn {cfg['ffn_dim']}, "
@@ -274,19 +289,28 @@ def main(argv=None) -> int:
     trainable_slice = slice_trainable_count(cfg, args.fraction)
     rank = lora_rank_for(cfg, trainable_slice)
     rows, status = [], 0
-    if not args.smoke and not cuda:
+    if not args.smoke and not cuda and not args.plan_only:
         print("CUDA is not available: nothing measured; writing the table with 'not yet measured' rows "
               "(use --smoke for the CPU code path).", file=sys.stderr)
     def base_name(row: Row) -> str:
         return "fp8 e4m3" if row.base_dtype == "fp8" else {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
 
+    passthrough = ["--smoke"] if args.smoke else []
+    for flag, value, default in (("--steps", args.steps, 3), ("--warmup", args.warmup, 1),
+                                 ("--fraction", args.fraction, 1e-3)):
+        passthrough += [flag, f"{value:g}"] if value != default else []
     for row in selected:
         n_swap = row.blocks_to_swap(cfg["num_layers"])
         note = f"LoRA rank {rank} on {', '.join(LORA_TARGETS)}" if row.adapter == "lora" else ""
+        command = "`" + shlex.join(["python", "benchmarks/gpu_lowvram.py", "--rows", str(ROWS.index(row) + 1),
+                                    *passthrough]) + "`"
+        settings = [row.label, row.adapter, base_name(row), n_swap, "yes" if row.offload_activations else "no"]
         if not args.smoke and not cuda:
-            rows.append([row.label, row.adapter, base_name(row), n_swap,
-                         f"~{trainable_slice:,}" if row.adapter == "slice" else f"rank {rank}",
-                         NOT_MEASURED, NOT_MEASURED, "no CUDA GPU on the machine that ran this"])
+            rows.append(settings + [f"~{trainable_slice:,}" if row.adapter == "slice" else
+                                    f"~{rank * lora_params_per_rank(cfg):,} (rank {rank})",
+                                    NOT_MEASURED, NOT_MEASURED,
+                                    "" if args.plan_only else "no CUDA GPU on the machine that ran this",
+                                    command])
             continue
         failure = None
         try:
@@ -300,14 +324,13 @@ def main(argv=None) -> int:
             gc.collect()  # the traceback is gone here, so the failed run's tensors can be freed
             if cuda:
                 torch.cuda.empty_cache()
-            rows.append([row.label, row.adapter, base_name(row), n_swap, "", failure[0], failure[0], failure[1]])
+            rows.append(settings + ["", failure[0], failure[0], failure[1], command])
             continue
         peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "n/a (CPU)"
         if not math.isfinite(r["loss"]):
             note = (note + "; " if note else "") + f"non-finite loss {r['loss']}"
             status = 1
-        rows.append([row.label, row.adapter, base_name(row), r["blocks_to_swap"], f"{r['trainable']:,}", peak,
-                     f"{r['s_per_step']:.3f}", note])
+        rows.append(settings + [f"{r['trainable']:,}", peak, f"{r['s_per_step']:.3f}", note, command])
     table = format_table(header, rows)
     print(table)
     args.output.parent.mkdir(parents=True, exist_ok=True)

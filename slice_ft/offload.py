@@ -31,6 +31,14 @@ Order in a training script: load on CPU -> ``add_adapter`` -> ``quantize_base_to
 ``enable_gradient_checkpointing`` -> ``enable_block_swap`` -> build the optimizer -> ``accelerator.prepare`` with
 ``device_placement=False`` for the transformer (a later ``transformer.to(device)`` would load every block).
 
+Activation offload (`offload_saved_activations`)
+-----------------------------------------------
+With gradient checkpointing the activations autograd keeps between forward and backward are the blocks' inputs
+(the hidden states: 40 x 32,760 tokens x 5,120 x bf16 = 13 GiB on Wan 14B at 480x832x81), more than all-blocks-swapped
+weights need. Inside this context every tensor autograd saves outside a checkpointed block (the checkpoint inputs
+among them; inside a block checkpoint's own hooks take over) is copied to pinned CPU memory at once and copied back
+when backward unpacks it: musubi-tuner's ``--gradient_checkpointing_cpu_offload``.
+
 fp8 base (`quantize_base_to_fp8`)
 ---------------------------------
 Frozen ``nn.Linear`` weights of the blocks are stored as ``float8_e4m3fn`` with one float32 scale per tensor
@@ -42,6 +50,7 @@ only for training: merging a trained slice always starts from the original full-
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence, Union
 
@@ -58,6 +67,7 @@ __all__ = [
     "disable_block_swap",
     "enable_block_swap",
     "get_block_swap",
+    "offload_saved_activations",
     "quantize_base_to_fp8",
 ]
 
@@ -439,6 +449,60 @@ def disable_block_swap(transformer: nn.Module, device: Union[str, torch.device, 
         raise ValueError("block swap is not enabled on this transformer; nothing to disable (call enable_block_swap first).")
     swapper.remove(torch.device(device) if device is not None else swapper.device)
     del transformer.__dict__[_SWAP_ATTR]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Activation offload
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class offload_saved_activations(torch.autograd.graph.saved_tensors_hooks):  # noqa: N801 (a context manager, as torch's)
+    """Context manager: tensors autograd saves are kept in (pinned) CPU memory until backward needs them.
+
+    Use it around the forward (and loss) of a model with gradient checkpointing on; backward runs outside it. Every
+    saved tensor is copied, also when it already lives on the CPU (so the CPU tests see real copies). Counters:
+    `packed_bytes` (bytes copied to the CPU) and `num_packed` / `num_reused` (saves copied / served by an earlier copy).
+
+    Written here rather than using ``torch.autograd.graph.save_on_cpu`` because that copies a tensor once per save and
+    synchronously: Wan passes the same text states, timestep projection and RoPE tables to all 40 blocks (1.3 GiB of
+    RoPE alone per step on 14B), and a blocking copy per block stalls the GPU. Here a tensor is copied once per
+    context (recognised by identity and version while it is alive) and the copy is asynchronous on the compute
+    stream, which keeps it ordered before any reuse of the source memory.
+    """
+
+    def __init__(self, pin_memory: Optional[bool] = None):
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self.packed_bytes = 0
+        self.num_packed = 0
+        self.num_reused = 0
+        copies: dict[int, tuple] = {}  # id(tensor) -> (weakref, version, packed)
+
+        def pack(t: torch.Tensor):
+            hit = copies.get(id(t))
+            if hit is not None and hit[0]() is t and hit[1] == t._version:
+                self.num_reused += 1
+                return hit[2]
+            pin = self.pin_memory and t.device.type != "cpu"
+            cpu = torch.empty(t.shape, dtype=t.dtype, layout=t.layout, device="cpu", pin_memory=pin)
+            cpu.copy_(t.detach(), non_blocking=pin)
+            packed = (t.device, cpu, pin)
+            try:
+                copies[id(t)] = (weakref.ref(t), t._version, packed)
+            except TypeError:  # not weak-referenceable: just no reuse
+                pass
+            self.packed_bytes += cpu.numel() * cpu.element_size()
+            self.num_packed += 1
+            return packed
+
+        def unpack(packed):
+            device, cpu, pin = packed
+            return cpu.to(device, non_blocking=pin) if device.type != "cpu" else cpu
+
+        super().__init__(pack, unpack)
+
+    def __enter__(self) -> "offload_saved_activations":
+        super().__enter__()
+        return self
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -27,6 +28,26 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return params
 
 
+def parse_optimizer_args(items: Sequence[str]) -> dict[str, Any]:
+    """``["key=value", ...]`` (musubi-tuner's --optimizer_args) -> keyword arguments; values are Python literals,
+    anything else is kept as a string. Mappings (from a YAML config) are taken as they are."""
+    kwargs: dict[str, Any] = {}
+    for item in items or ():
+        if isinstance(item, Mapping):  # a YAML config may give a mapping
+            kwargs.update(item)
+            continue
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--optimizer_args item {item!r} is not key=value; write e.g. --optimizer_args "
+                             "min_8bit_size=0 \"betas=(0.9,0.99)\"")
+        try:
+            kwargs[key] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            kwargs[key] = value.strip()
+    return kwargs
+
+
 def build_optimizer(
     params: Iterable[torch.nn.Parameter],
     name: str = "adamw",
@@ -35,14 +56,17 @@ def build_optimizer(
     weight_decay: float = 0.0,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    optimizer_args: Optional[Mapping[str, Any]] = None,
 ) -> torch.optim.Optimizer:
-    """AdamW (torch), AdamW8bit (bitsandbytes) or Adafactor (transformers, fixed learning rate) over `params`."""
+    """AdamW (torch), AdamW8bit (bitsandbytes) or Adafactor (transformers, fixed learning rate) over `params`.
+
+    `optimizer_args` are passed to the optimizer's constructor and win over the named arguments."""
     params = list(params)
     if not learning_rate > 0:
         raise ValueError(f"--learning_rate must be > 0, got {learning_rate!r}; e.g. 1e-4")
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=learning_rate, betas=betas, weight_decay=weight_decay, eps=eps)
-    if name == "adamw8bit":
+        cls, kwargs = torch.optim.AdamW, dict(betas=betas, weight_decay=weight_decay, eps=eps)
+    elif name == "adamw8bit":
         try:
             import bitsandbytes as bnb
         except ImportError:
@@ -50,14 +74,22 @@ def build_optimizer(
                 "--optimizer adamw8bit needs bitsandbytes, which is not installed: `pip install bitsandbytes` "
                 "(or `pip install slice-ft[8bit]`), or use --optimizer adamw / adafactor"
             ) from None
-        return bnb.optim.AdamW8bit(params, lr=learning_rate, betas=betas, weight_decay=weight_decay, eps=eps)
-    if name == "adafactor":
+        cls, kwargs = bnb.optim.AdamW8bit, dict(betas=betas, weight_decay=weight_decay, eps=eps)
+    elif name == "adafactor":
         from transformers.optimization import Adafactor
 
         # An external learning rate (and so the lr scheduler) instead of Adafactor's relative step size.
-        return Adafactor(params, lr=learning_rate, weight_decay=weight_decay, scale_parameter=False,
-                         relative_step=False, warmup_init=False)
-    raise ValueError(f"--optimizer {name!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
+        cls, kwargs = Adafactor, dict(weight_decay=weight_decay, scale_parameter=False, relative_step=False,
+                                      warmup_init=False)
+    else:
+        raise ValueError(f"--optimizer {name!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
+    optimizer_args = dict(optimizer_args or {})
+    kwargs.update(optimizer_args)
+    try:
+        return cls(params, lr=learning_rate, **kwargs)
+    except TypeError as e:  # an --optimizer_args key the constructor does not take
+        raise ValueError(f"--optimizer {name} ({cls.__module__}.{cls.__name__}) rejected its arguments "
+                         f"{sorted(optimizer_args)}: {e}; check --optimizer_args") from None
 
 
 # --- timesteps and noise ----------------------------------------------------------------------------------------

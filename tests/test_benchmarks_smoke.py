@@ -57,7 +57,26 @@ def test_smoke_run_writes_every_table_with_a_row_per_configuration(smoke_report)
         for name, want in zip(names, expected):
             assert name.startswith(want), (title, names)
     assert "## Targets (issue 5)" in report and "## GPU (issue 6)" in report
-    assert "not yet measured" in report.lower()
+    gpu = first_table(section(report, "## GPU (issue 6)"))
+    assert [row[0] for row in gpu][:3] == ["slice", "slice + block swap", "slice + block swap (all) + activation offload"]
+    assert all(row[6] == row[7] == "not yet measured" and row[-1].startswith("`python benchmarks/gpu_lowvram.py")
+               for row in gpu)
+    assert "**Not yet measured**" in section(report, "## GPU (issue 6)")
+
+
+def test_gpu_section_embeds_a_measured_table_when_a_gpu_run_wrote_one(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import run_all
+
+    measured = tmp_path / "lowvram_14b.md"
+    measured.write_text("# slice-ft low-VRAM training (Wan 14B)\n\n- GPU: NVIDIA H100\n\n| run | peak VRAM (GiB) |\n"
+                        "|---|---|\n| slice + block swap (all) + activation offload | 9.87 |\n")
+    text = run_all.gpu_section(measured)
+    assert "| slice + block swap (all) + activation offload | 9.87 |" in text and "- GPU: NVIDIA H100" in text
+    assert "not yet measured" not in text.lower() and "# slice-ft" not in text
+    measured.write_text(measured.read_text().replace("9.87", "not yet measured"))  # a CPU run's file is not a result
+    text = run_all.gpu_section(measured)
+    assert "9.87" not in text and "**Not yet measured**" in text and "`python benchmarks/gpu_lowvram.py --rows 6`" in text
 
 
 def test_smoke_ratios_are_numbers(smoke_report):

@@ -334,8 +334,59 @@ def test_low_memory_options_train_the_float32_slice_on_an_fp8_swapped_base(tmp_p
     assert any("fp8 base: 20 block Linear weights" in r.getMessage() for r in caplog.records)
 
 
-def test_optimizers_cover_only_the_slice_and_adamw8bit_explains_a_missing_bitsandbytes():
-    from slice_ft.training import build_optimizer
+@pytest.mark.parametrize("flags, match", [
+    (["--blocks_to_swap", "2"], r"--blocks_to_swap 2 needs --gradient_checkpointing"),
+    (["--gradient_checkpointing_cpu_offload"], r"--gradient_checkpointing_cpu_offload needs --gradient_checkpointing"),
+    (["--optimizer_args", "lr"], r"--optimizer_args item 'lr' is not key=value"),
+    (["--max_train_steps", "0"], r"--max_train_steps must be >= 1, got 0"),
+])
+def test_flag_combinations_that_cannot_work_are_refused_before_loading_anything(flags, match):
+    with pytest.raises(ValueError, match=match):
+        train_slice_ft.parse_args(["--generate_demo_corpus", *flags])
+
+
+def test_adamw8bit_on_an_fp8_swapped_offloaded_base_merges_into_the_full_precision_file(tmp_path, corpus, caplog):
+    from slice_ft.models import load_transformer, save_transformer_state_dict
+    from slice_ft.outputs import merged_state_dict
+    from slice_ft.tiny import TINY_TRANSFORMER_CONFIG, build_tiny_transformer
+    import slice_adapter
+
+    base = build_tiny_transformer(5)
+    sd = {k: (v.to(torch.bfloat16) if k.endswith("weight") and v.ndim == 2 else v) for k, v in base.state_dict().items()}
+    ckpt = save_transformer_state_dict(sd, tmp_path / "wan_tiny.safetensors", "wan", "model.diffusion_model.")
+    cfg_dir = tmp_path / "cfg"
+    cfg_dir.mkdir()
+    (cfg_dir / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DModel", **TINY_TRANSFORMER_CONFIG}))
+    with caplog.at_level(logging.INFO):
+        result = train(tmp_path / "out", "--max_train_steps", "2", "--checkpointing_steps", "2", "--transformer_file",
+                       ckpt, "--transformer_config", cfg_dir / "config.json", "--mixed_precision", "bf16",
+                       "--base_dtype", "fp8", "--gradient_checkpointing", "--gradient_checkpointing_cpu_offload",
+                       "--blocks_to_swap", "1", "--optimizer", "adamw8bit", "--save_merged",
+                       "--optimizer_args", "min_8bit_size=0", "weight_decay=0.0", dataset=corpus)
+    assert all(np.isfinite(result["losses"]))
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("activation offload: " in m and " 0.0 MiB" not in m for m in messages), messages
+    assert any("fp8 base: 20 block Linear weights" in m for m in messages)
+
+    # bitsandbytes kept 8-bit moments for the slice values (min_8bit_size=0 reached the optimizer)
+    state = torch.load(tmp_path / "out" / "checkpoint-2" / "optimizer.bin", weights_only=False)["state"]
+    quant = [s["__bnb_optimizer_quant_state__"] for s in state.values()]  # how bitsandbytes stores its 8-bit state
+    assert quant and all(q["state1"].dtype == q["state2"].dtype == torch.uint8 for q in quant)
+
+    # merged = the bf16 file it was trained from + the float32 slice, never the fp8 training copy
+    model, _ = load_transformer(None, transformer_file=ckpt, config=str(cfg_dir))
+    slice_adapter.load_adapter(model, tmp_path / "out" / "slice")
+    slice_adapter.merge_adapters(model)
+    want = merged_state_dict(model)
+    merged, _ = load_transformer(None, transformer_file=tmp_path / "out" / "merged" / "wan_tiny.safetensors",
+                                 config=str(cfg_dir))
+    got = merged.state_dict()
+    assert all(torch.equal(got[k].to(sd[k].dtype), want[k].to(sd[k].dtype)) for k in want)
+    assert any(not torch.equal(got[k], sd[k].to(got[k].dtype)) for k in sd if k.startswith("blocks."))  # it trained
+
+
+def test_optimizers_cover_only_the_slice_and_adamw8bit_explains_a_missing_bitsandbytes(monkeypatch):
+    from slice_ft.training import build_optimizer, parse_optimizer_args
 
     params = [torch.nn.Parameter(torch.ones(4, 8))]
     params[0].grad = torch.ones(4, 8)
@@ -344,15 +395,25 @@ def test_optimizers_cover_only_the_slice_and_adamw8bit_explains_a_missing_bitsan
         before = params[0].detach().clone()
         opt.step()
         assert not torch.equal(before, params[0]), name
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
+    assert type(build_optimizer(params, "adamw8bit", learning_rate=0.1)).__name__ == "AdamW8bit"
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "bitsandbytes", None)  # as if not installed: `import bitsandbytes` raises ImportError
         with pytest.raises(SystemExit, match="pip install bitsandbytes"):
             build_optimizer(params, "adamw8bit", learning_rate=0.1)
-    else:
-        assert type(build_optimizer(params, "adamw8bit", learning_rate=0.1)).__name__ == "AdamW8bit"
     with pytest.raises(ValueError, match="--optimizer 'sgd' is unknown"):
         build_optimizer(params, "sgd", learning_rate=0.1)
+
+    # --optimizer_args: literals, strings and YAML mappings; they reach the constructor and win over the defaults
+    assert parse_optimizer_args(["min_8bit_size=0", "betas=(0.8, 0.9)", "foreach=False", "name=adam", {"eps": 1e-6}]) \
+        == {"min_8bit_size": 0, "betas": (0.8, 0.9), "foreach": False, "name": "adam", "eps": 1e-6}
+    opt = build_optimizer(params, "adamw", learning_rate=0.1,
+                          optimizer_args=parse_optimizer_args(["betas=(0.5,0.6)", "amsgrad=True"]))
+    assert opt.defaults["betas"] == (0.5, 0.6) and opt.defaults["amsgrad"] is True
+    for bad in ("min_8bit_size", "=3", "2x=1"):
+        with pytest.raises(ValueError, match=rf"--optimizer_args item '{bad}' is not key=value"):
+            parse_optimizer_args([bad])
+    with pytest.raises(ValueError, match=r"--optimizer adamw .*AdamW.* rejected its arguments \['momentum'\]"):
+        build_optimizer(params, "adamw", learning_rate=0.1, optimizer_args={"momentum": 0.9})
 
 
 def test_every_training_config_parses_and_every_accelerate_config_loads():
