@@ -362,8 +362,13 @@ def test_adamw8bit_on_an_fp8_swapped_offloaded_base_merges_into_the_full_precisi
                        ckpt, "--transformer_config", cfg_dir / "config.json", "--mixed_precision", "bf16",
                        "--base_dtype", "fp8", "--gradient_checkpointing", "--gradient_checkpointing_cpu_offload",
                        "--blocks_to_swap", "1", "--optimizer", "adamw8bit", "--save_merged",
+                       "--validation_prompts", "a red circle", "--validation_steps", "1", "--validation_num_frames",
+                       "5", "--validation_height", "32", "--validation_width", "48",
+                       "--validation_num_inference_steps", "2",
                        "--optimizer_args", "min_8bit_size=0", "weight_decay=0.0", dataset=corpus)
     assert all(np.isfinite(result["losses"]))
+    # WanPipeline rendered with the swapped fp8 transformer between steps, and training went on afterwards
+    assert result["samples"] and all(Path(p).stat().st_size > 0 for p in result["samples"])
     messages = [r.getMessage() for r in caplog.records]
     assert any("activation offload: " in m and " 0.0 MiB" not in m for m in messages), messages
     assert any("fp8 base: 20 block Linear weights" in m for m in messages)
