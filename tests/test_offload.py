@@ -196,6 +196,96 @@ def test_block_swap_with_slice_adapter():
         assert swapper.loaded_blocks() == [] and all(swapper.is_home(i) for i in swapper.swapped)
 
 
+def test_side_stream_protocol_orders_every_copy_before_its_use(monkeypatch):
+    """The CUDA branch of block swap with recording stand-ins for streams and events (CPU tensors underneath).
+
+    Every load must be issued on the side stream after it waited for the compute stream (memory reuse), and the
+    compute stream must wait on that copy's event before the block computes; a prefetch that is never used must be
+    waited on before its memory is dropped. Outputs and gradients still match the unswapped run.
+    """
+    log = []
+    ids = iter(range(10**6))
+
+    class FakeEvent:
+        def __init__(self):
+            self.id = next(ids)
+
+        def record(self, stream):
+            log.append(("record", stream.name, self.id))
+
+    class FakeStream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            log.append(("wait_stream", self.name, other.name))
+
+        def wait_event(self, event):
+            log.append(("wait_event", self.name, event.id))
+
+        def synchronize(self):
+            pass
+
+    compute, side = FakeStream("compute"), FakeStream("side")
+    current = [compute]
+
+    @contextlib.contextmanager
+    def on_stream(stream):
+        current.append(stream)
+        try:
+            yield
+        finally:
+            current.pop()
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
+    monkeypatch.setattr(torch.cuda, "stream", on_stream)
+
+    model = make_model()
+    add_emulated_adapter(model, blocks=[NUM_LAYERS - 1])  # backward stops early: block 2's prefetch goes unused
+    model.enable_gradient_checkpointing()
+    ref_out, ref_grads = run_step(copy.deepcopy(model))
+    swapper = enable_block_swap(model, NUM_LAYERS - 1, "cpu")
+    swapper.stream = side  # what enable_block_swap creates on a CUDA device
+    issue = swapper._issue_copy
+
+    def logged_issue(blk):
+        log.append(("issue_start", blk.index))
+        issue(blk)
+        log.append(("issued", blk.index, blk.event.id))
+
+    swapper._issue_copy = logged_issue
+    for i in swapper.swapped:
+        model.blocks[i].attn1.to_q.register_forward_pre_hook(lambda m, a, i=i: log.append(("use", i)))
+
+    class CopyStreams(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.copy_.default:
+                log.append(("copy", current[-1].name))
+            return func(*args, **(kwargs or {}))
+
+    with CopyStreams():
+        out, grads = run_step(model)
+    assert (out - ref_out).abs().max().item() <= TOL and max_diff(grads, ref_grads) <= TOL
+
+    issued = [(k, e) for k, e in enumerate(log) if e[0] == "issued"]
+    uses = [(k, e[1]) for k, e in enumerate(log) if e[0] == "use"]
+    assert len(uses) == NUM_LAYERS - 1 + 1  # forward of blocks 1..3, recompute of block 3 (the one that trains)
+    for k, (_, i, event) in issued:
+        start = max(j for j in range(k) if log[j] == ("issue_start", i))
+        between = log[start:k]
+        assert ("wait_stream", "side", "compute") in between  # ordered after the compute that freed the memory
+        copies = [e for e in between if e[0] == "copy"]
+        assert copies and all(e == ("copy", "side") for e in copies)  # the copies run on the side stream
+        assert between[-1] == ("record", "side", event)
+    for u, i in uses:
+        _, (_, _, event) = max((k, e) for k, e in issued if e[1] == i and k < u)
+        assert ("wait_event", "compute", event) in log[:u]  # compute waits for the copy before the block runs
+    unused = [(k, e) for k, e in issued if not any(i == e[1] and u > k for u, i in uses)]
+    assert unused and all(("wait_event", "compute", e[2]) in log[k:] for k, e in unused)  # waited before freeing
+    assert swapper.loaded_blocks() == []
+
+
 def test_home_guard_catches_compute_on_home_copy(emulated):
     # Negative control: running a swapped block's layer outside the hooks uses the home copy and must be caught.
     model = copy.deepcopy(emulated[0])
