@@ -102,6 +102,38 @@ def wandb_history_and_config(run_dir):
     return history, config
 
 
+def bf16_single_file_base(tmp_path, seed):
+    """A tiny transformer saved as one bf16 file with original Wan keys, and a folder with its config.json."""
+    from slice_ft.models import save_transformer_state_dict
+    from slice_ft.tiny import TINY_TRANSFORMER_CONFIG, build_tiny_transformer
+
+    base = build_tiny_transformer(seed)
+    sd = {k: (v.to(torch.bfloat16) if k.endswith("weight") and v.ndim == 2 else v) for k, v in base.state_dict().items()}
+    ckpt = save_transformer_state_dict(sd, tmp_path / "wan_tiny.safetensors", "wan", "model.diffusion_model.")
+    cfg_dir = tmp_path / "cfg"
+    cfg_dir.mkdir()
+    (cfg_dir / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DModel", **TINY_TRANSFORMER_CONFIG}))
+    return sd, ckpt, cfg_dir
+
+
+def assert_merged_is_base_file_plus_slice(sd, ckpt, cfg_dir, output_dir):
+    """output_dir/merged/ is exactly output_dir/slice baked into the file `ckpt` (rounded once to its dtypes)."""
+    import slice_adapter
+    from slice_ft.models import load_transformer
+    from slice_ft.outputs import merged_state_dict
+
+    model, _ = load_transformer(None, transformer_file=ckpt, config=str(cfg_dir))
+    slice_adapter.load_adapter(model, Path(output_dir) / "slice")
+    slice_adapter.merge_adapters(model)
+    want = merged_state_dict(model)
+    merged, info = load_transformer(None, transformer_file=Path(output_dir) / "merged" / Path(ckpt).name,
+                                    config=str(cfg_dir))
+    assert (info["key_format"], info["prefix"]) == ("wan", "model.diffusion_model.")
+    got = merged.state_dict()
+    assert all(torch.equal(got[k].to(sd[k].dtype), want[k].to(sd[k].dtype)) for k in want)
+    assert any(not torch.equal(got[k], sd[k].to(got[k].dtype)) for k in sd if k.startswith("blocks."))  # it trained
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """4 images and 2 five-frame videos in two aspect ratios, captions in metadata.jsonl."""
@@ -346,17 +378,7 @@ def test_flag_combinations_that_cannot_work_are_refused_before_loading_anything(
 
 
 def test_adamw8bit_on_an_fp8_swapped_offloaded_base_merges_into_the_full_precision_file(tmp_path, corpus, caplog):
-    from slice_ft.models import load_transformer, save_transformer_state_dict
-    from slice_ft.outputs import merged_state_dict
-    from slice_ft.tiny import TINY_TRANSFORMER_CONFIG, build_tiny_transformer
-    import slice_adapter
-
-    base = build_tiny_transformer(5)
-    sd = {k: (v.to(torch.bfloat16) if k.endswith("weight") and v.ndim == 2 else v) for k, v in base.state_dict().items()}
-    ckpt = save_transformer_state_dict(sd, tmp_path / "wan_tiny.safetensors", "wan", "model.diffusion_model.")
-    cfg_dir = tmp_path / "cfg"
-    cfg_dir.mkdir()
-    (cfg_dir / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DModel", **TINY_TRANSFORMER_CONFIG}))
+    sd, ckpt, cfg_dir = bf16_single_file_base(tmp_path, seed=5)
     with caplog.at_level(logging.INFO):
         result = train(tmp_path / "out", "--max_train_steps", "2", "--checkpointing_steps", "2", "--transformer_file",
                        ckpt, "--transformer_config", cfg_dir / "config.json", "--mixed_precision", "bf16",
@@ -379,15 +401,7 @@ def test_adamw8bit_on_an_fp8_swapped_offloaded_base_merges_into_the_full_precisi
     assert quant and all(q["state1"].dtype == q["state2"].dtype == torch.uint8 for q in quant)
 
     # merged = the bf16 file it was trained from + the float32 slice, never the fp8 training copy
-    model, _ = load_transformer(None, transformer_file=ckpt, config=str(cfg_dir))
-    slice_adapter.load_adapter(model, tmp_path / "out" / "slice")
-    slice_adapter.merge_adapters(model)
-    want = merged_state_dict(model)
-    merged, _ = load_transformer(None, transformer_file=tmp_path / "out" / "merged" / "wan_tiny.safetensors",
-                                 config=str(cfg_dir))
-    got = merged.state_dict()
-    assert all(torch.equal(got[k].to(sd[k].dtype), want[k].to(sd[k].dtype)) for k in want)
-    assert any(not torch.equal(got[k], sd[k].to(got[k].dtype)) for k in sd if k.startswith("blocks."))  # it trained
+    assert_merged_is_base_file_plus_slice(sd, ckpt, cfg_dir, tmp_path / "out")
 
 
 def test_optimizers_cover_only_the_slice_and_adamw8bit_explains_a_missing_bitsandbytes(monkeypatch):
@@ -436,15 +450,7 @@ def test_every_training_config_parses_and_every_accelerate_config_loads():
 
 
 def test_single_file_original_keys_train_and_merge_back_in_the_same_format(tmp_path, corpus):
-    from slice_ft.models import load_transformer, save_transformer_state_dict
-    from slice_ft.tiny import TINY_TRANSFORMER_CONFIG, build_tiny_transformer
-
-    base = build_tiny_transformer(7)
-    sd = {k: (v.to(torch.bfloat16) if k.endswith("weight") and v.ndim == 2 else v) for k, v in base.state_dict().items()}
-    ckpt = save_transformer_state_dict(sd, tmp_path / "wan_tiny.safetensors", "wan", "model.diffusion_model.")
-    cfg_dir = tmp_path / "cfg"
-    cfg_dir.mkdir()
-    (cfg_dir / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DModel", **TINY_TRANSFORMER_CONFIG}))
+    sd, ckpt, cfg_dir = bf16_single_file_base(tmp_path, seed=7)
 
     train(tmp_path / "out", "--max_train_steps", "2", "--transformer_file", ckpt, "--transformer_config",
           cfg_dir / "config.json", "--save_merged", dataset=corpus)
@@ -458,19 +464,7 @@ def test_single_file_original_keys_train_and_merge_back_in_the_same_format(tmp_p
     assert changed and all(".blocks." in k for k in changed)
 
     # the merged file is exactly the trained slice baked into the file it was trained from
-    import slice_adapter
-
-    model, _ = load_transformer(None, transformer_file=ckpt, config=str(cfg_dir))
-    slice_adapter.load_adapter(model, tmp_path / "out" / "slice")
-    slice_adapter.merge_adapters(model)
-    merged, info = load_transformer(None, transformer_file=merged_file, config=str(cfg_dir))
-    assert (info["key_format"], info["prefix"]) == ("wan", "model.diffusion_model.")
-    from slice_ft.outputs import merged_state_dict
-
-    want = merged_state_dict(model)
-    got = merged.state_dict()
-    # round(base + delta) once, to the dtype the base file stores
-    assert all(torch.equal(got[k].to(sd[k].dtype), want[k].to(sd[k].dtype)) for k in want)
+    assert_merged_is_base_file_plus_slice(sd, ckpt, cfg_dir, tmp_path / "out")
 
 
 def test_a_second_slice_stacks_on_the_merged_first_without_touching_it(tmp_path, corpus):
