@@ -475,7 +475,8 @@ class offload_saved_activations(torch.autograd.graph.saved_tensors_hooks):  # no
         self.packed_bytes = 0
         self.num_packed = 0
         self.num_reused = 0
-        copies: dict[int, tuple] = {}  # id(tensor) -> (weakref, version, packed)
+        self._copies: dict[int, tuple] = {}  # id(tensor) -> (weakref, version, packed), while the context is open
+        copies = self._copies
 
         def pack(t: torch.Tensor):
             hit = copies.get(id(t))
@@ -503,6 +504,10 @@ class offload_saved_activations(torch.autograd.graph.saved_tensors_hooks):  # no
     def __enter__(self) -> "offload_saved_activations":
         super().__enter__()
         return self
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        self._copies.clear()  # autograd holds what backward needs; nothing packs after the forward
 
 
 # --------------------------------------------------------------------------------------------------------------------
