@@ -9,7 +9,9 @@ recomputes the block inside backward. The last blocks are the swapped ones, as i
 with the last ``blocks_to_swap`` blocks on the CPU): they are the first ones backward needs, so the last block can stay
 loaded across the forward/backward turn. Unlike musubi, the swapped set is fixed (no rotation): block ``i`` is either
 always resident or always swapped, so peak memory is ``num_blocks - blocks_to_swap`` resident blocks plus two swapped
-blocks in flight (the one running and the one being prefetched).
+blocks in flight (the one running and the one being prefetched). Frozen weights never change, so their CPU copy
+stays valid and a block is never copied back: each load is one host-to-device copy, where musubi-tuner's
+``swap_weight_devices`` moves one block to the CPU and another to the GPU on every swap.
 
 * Prefetch: the pre-hook of block ``i`` starts copying block ``i + 1`` (forward) or ``i - 1`` (backward recompute)
   on a side CUDA stream; an event makes the compute stream wait before the block uses it. The direction comes from
