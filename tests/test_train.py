@@ -237,10 +237,13 @@ class _Stop(Exception):
     pass
 
 
-def test_resume_from_latest_ends_bit_identical_to_an_uninterrupted_run(tmp_path, corpus, monkeypatch):
+@pytest.mark.parametrize("low_memory", [[], [
+    "--gradient_checkpointing", "--blocks_to_swap", "1", "--gradient_checkpointing_cpu_offload", "--base_dtype", "fp8",
+    "--optimizer", "adamw8bit", "--optimizer_args", "min_8bit_size=0"]], ids=["plain", "swapped-fp8-adamw8bit"])
+def test_resume_from_latest_ends_bit_identical_to_an_uninterrupted_run(tmp_path, corpus, monkeypatch, low_memory):
     flags = ["--max_train_steps", "6", "--checkpointing_steps", "3", "--checkpoints_total_limit", "1",
              "--train_batch_size", "2", "--gradient_accumulation_steps", "2", "--lr_scheduler", "linear",
-             "--lr_warmup_steps", "2", "--timestep_sampling", "logit_normal"]
+             "--lr_warmup_steps", "2", "--timestep_sampling", "logit_normal", *low_memory]
     train(tmp_path / "straight", *flags, dataset=corpus)
 
     real_save = train_slice_ft.save_checkpoint
