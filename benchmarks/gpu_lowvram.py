@@ -1,13 +1,16 @@
 """Low-VRAM table: peak VRAM and s/step of slice training on Wan 14B with block swap / fp8 base vs a LoRA baseline.
 
-One command runs the whole table on a CUDA GPU and writes it as markdown to stdout and to --output:
+One command runs the whole table on a CUDA GPU and writes it as markdown to stdout and to --output (by default
+benchmarks/results/lowvram_14b.md, which run_all.py puts in BENCHMARKS.md):
 
-    python benchmarks/gpu_lowvram.py --output benchmarks/results/lowvram_14b.md
+    python benchmarks/gpu_lowvram.py
 
 The model is the real Wan 2.1/2.2 14B transformer config with random bf16 weights (built on meta, then materialized
 block by block; swapped blocks go straight to pinned CPU memory), 480x832, 81 frames (latents 1x16x21x60x104), text
 1x512x4096, gradient checkpointing, bf16 autocast, AdamW on the trainable tensors. Peak VRAM is
-torch.cuda.max_memory_allocated over the timed steps (weights included); s/step is the median after warm-up.
+torch.cuda.max_memory_allocated over the timed steps (weights included); s/step is the median after warm-up. On a GPU
+each row runs in its own Python process (--no-isolate to keep one), so no row inherits another's allocator state,
+pinned host memory or a sticky CUDA error; --rows N measures one row.
 Without CUDA it prints why, writes the table with "not yet measured" rows and exits 0 (--plan_only does that on
 purpose, on any machine). --smoke runs the same code path on CPU with a tiny config in seconds (CI).
 """
@@ -67,6 +70,8 @@ ROWS = (
 )
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
 NOT_MEASURED = "not yet measured"
+RESULTS = REPO / "benchmarks" / "results" / "lowvram_14b.md"
+SMOKE_RESULTS = REPO / "benchmarks" / "results" / "lowvram_smoke.md"
 
 
 def _versions() -> str:
@@ -224,6 +229,42 @@ def run_row(row: Row, cfg: dict, latents: tuple, text: tuple, device: torch.devi
                 loss=loss)
 
 
+def measure_row(row: Row, cfg: dict, latents: tuple, text: tuple, device, dtype, fraction: float, lora_rank: int,
+                steps: int, warmup: int) -> dict:
+    """run_row's result, or {"failure": (kind, message)} for an OOM ("OOM") or any other error ("error")."""
+    try:
+        return run_row(row, cfg, latents, text, device, dtype, fraction, lora_rank, steps, warmup)
+    except torch.cuda.OutOfMemoryError as e:
+        failure = ("OOM", str(e).split("\n")[0][:100])
+    except Exception as e:  # reported in the row; the others still run and the exit code says it failed
+        failure = ("error", f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}")
+    gc.collect()  # the traceback is gone here, so the failed run's tensors can be freed
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {"failure": failure}
+
+
+def measure_row_in_subprocess(index: int, passthrough: list, timeout: float) -> dict:
+    """The same measurement in a fresh Python process (its own CUDA context, allocator and pinned memory), so one
+    row's fragmentation, cached pinned blocks or a sticky CUDA error cannot change the next row."""
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--rows", str(index), "--row_json", str(out),
+               *passthrough]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"failure": ("timeout", f"no result within --row_timeout {timeout:g} s")}
+        if out.exists():
+            return json.loads(out.read_text())
+        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1][:100]
+        return {"failure": ("error", f"exit status {proc.returncode}: {last}")}
+
+
 def format_table(header: list, rows: list) -> str:
     lines = header + [
         "",
@@ -237,17 +278,27 @@ def format_table(header: list, rows: list) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "lowvram_14b.md")
+    parser.add_argument("--output", type=Path, default=None,
+                        help=f"markdown table (default {RESULTS.relative_to(REPO)}, which run_all.py puts in "
+                             f"BENCHMARKS.md; --smoke: {SMOKE_RESULTS.relative_to(REPO)})")
     parser.add_argument("--smoke", action="store_true", help="tiny config on CPU (same code path, seconds)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per run (median reported)")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--fraction", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
+    parser.add_argument("--fraction", type=float, default=1e-3,
+                        help="slice fraction; the LoRA baseline's rank matches its trainable count")
     parser.add_argument("--rows", type=str, default=None,
                         help="comma-separated row numbers (1-based) to run; default all")
     parser.add_argument("--plan_only", action="store_true",
                         help="run nothing: write the rows and their commands with 'not yet measured' (what "
                              "run_all.py puts in BENCHMARKS.md until a GPU run has written --output)")
+    parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                        help="measure each row in its own Python process (default: on for GPU runs, off for --smoke)")
+    parser.add_argument("--row_timeout", type=float, default=1800, help="seconds per isolated row before it is "
+                        "reported as a timeout")
+    parser.add_argument("--row_json", type=Path, default=None, help=argparse.SUPPRESS)  # an isolated row's result
     args = parser.parse_args(argv)
+    if args.output is None:
+        args.output = SMOKE_RESULTS if args.smoke else RESULTS
     if args.steps < 1 or args.warmup < 0:
         parser.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
     selected = ROWS
@@ -260,6 +311,10 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available() and not args.plan_only
     if args.smoke and args.plan_only:
         parser.error("--smoke runs the tiny config on CPU; --plan_only runs nothing: pass one of them")
+    if args.row_json is not None and len(selected) != 1:
+        parser.error("--row_json measures exactly one row: pass --rows N")
+    isolate = args.isolate if args.isolate is not None else (cuda and not args.smoke)
+    isolate = isolate and args.row_json is None and (cuda or args.smoke)
     if args.smoke:
         cfg, latents, text, device, dtype = TINY, LATENTS_TINY, TEXT_TINY, torch.device("cpu"), torch.float32
         gpu = "none (--smoke: tiny config on CPU, block swap emulated with a second CPU copy)"
@@ -312,19 +367,20 @@ def main(argv=None) -> int:
                                     "" if args.plan_only else "no CUDA GPU on the machine that ran this",
                                     command])
             continue
-        failure = None
-        try:
-            r = run_row(row, cfg, latents, text, device, dtype, args.fraction, rank, args.steps, args.warmup)
-        except torch.cuda.OutOfMemoryError as e:
-            failure = ("OOM", str(e).split("\n")[0][:100])
-        except Exception as e:  # report the row and go on with the others; the exit code says it failed
-            failure = ("error", f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}")
-            status = 1
-        if failure is not None:
-            gc.collect()  # the traceback is gone here, so the failed run's tensors can be freed
-            if cuda:
-                torch.cuda.empty_cache()
-            rows.append(settings + ["", failure[0], failure[0], failure[1], command])
+        if args.row_json is not None:  # the child of an isolated run: measure, hand the result back, no table
+            import json
+
+            r = measure_row(row, cfg, latents, text, device, dtype, args.fraction, rank, args.steps, args.warmup)
+            args.row_json.write_text(json.dumps(r))
+            return 0
+        if isolate:
+            r = measure_row_in_subprocess(ROWS.index(row) + 1, passthrough, args.row_timeout)
+        else:
+            r = measure_row(row, cfg, latents, text, device, dtype, args.fraction, rank, args.steps, args.warmup)
+        if "failure" in r:
+            kind, message = r["failure"]
+            status = status if kind == "OOM" else 1  # running out of memory is a result; anything else is a bug
+            rows.append(settings + ["", kind, kind, message, command])
             continue
         peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "n/a (CPU)"
         if not math.isfinite(r["loss"]):

@@ -397,14 +397,21 @@ def section_quality(data: dict, plots_rel: str | None) -> str:
     return "\n".join(text)
 
 
-GPU_RESULTS = HERE / "results" / "lowvram_14b.md"  # gpu_lowvram.py's default --output
-
-
-def gpu_section(results: Path = GPU_RESULTS) -> str:
-    """The low-VRAM 14B table: the one a GPU run wrote to `results`, else its rows and commands, not yet measured."""
+def measured_on_a_gpu(table: str) -> bool:
+    """A gpu_lowvram.py table that holds measurements from a CUDA device (not a smoke, plan or CPU run's)."""
     import gpu_lowvram
 
-    if results.exists() and gpu_lowvram.NOT_MEASURED not in results.read_text():
+    gpu = [line for line in table.splitlines() if line.startswith("- GPU: ")]
+    return bool(gpu) and not gpu[0].startswith("- GPU: none") and gpu_lowvram.NOT_MEASURED not in table
+
+
+def gpu_section(results: Path | None = None) -> str:
+    """The low-VRAM 14B table: the one a GPU run wrote to `results` (default: gpu_lowvram.py's default output),
+    else its rows and commands, not yet measured."""
+    import gpu_lowvram
+
+    results = results or gpu_lowvram.RESULTS
+    if results.exists() and measured_on_a_gpu(results.read_text()):
         table, measured = results.read_text(), True
     else:
         with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):

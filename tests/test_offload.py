@@ -592,6 +592,15 @@ def test_benchmark_smoke_writes_table(tmp_path):
     offloaded = [r for r in rows if "activation offload" in r.split("|")[1]]
     assert len(offloaded) == 1 and "| yes |" in offloaded[0]
 
+    # --isolate: the row is measured in a child process (as GPU runs do by default) and reported the same way
+    assert bench.main(["--smoke", "--isolate", "--rows", "3", "--output", str(out), "--steps", "1", "--warmup", "0"]) == 0
+    (row,) = [line for line in out.read_text().splitlines() if line.startswith("| slice")]
+    assert "activation offload" in row and math.isfinite(float(row.strip("|").split("|")[-3]))
+    # a child that gives no result in time is reported as a timeout, and the exit status says the table is incomplete
+    assert bench.main(["--smoke", "--isolate", "--rows", "1", "--output", str(out), "--row_timeout", "0.01"]) == 1
+    (row,) = [line for line in out.read_text().splitlines() if line.startswith("| slice")]
+    assert "| timeout | timeout | no result within --row_timeout 0.01 s |" in row
+
     # --plan_only runs nothing: every row says so and names the command that measures it
     assert bench.main(["--plan_only", "--output", str(out)]) == 0
     rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
