@@ -1,25 +1,70 @@
-"""slice_adapter: full fine-tuning of deterministic, disjoint parameter slices as a PEFT adapter type ("SLICE")."""
+"""slice_adapter: full fine-tuning of deterministic, disjoint parameter slices as a PEFT adapter type ("SLICE").
 
-from .registry import SLICE_PEFT_TYPE, register_slice_method
-from .config import SliceConfig
-from .model import SliceModel
+Importing the package is cheap: the checkpoint tools (`slice_adapter.merge`, `.export`, `.deltas`, `.report`) need
+only torch, numpy and safetensors. The PEFT side loads with the first public name used (`SliceConfig`, `load_adapter`,
+...) and registers the SLICE type with PEFT; it also registers as soon as PEFT itself is imported (now, if it already
+is), so `PeftModel.from_pretrained(model, slice_folder)` works after a bare `import slice_adapter`. Likewise diffusers
+models get `load_adapter` once diffusers is imported.
+"""
 
-register_slice_method()
+from __future__ import annotations
 
-from .api import merge_adapters, overlap, plan, unmerge_adapters  # noqa: E402
-from .io import load_adapter, save_adapter  # noqa: E402
-from .diffusers_integration import install_diffusers_integration  # noqa: E402
+import importlib
+import sys
 
-install_diffusers_integration()
+import wrapt
 
-__all__ = [
-    "SLICE_PEFT_TYPE",
-    "SliceConfig",
-    "SliceModel",
-    "load_adapter",
-    "merge_adapters",
-    "overlap",
-    "plan",
-    "save_adapter",
-    "unmerge_adapters",
-]
+_PUBLIC = {
+    "SLICE_PEFT_TYPE": "registry",
+    "SliceConfig": "config",
+    "SliceModel": "model",
+    "load_adapter": "io",
+    "save_adapter": "io",
+    "merge_adapters": "api",
+    "overlap": "api",
+    "plan": "api",
+    "unmerge_adapters": "api",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    importlib.import_module(f"{__name__}.model")  # registers the SLICE type with PEFT (end of model.py)
+    value = getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))
+
+
+# The modules that import PEFT, each with the name it defines last: in sys.modules without it = still importing.
+_PEFT_MODULES = {"registry": "register_slice_method", "config": "SliceConfig", "layer": "ParamSlice",
+                 "model": "slice_layers"}
+
+
+def _ensure_registered(*_) -> None:
+    """Register the SLICE type with PEFT as soon as the modules it needs can be imported.
+
+    Runs when PEFT is imported and as each of _PEFT_MODULES finishes importing: `.model` registers at the end of its
+    own import, so import it, unless one of those modules is still importing (it calls this again when done).
+    """
+    for sub, last in _PEFT_MODULES.items():
+        module = sys.modules.get(f"{__name__}.{sub}")
+        if module is not None and not hasattr(module, last):
+            return
+    importlib.import_module(f"{__name__}.model")
+
+
+def _extend_diffusers(_diffusers) -> None:
+    from .diffusers_integration import install_diffusers_integration
+
+    install_diffusers_integration()
+
+
+# A post-import hook runs right after the module is imported, or now if it already is.
+wrapt.register_post_import_hook(_ensure_registered, "peft")
+wrapt.register_post_import_hook(_extend_diffusers, "diffusers")

@@ -7,8 +7,9 @@ from typing import Optional, Union
 
 from peft.config import PeftConfig
 
+from . import _ensure_registered
 from .registry import SLICE_PEFT_TYPE
-from .selection import num_slices_for, parse_fraction, validate_slice_id
+from .selection import check_slice_fields, num_slices_for
 
 
 @dataclass
@@ -63,12 +64,12 @@ class SliceConfig(PeftConfig):
             self.target_modules = list(self.target_modules)
         if isinstance(self.exclude_modules, (list, tuple, set)):
             self.exclude_modules = list(self.exclude_modules)
-        parse_fraction(self.fraction)  # raises a ValueError naming the field and the value
-        validate_slice_id(self.slice_id, self.fraction)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        check_slice_fields(self.fraction, self.slice_id, self.seed)  # ValueErrors naming the field and the value
 
     @property
     def num_slices(self) -> int:
         """How many disjoint slice ids this fraction defines: floor(1 / fraction)."""
         return num_slices_for(self.fraction)
+
+
+_ensure_registered()

@@ -15,24 +15,10 @@ import numpy as np
 import torch
 
 from .checkpoint import TensorEntry, read_header, read_tensor
-from .config import SliceConfig
-from .io import PEFT_KEY_PREFIX, WEIGHTS_NAME, read_adapter_config, recorded_layouts
-from .selection import ADAPTER_CHILD, ParamLayout, SlicePlan, is_targeted, layout_fingerprint, plan_layouts
+from .formats import WEIGHTS_NAME, SliceSettings, param_name_for_key, read_adapter_settings, recorded_layouts
+from .selection import ParamLayout, SlicePlan, is_targeted, layout_fingerprint, plan_layouts
 
-_VALUES_INFIX = ".slice_values."
 _BLOCK_NUM = re.compile(r"(^|\.)blocks\.\d+\.")
-
-
-def param_name_for_key(key: str) -> str:
-    """`base_model.model.<M>.slice_values.<p>` -> `<M>.<p>`; raw parameters live under `<owner>.sliced_params`."""
-    if not key.startswith(PEFT_KEY_PREFIX) or _VALUES_INFIX not in key:
-        raise ValueError(f"{key!r} is not a slice values key (expected "
-                         f"'{PEFT_KEY_PREFIX}<module>{_VALUES_INFIX}<param>')")
-    module, _, pname = key[len(PEFT_KEY_PREFIX):].rpartition(_VALUES_INFIX)
-    if module == ADAPTER_CHILD:
-        return pname
-    module = module.removesuffix("." + ADAPTER_CHILD)
-    return f"{module}.{pname}"
 
 
 def parameter_kind(name: str) -> str:
@@ -59,7 +45,7 @@ class SliceDeltas:
     """One saved slice: its config, recorded layouts, plan and the values file's tensors (not yet read)."""
 
     path: Path
-    config: SliceConfig
+    config: SliceSettings
     layouts: dict[str, ParamLayout]
     plan: SlicePlan
     values_file: Path
@@ -115,7 +101,7 @@ class SliceDeltas:
 def read_slice(path) -> SliceDeltas:
     """Open a slice adapter folder and check it is whole: config, layout record, values keys and shapes."""
     path = Path(path)
-    config = read_adapter_config(path)
+    config = read_adapter_settings(path)
     layouts = recorded_layouts(config)
     recorded = (config.layout or {}).get("fingerprint")
     actual = layout_fingerprint(layouts)

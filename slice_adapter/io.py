@@ -19,28 +19,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import SliceConfig
+from .formats import CONFIG_NAME, WEIGHTS_NAME, layout_record, read_adapter_settings, values_key
 from .layer import SliceLayer
 from .registry import SLICE_PEFT_TYPE
-from .selection import ParamLayout, layout_fingerprint, model_layouts
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PEFT_KEY_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before module names
-
-
-def layout_record(layouts: list[ParamLayout]) -> dict:
-    return {
-        "fingerprint": layout_fingerprint(layouts),
-        "parameters": {lay.name: [list(lay.shape), lay.tiled_rows] for lay in layouts},
-    }
-
-
-def recorded_layouts(config: SliceConfig) -> list[ParamLayout]:
-    """The targeted parameters a saved config records."""
-    if not config.layout:
-        raise ValueError("this slice config records no layout (it was not written by save_adapter): "
-                         "re-save it with slice_adapter.save_adapter")
-    return [ParamLayout(n, tuple(s), bool(r)) for n, (s, r) in config.layout["parameters"].items()]
+from .selection import model_layouts
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -57,7 +39,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     for name, module in _unwrap(model).named_modules():
         if isinstance(module, SliceLayer) and adapter_name in module.slice_values:
             for pname, value in module.slice_values[adapter_name].items():
-                state[f"{PEFT_KEY_PREFIX}{name}.slice_values.{pname}"] = value.detach().to("cpu", torch.float32).contiguous()
+                state[values_key(name, pname)] = value.detach().to("cpu", torch.float32).contiguous()
     return state
 
 
@@ -111,18 +93,7 @@ def save_adapter(model: nn.Module, path, adapter_name: str = "default") -> Path:
 
 def read_adapter_config(path) -> SliceConfig:
     """The SliceConfig of an adapter folder, with clear errors for a missing or broken folder."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ValueError(f"slice adapter folder {str(path)!r} does not exist: pass the folder save_adapter wrote")
-    cfg_file = path / CONFIG_NAME
-    if not cfg_file.is_file():
-        raise ValueError(f"{str(path)!r} has no {CONFIG_NAME}: not an adapter folder (or an incomplete copy)")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{str(cfg_file)!r} is corrupted ({err}): re-save or re-download the adapter") from None
-    if str(raw.get("peft_type", "")).upper() != "SLICE":
-        raise ValueError(f"{str(path)!r} holds a {raw.get('peft_type')!r} adapter, not a slice (peft_type SLICE)")
+    raw = read_adapter_settings(path).raw
     fields = set(SliceConfig.__dataclass_fields__)
     return SliceConfig(**{k: v for k, v in raw.items() if k in fields and k != "peft_type"})
 
@@ -196,7 +167,7 @@ def _assign_values(model: nn.Module, adapter_name: str, values: dict[str, torch.
     for name, module in model.named_modules():
         if isinstance(module, SliceLayer) and adapter_name in module.slice_values:
             for pname, param in module.slice_values[adapter_name].items():
-                expected[f"{PEFT_KEY_PREFIX}{name}.slice_values.{pname}"] = param
+                expected[values_key(name, pname)] = param
     missing = sorted(set(expected) - set(values))
     unexpected = sorted(set(values) - set(expected))
     if missing or unexpected:

@@ -6,6 +6,7 @@ from torch import nn
 from peft.tuners.tuners_utils import BaseTuner, _ExcludedModule
 
 from .config import SliceConfig
+from .registry import register_slice_method
 from .layer import Elementwise, Linear, ParamSlice, SliceLayer
 from .selection import (
     ADAPTER_CHILD,
@@ -140,3 +141,6 @@ class SliceModel(BaseTuner):
 def slice_layers(model: nn.Module):
     """(name, layer) of every slice layer of `model`."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, SliceLayer)]
+
+
+register_slice_method()  # SliceConfig and SliceModel exist now: PEFT can build and load slices

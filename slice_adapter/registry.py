@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from peft.utils.peft_types import PeftType
 
+from . import _ensure_registered
+
 SLICE_NAME = "slice"
 
 
@@ -37,3 +39,6 @@ def register_slice_method() -> None:
     if PEFT_TYPE_TO_TUNER_MAPPING.get(SLICE_PEFT_TYPE) is SliceModel:
         return
     register_peft_method(name=SLICE_NAME, config_cls=SliceConfig, model_cls=SliceModel, prefix="slice_")
+
+
+_ensure_registered()

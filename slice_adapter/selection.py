@@ -243,6 +243,14 @@ def validate_slice_id(slice_id, fraction) -> None:
         )
 
 
+def check_slice_fields(fraction, slice_id, seed) -> None:
+    """ValueErrors naming the field and the value, for a config's fraction, slice id and seed."""
+    parse_fraction(fraction)
+    validate_slice_id(slice_id, fraction)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+
+
 def overlap_count(plan_a: SlicePlan, plan_b: SlicePlan) -> int:
     """Exact number of weights both plans select."""
     total = 0

@@ -16,7 +16,8 @@ from typing import Any, Callable, Optional
 import torch
 
 import slice_adapter
-from slice_adapter.io import PEFT_KEY_PREFIX, read_adapter_values
+from slice_adapter.formats import values_key
+from slice_adapter.io import read_adapter_values
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 SLICE_SUBDIR = "slice"
@@ -32,7 +33,7 @@ def _value_params(model: torch.nn.Module, adapter_name: str) -> dict[str, torch.
     for name, param in model.named_parameters():
         if marker in name:
             module, _, pname = name.partition(marker)
-            out[f"{PEFT_KEY_PREFIX}{module}.slice_values.{pname}"] = param
+            out[values_key(module, pname)] = param
     return out
 
 

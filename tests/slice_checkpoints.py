@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 import slice_adapter
 from slice_adapter import SliceConfig
 from slice_adapter.deltas import layouts_from_shapes, slice_deltas
-from slice_adapter.io import CONFIG_NAME, PEFT_KEY_PREFIX, WEIGHTS_NAME, layout_record
+from slice_adapter.formats import CONFIG_NAME, WEIGHTS_NAME, layout_record, values_key
 from slice_adapter.keys import from_diffusers_state_dict
 from slice_adapter.selection import plan_layouts
 from slice_ft.tiny import build_tiny_transformer
@@ -121,7 +121,7 @@ def synthetic_slice(folder, shapes: dict, fraction, slice_id, seed=0, target_mod
         if pname not in ("weight", "bias"):
             module += ".sliced_params"  # raw parameters are served by the owner's sliced_params child
         shape = (len(tiles), lay.tile_width) if lay.tiled_rows else (len(tiles),)
-        values[f"{PEFT_KEY_PREFIX}{module}.slice_values.{pname}"] = torch.randn(shape, generator=g) * 0.02
+        values[values_key(module, pname)] = torch.randn(shape, generator=g) * 0.02
     save_file(values, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     cfg = SliceConfig(fraction=fraction, slice_id=slice_id, seed=seed, target_modules=target_modules,
                       exclude_modules=exclude_modules, layout=layout_record(layouts), inference_mode=True)
