@@ -34,6 +34,7 @@ import common
 t0 = time.perf_counter()
 import slice_adapter.merge  # what the CLI imports
 t_import = time.perf_counter() - t0
+loaded = [m for m in ("torch", "numpy", "safetensors", "peft", "diffusers", "transformers") if m in sys.modules]
 import_peak = common.peak_rss_mb()
 common.reset_peak_rss()
 sys.argv = {argv!r}
@@ -44,7 +45,7 @@ except SystemExit as e:
     if e.code:
         raise
 t_merge = time.perf_counter() - t0
-print("BENCH " + json.dumps(dict(import_s=t_import, import_peak_mb=import_peak, merge_s=t_merge,
+print("BENCH " + json.dumps(dict(import_s=t_import, import_peak_mb=import_peak, merge_s=t_merge, modules=loaded,
                                  merge_peak_mb=common.peak_rss_mb())))
 """
 
@@ -159,6 +160,7 @@ def main(argv=None):
                     samples["merge_peak_mb"].append(inner["merge_peak_mb"])
                     samples["import_peak_mb"].append(inner["import_peak_mb"])
                     samples["import_s"].append(inner["import_s"])
+                    modules = inner["modules"]
                     out_merge.unlink()
             print(f"  repeat {r + 1}/{repeats}: copy {samples['copy'][-1]:.2f} s (Python copy "
                   f"{samples['pycopy'][-1]:.2f} s), merge CLI "
@@ -207,7 +209,8 @@ def main(argv=None):
         "pycopy": {"wall_s": common.Summary.of(samples["pycopy"]).as_dict(),
                    "gb_per_s": gb / common.Summary.of(samples["pycopy"]).median,
                    "what": "Python readinto/write loop, 1 MiB buffer"},
-        "imports": {"peak_rss_mb": imports.as_dict(), "seconds": common.Summary.of(samples["import_s"]).as_dict()},
+        "imports": {"peak_rss_mb": imports.as_dict(), "seconds": common.Summary.of(samples["import_s"]).as_dict(),
+                    "modules": modules},
         "largest_tensor_mb": largest_mb,
         "rows": rows,
     })

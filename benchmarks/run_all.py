@@ -258,8 +258,9 @@ def section_merge(data: dict) -> tuple[str, list]:
                  "with one fsync for durability (`cp` does none; about 0.8 s here), reads and plans the slices, and "
                  "patches the selected weights of nearly every tensor in place (at this fraction almost every "
                  "tensor holds a few)")
-    why_cli = (f"{startup:.1f} s of the CLI's {cli['wall_s']['median']:.1f} s are interpreter start and imports "
-               f"(`slice_adapter` pulls in torch, peft and diffusers); the merge alone runs at "
+    loaded = imports.get("modules")
+    why_cli = (f"{startup:.1f} s of the CLI's {cli['wall_s']['median']:.1f} s are interpreter start and imports"
+               + (f" ({', '.join(loaded)})" if loaded else "") + "; the merge alone runs at "
                f"{call['x_copy_throughput']['median']:.2f}× copy" if startup > 0.3 * cli["wall_s"]["median"]
                else streaming)
     for r in data["rows"]:
