@@ -123,7 +123,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--decode_threads", type=int, default=0, help="Threads decoding the items of a batch.")
     g.add_argument("--cache_dir", type=str, default=None,
                    help="Precompute VAE latents and text embeddings once into this folder (reused across runs), "
-                        "then free the VAE and text encoder.")
+                        "then free the VAE and text encoder; cached media are hashed, not decoded.")
     g.add_argument("--max_sequence_length", type=int, default=None,
                    help="Text tokens kept (zero-padded), as WanPipeline's max_sequence_length. Default 512 (tiny: 16).")
 
@@ -340,13 +340,14 @@ def main(args: argparse.Namespace) -> dict:
     # --- data --------------------------------------------------------------------------------------------------
     dataset = build_dataset(dataset_name, image_column=args.image_column, video_column=args.video_column,
                             caption_column=args.caption_column)
-    loader = BucketedLoader(dataset, buckets, batch_size=args.train_batch_size, seed=args.seed,
-                            shuffle=args.shuffle_buffer_size > 0, shuffle_buffer=max(1, args.shuffle_buffer_size),
-                            rank=accelerator.process_index, world_size=accelerator.num_processes,
-                            frame_stride=args.frame_stride, decode_threads=args.decode_threads)
     comps.vae.to(accelerator.device)
     comps.text_encoder.to(accelerator.device)
     cache = make_latent_cache(accelerator, args, comps, dataset, buckets) if args.cache_dir else None
+    loader = BucketedLoader(dataset, buckets, batch_size=args.train_batch_size, seed=args.seed,
+                            shuffle=args.shuffle_buffer_size > 0, shuffle_buffer=max(1, args.shuffle_buffer_size),
+                            rank=accelerator.process_index, world_size=accelerator.num_processes,
+                            frame_stride=args.frame_stride, decode_threads=args.decode_threads,
+                            skip_decode=cached_latents(cache))
     encoder = BatchEncoder(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
                            max_sequence_length=args.max_sequence_length, cache=cache, device=accelerator.device)
 
@@ -356,7 +357,7 @@ def main(args: argparse.Namespace) -> dict:
         counter = BucketedLoader(dataset, buckets, batch_size=args.train_batch_size, seed=args.seed,
                                  shuffle=False, rank=accelerator.process_index, world_size=accelerator.num_processes,
                                  frame_stride=args.frame_stride)  # a throwaway loader: its skip counts stay out of the log
-        per_epoch = max(gather_object([sum(1 for _ in counter._positions())]))  # probing only, no decoding
+        per_epoch = max(gather_object([counter.count_batches()]))
         max_train_steps = args.num_train_epochs * max(1, math.ceil(per_epoch / args.gradient_accumulation_steps))
     # accelerate steps a prepared scheduler once per process per optimizer step: scale as diffusers' examples do.
     lr_scheduler = get_scheduler(
@@ -499,7 +500,8 @@ def make_latent_cache(accelerator, args, comps, dataset, buckets) -> LatentCache
         "max_sequence_length": args.max_sequence_length, "dtype": dtype, "frame_stride": args.frame_stride,
     })
     if accelerator.is_main_process:
-        every_item = BucketedLoader(dataset, buckets, batch_size=1, shuffle=False, frame_stride=args.frame_stride)
+        every_item = BucketedLoader(dataset, buckets, batch_size=1, shuffle=False, frame_stride=args.frame_stride,
+                                    skip_decode=cached_latents(cache))
         counts = cache.precompute(every_item.iter_items(), comps.vae, comps.text_encoder, comps.tokenizer,
                                   device=accelerator.device, progress=True)
         logger.info(f"latent cache {args.cache_dir}: {counts}")
@@ -510,6 +512,13 @@ def make_latent_cache(accelerator, args, comps, dataset, buckets) -> LatentCache
     else:
         free_encoders(comps)
     return cache
+
+
+def cached_latents(cache):
+    """The loader's skip_decode: media whose latents are cached at the bucket's size need no decoding."""
+    if cache is None:
+        return None
+    return lambda cid, b: cache.has_latents(cid, num_frames=b.num_frames, height=b.height, width=b.width)
 
 
 def summarize_data(loader) -> dict:

@@ -34,7 +34,7 @@ import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterator, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import av
 import numpy as np
@@ -462,7 +462,7 @@ def content_id(path: Optional[str], data: Optional[bytes]) -> str:
 
 @dataclass
 class Item:
-    pixel_values: torch.Tensor  # (C, F, H, W) in [-1, 1]
+    pixel_values: Optional[torch.Tensor]  # (C, F, H, W) in [-1, 1]; None when skip_decode said so
     caption: str
     id: str                     # sha1 of the file bytes
     source: str                 # path (or a row label for byte rows), for logs
@@ -506,6 +506,10 @@ class BucketedLoader:
     failing to decode are dropped from their batch (it shrinks; an emptied batch is not
     yielded but still counts as a batch position for resume). Per-rank batch counts can
     differ: use a fixed step budget rather than relying on equal epoch lengths under DDP.
+
+    ``skip_decode(content_id, bucket)``, when given, is asked before each item is decoded; when
+    it is true for every item of a batch (e.g. their latents are cached), nothing is decoded and
+    ``pixel_values`` is None.
     """
 
     def __init__(
@@ -522,6 +526,7 @@ class BucketedLoader:
         frame_stride: Optional[int] = None,
         drop_last: bool = False,
         decode_threads: int = 0,
+        skip_decode: Optional[Callable[[str, Bucket], bool]] = None,
     ):
         if not isinstance(buckets, BucketConfig):
             raise ValueError(f"buckets must be a BucketConfig, got {type(buckets).__name__}; "
@@ -543,6 +548,7 @@ class BucketedLoader:
         self.frame_stride = frame_stride
         self.drop_last = bool(drop_last)
         self.decode_threads = int(decode_threads)
+        self.skip_decode = skip_decode
         ds = dataset.shuffle(seed=self.seed, buffer_size=shuffle_buffer) if self.shuffle else dataset
         if self.world_size > 1:
             ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world_size)
@@ -611,11 +617,13 @@ class BucketedLoader:
         logger.warning("skipping %s (%s): %s", source, reason, detail)
         return None
 
-    def _decode(self, p: _Pending, bucket: Bucket) -> Optional[Item]:
+    def _decode(self, p: _Pending, bucket: Bucket, may_skip: bool = True) -> Optional[Item]:
         try:
+            cid = content_id(p.path, p.data)
+            if may_skip and self.skip_decode is not None and self.skip_decode(cid, bucket):
+                return Item(None, p.caption, cid, p.source, p.media_type, bucket)
             x = load_clip(p.path, p.data, p.media_type, bucket,
                           available_frames=p.info.num_frames, frame_stride=self.frame_stride)
-            cid = content_id(p.path, p.data)
         except Exception as e:  # keep training alive on one bad file
             self._skip_item("decode_error", p.source, f"{type(e).__name__}: {e}")
             return None
@@ -627,13 +635,23 @@ class BucketedLoader:
                 items = list(pool.map(lambda p: self._decode(p, bucket), pending))
         else:
             items = [self._decode(p, bucket) for p in pending]
+        skipped = [it is not None and it.pixel_values is None for it in items]
+        if any(skipped) and not all(skipped):  # a batch is decoded whole or not at all
+            items = [self._decode(p, bucket, may_skip=False) if skip else it
+                     for p, it, skip in zip(pending, items, skipped)]
         items = [it for it in items if it is not None]
         if not items:
             return None
-        return {"pixel_values": torch.stack([it.pixel_values for it in items]),
+        pixels = None if items[0].pixel_values is None else torch.stack([it.pixel_values for it in items])
+        return {"pixel_values": pixels,
                 "captions": [it.caption for it in items], "ids": [it.id for it in items],
                 "sources": [it.source for it in items], "media_types": [it.media_type for it in items],
                 "bucket": bucket}
+
+    def count_batches(self) -> int:
+        """Batch positions in the current epoch, from probing the files only (nothing is decoded). Probing counts
+        skipped files in `stats`, so count with a loader of its own."""
+        return sum(1 for _ in self._positions())
 
     def _positions(self) -> Iterator[tuple[Bucket, list[_Pending]]]:
         """Batch positions (bucket, members) in order, from probing only."""
@@ -675,8 +693,9 @@ class BucketedLoader:
     def iter_items(self) -> Iterator[Item]:
         """Single items in batch order (e.g. to precompute latents keyed by ``Item.id``)."""
         for batch in self:
+            pixels = batch["pixel_values"]
             for i in range(len(batch["captions"])):
-                yield Item(batch["pixel_values"][i], batch["captions"][i], batch["ids"][i],
+                yield Item(None if pixels is None else pixels[i], batch["captions"][i], batch["ids"][i],
                            batch["sources"][i], batch["media_types"][i], batch["bucket"])
 
 

@@ -162,7 +162,9 @@ def _as_item(item) -> CacheItem:
             raise ValueError(f"cache item lacks {missing}; give content_id, prompt and pixels (got {sorted(item)})")
         out = CacheItem(**{k: item.get(k) for k in CacheItem.__dataclass_fields__})
     elif all(hasattr(item, a) for a in ("id", "caption", "pixel_values")):  # slice_ft.data.Item
-        out = CacheItem(item.id, item.caption, item.pixel_values)
+        bucket = getattr(item, "bucket", None)  # its sizes; pixels are None when the loader skipped decoding
+        sizes = (bucket.num_frames, bucket.height, bucket.width) if bucket is not None else ()
+        out = CacheItem(item.id, item.caption, item.pixel_values, *sizes)
     else:
         raise ValueError(
             f"cache item must be a CacheItem, a mapping or a slice_ft.data.Item, got {type(item).__name__}"
@@ -280,9 +282,13 @@ class LatentCache:
 
     def has(self, content_id: str, prompt: str, *, num_frames: int, height: int, width: int) -> bool:
         """Both the latents and the prompt embeddings of this sample are cached and readable."""
-        return self._check(self._latents_key(content_id, num_frames, height, width), "latents") and self._check(
+        return self.has_latents(content_id, num_frames=num_frames, height=height, width=width) and self._check(
             self._text_key(prompt), "prompt_embeds"
         )
+
+    def has_latents(self, content_id: str, *, num_frames: int, height: int, width: int) -> bool:
+        """The latents of this media at this bucket size are cached and readable (what decoding would produce)."""
+        return self._check(self._latents_key(content_id, num_frames, height, width), "latents")
 
     def get_latents(self, content_id: str, *, num_frames: int, height: int, width: int) -> torch.Tensor:
         """(z_dim, F', H', W') normalised latents in the cache dtype; KeyError if missing or corrupt."""
@@ -343,6 +349,9 @@ class LatentCache:
                 counts["latents_reused"] += 1
             else:
                 pixels = item.pixels() if callable(item.pixels) else item.pixels
+                if pixels is None:
+                    raise ValueError(f"item {item.content_id!r} has no pixels (the loader skipped decoding it) but its "
+                                     "latents are not cached; build the loader with a skip_decode that asks this cache")
                 if pixels.ndim == 4:
                     pixels = pixels[None]
                 if tuple(pixels.shape[-3:]) != (item.num_frames, item.height, item.width) or pixels.shape[0] != 1:

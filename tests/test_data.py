@@ -301,3 +301,46 @@ def test_bucket_config_parsing_and_loader_args(corpus):
                        (dict(rank=2, world_size=2), "rank")]:
         with pytest.raises(ValueError, match=match):
             BucketedLoader(ds, BUCKETS, **bad)
+
+
+def test_skip_decode_leaves_cached_batches_undecoded_and_decodes_mixed_batches_whole(corpus, monkeypatch):
+    import slice_ft.data as data
+
+    root, _ = corpus
+    full = list(_loader(root, shuffle=False))
+    ids = [i for b in full for i in b["ids"]]
+    cached = {i for b in full[::2] for i in b["ids"]} | {full[1]["ids"][0]}  # whole batches, and one mixed batch
+    assert len(full[1]["ids"]) == 2
+    asked = []
+
+    def skip(cid, bucket):
+        asked.append((cid, bucket))
+        return cid in cached
+
+    decoded = []
+    real_load_clip = data.load_clip
+    monkeypatch.setattr(data, "load_clip", lambda *a, **k: decoded.append(a[0]) or real_load_clip(*a, **k))
+    batches = list(_loader(root, shuffle=False, skip_decode=skip))
+    assert [b["ids"] for b in batches] == [b["ids"] for b in full]  # same order and membership
+    assert {cid for cid, _ in asked} == set(ids) and all(isinstance(b, Bucket) for _, b in asked)
+    for got, want in zip(batches, full):
+        if set(got["ids"]) <= cached:
+            assert got["pixel_values"] is None
+        else:  # mixed or uncached: decoded whole, as without skip_decode
+            assert torch.equal(got["pixel_values"], want["pixel_values"])
+    n_undecoded = sum(len(b["ids"]) for b in batches if b["pixel_values"] is None)
+    assert n_undecoded > 0 and len(decoded) == len(ids) - n_undecoded
+
+    # everything cached: nothing is decoded at all; items come with no pixels
+    decoded.clear()
+    items = list(_loader(root, shuffle=False, skip_decode=lambda cid, b: True).iter_items())
+    assert decoded == [] and len(items) == len(ids) and all(it.pixel_values is None for it in items)
+
+
+def test_count_batches_probes_without_decoding(corpus, monkeypatch):
+    import slice_ft.data as data
+
+    root, _ = corpus
+    expected = len(list(_loader(root, seed=4)))
+    monkeypatch.setattr(data, "load_clip", lambda *a, **k: (_ for _ in ()).throw(AssertionError("decoded")))
+    assert _loader(root, seed=4).count_batches() == expected

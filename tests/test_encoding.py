@@ -232,6 +232,16 @@ def test_lazy_pixels_are_loaded_only_on_a_miss(tmp_path):
     with pytest.raises(ValueError, match="do not match"):
         enc.run(cache, [bad])
 
+    # a loader item left undecoded (skip_decode): its bucket gives the sizes; fine on a hit, a clear error on a miss
+    from slice_ft.data import Bucket
+
+    hit = types.SimpleNamespace(id="sha1-l", caption="a new caption", pixel_values=None, bucket=Bucket(16, 16, 1))
+    counts = enc.run(cache, [hit])
+    assert counts["latents_reused"] == 1 and counts["text_computed"] == 1  # only the edited caption is encoded
+    miss = types.SimpleNamespace(id="sha1-z", caption="a dog", pixel_values=None, bucket=Bucket(16, 16, 1))
+    with pytest.raises(ValueError, match="skipped decoding it.*not cached"):
+        enc.run(cache, [miss])
+
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path, monkeypatch):
     enc = Counted()

@@ -332,7 +332,7 @@ def test_corrupt_and_uncaptioned_files_are_skipped_counted_and_logged(tmp_path, 
         assert any(m.startswith("skipping") and name in m for m in messages), name
 
 
-def test_latent_cache_is_reused_without_calling_the_encoders(tmp_path, corpus, monkeypatch):
+def test_latent_cache_is_reused_without_decoding_media_or_calling_the_encoders(tmp_path, corpus, monkeypatch):
     cache = tmp_path / "cache"
     first = train(tmp_path / "a", "--max_train_steps", "2", "--cache_dir", cache, dataset=corpus)
     files = sorted(cache.rglob("*.safetensors"))
@@ -348,7 +348,12 @@ def test_latent_cache_is_reused_without_calling_the_encoders(tmp_path, corpus, m
     for module in (slice_ft.encoding, slice_ft.training):
         monkeypatch.setattr(module, "encode_videos", forbidden)
         monkeypatch.setattr(module, "encode_prompts", forbidden)
+    import slice_ft.data
+
+    decoded = []  # the loader turns a decoding failure into a skipped file, so record calls instead of raising
+    monkeypatch.setattr(slice_ft.data, "load_clip", lambda *a, **k: decoded.append(a[0]))
     second = train(tmp_path / "b", "--max_train_steps", "2", "--cache_dir", cache, dataset=corpus)
+    assert decoded == []  # neither the cache check nor the training loop decoded a file
     assert sorted(cache.rglob("*.safetensors")) == files
     assert first["losses"] == second["losses"]
 
