@@ -462,8 +462,9 @@ class offload_saved_activations(torch.autograd.graph.saved_tensors_hooks):  # no
     """Context manager: tensors autograd saves are kept in (pinned) CPU memory until backward needs them.
 
     Use it around the forward (and loss) of a model with gradient checkpointing on; backward runs outside it. Every
-    saved tensor is copied, also when it already lives on the CPU (so the CPU tests see real copies). Counters:
-    `packed_bytes` (bytes copied to the CPU) and `num_packed` / `num_reused` (saves copied / served by an earlier copy).
+    saved tensor is copied, also when it already lives on the CPU (so the CPU tests see real copies), except
+    parameters, which their modules hold anyway. Counters: `packed_bytes` (bytes copied to the CPU), `num_packed` /
+    `num_reused` / `num_kept` (saves copied / served by an earlier copy / parameters left in place).
 
     Written here rather than using ``torch.autograd.graph.save_on_cpu`` because that copies a tensor once per save and
     synchronously: Wan passes the same text states, timestep projection and RoPE tables to all 40 blocks (1.3 GiB of
@@ -477,10 +478,14 @@ class offload_saved_activations(torch.autograd.graph.saved_tensors_hooks):  # no
         self.packed_bytes = 0
         self.num_packed = 0
         self.num_reused = 0
+        self.num_kept = 0
         self._copies: dict[int, tuple] = {}  # id(tensor) -> (weakref, version, packed), while the context is open
         copies = self._copies
 
         def pack(t: torch.Tensor):
+            if isinstance(t, nn.Parameter):  # the module keeps it in memory anyway: a copy would only add traffic
+                self.num_kept += 1
+                return (None, t, False)
             hit = copies.get(id(t))
             if hit is not None and hit[0]() is t and hit[1] == t._version:
                 self.num_reused += 1
@@ -499,7 +504,7 @@ class offload_saved_activations(torch.autograd.graph.saved_tensors_hooks):  # no
 
         def unpack(packed):
             device, cpu, pin = packed
-            return cpu.to(device, non_blocking=pin) if device.type != "cpu" else cpu
+            return cpu.to(device, non_blocking=pin) if device is not None and device.type != "cpu" else cpu
 
         super().__init__(pack, unpack)
 
