@@ -483,7 +483,8 @@ class offload_saved_activations(torch.autograd.graph.saved_tensors_hooks):  # no
         copies = self._copies
 
         def pack(t: torch.Tensor):
-            if isinstance(t, nn.Parameter):  # the module keeps it in memory anyway: a copy would only add traffic
+            if isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter):  # (or a view of one, as W.t()):
+                # the module keeps it in memory anyway, so a copy would only add traffic
                 self.num_kept += 1
                 return (None, t, False)
             hit = copies.get(id(t))

@@ -422,10 +422,11 @@ def test_activation_offload_reuses_only_the_same_live_unchanged_tensor():
         v.mul_(2)  # a new version: the next save must copy again, not reuse the old values
         y = y + (a * v).sum()
         y = y + (a @ weight).sum()  # saves the frozen parameter: left where it is
-    assert (hooks.num_packed, hooks.num_reused, hooks.num_kept) == (3, 1, 1)
+        y = y + (a @ weight.t()).sum()  # and a view of it
+    assert (hooks.num_packed, hooks.num_reused, hooks.num_kept) == (3, 1, 2)
     assert hooks.packed_bytes == 3 * 4 * 3 * 4
     y.backward()
-    assert torch.allclose(a.grad, 2 * shared + v0 + 2 * v0 + weight.sum(dim=1))
+    assert torch.allclose(a.grad, 2 * shared + v0 + 2 * v0 + weight.sum(dim=1) + weight.sum(dim=0))
 
 
 def test_adamw8bit_steps_under_block_swap_match_no_swap_and_the_state_never_moves():
