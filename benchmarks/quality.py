@@ -39,6 +39,9 @@ SMOKE = dict(
     lrs={"slice": (1e-2,), "lora": (1e-3,), "full": (1e-4,)},
 )
 METHODS = ("slice", "lora", "full")
+# How B's phase may be trained to forget less of A (A's phase is the same): A's own training clips mixed into B's
+# training set (replay, the usual prior preservation), or a third of the learning rate.
+REMEDIES = {"replay": dict(replay=True, lr_scale=1.0), "lr/3": dict(replay=False, lr_scale=1 / 3)}
 BASE_FAMILIES = ("checker", "gradient", "rings", "corner")
 CONCEPT_A, CONCEPT_B, UNRELATED = "blob", "stripes", "checker"
 WORD = {"blob": "sks_a", "stripes": "sks_b"}  # the triggers; base families are captioned by their own name
@@ -260,11 +263,15 @@ class Study:
                  f"{curve[-1][1]['U']:.3f}")
         return {k: v.detach().clone() for k, v in model.state_dict().items()}, curve
 
-    def phase(self, method: str, state: dict, concept: str, *, lr: float, seed: int, slice_id: int, rank: int):
-        """Fine-tune `state` on one concept; (merged state, eval curve on A/B test, trainable weights)."""
+    def phase(self, method: str, state: dict, concept: str, *, lr: float, seed: int, slice_id: int, rank: int,
+              replay: bool = False):
+        """Fine-tune `state` on one concept; (merged state, eval curve on A/B test, trainable weights).
+        `replay`: also train on concept A's training clips (the same ones A's phase used)."""
         s = self.size
         family = CONCEPT_A if concept == "A" else CONCEPT_B
         data = self.world.draw(family, s["n_train"], 100 + seed)
+        if replay:
+            data = concat(data, self.world.draw(CONCEPT_A, s["n_train"], 100 + seed))
         model = self.model(state)
         params = common.apply_method(model, method, fraction=s["fraction"], rank=rank, slice_id=slice_id, seed=seed)
         curve = train(model, params, data, steps=s["steps"], lr=lr, batch=s["batch"], seed=1000 * seed + slice_id,
@@ -311,7 +318,14 @@ def job_chain(size, base, base_losses, method, lr, seed, rank, a=None):
     # slice: id 2 on the A-merged model; LoRA: a new LoRA on the A-merged model; full: more full fine-tuning
     state_b, curve_b, _ = study.phase(method, a["state"], "B", lr=lr, seed=seed, slice_id=2, rank=rank)
     after_b = study.losses(state_b)
+    remedies = {}
+    for name, how in REMEDIES.items():
+        state_r, _, _ = study.phase(method, a["state"], "B", lr=lr * how["lr_scale"], seed=seed, slice_id=2,
+                                    rank=rank, replay=how["replay"])
+        after = study.losses(state_r)
+        remedies[name] = {"fit_b": after["B"], "retention_pct": 100 * (after["A"] - after_a["A"]) / after_a["A"]}
     return {
+        "remedies": remedies,
         "method": method, "seed": seed, "lr": lr, "trainable": a["trainable"], "after_a": after_a,
         "after_b": after_b, "curve_a": a["curve_a"], "curve_b": curve_b,
         "fit_a": after_a["A"],
@@ -393,6 +407,11 @@ def run(size: dict, *, workers: int = 2, threads: int = 1, log=print) -> dict:
     for m in METHODS:
         summary[m]["trainable"] = per_seed[m][0]["trainable"]
         summary[m]["lr"] = chosen[m]
+        for name in REMEDIES:
+            for key in ("fit_b", "retention_pct"):
+                vals = [r["remedies"][name][key] for r in per_seed[m]]
+                summary[m][f"{key} ({name})"] = {"mean": statistics.fmean(vals), "values": vals,
+                                                 "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
     s, lo = summary["slice"], summary["lora"]
     claim = {
         "retention_within_1pct": abs(s["retention_pct"]["mean"]) <= 1.0,

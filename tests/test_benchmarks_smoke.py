@@ -57,6 +57,9 @@ def test_smoke_run_writes_every_table_with_a_row_per_configuration(smoke_report)
         for name, want in zip(names, expected):
             assert name.startswith(want), (title, names)
     assert "## Targets (issue 5)" in report and "## GPU (issue 6)" in report
+    quality = section(report, "## Quality study")
+    remedies = first_table(quality[quality.index("Forgetting remedies"):])
+    assert [row[0] for row in remedies] == ["slice", "lora", "full"] and all(len(row) == 7 for row in remedies)
     gpu = first_table(section(report, "## GPU (issue 6)"))
     assert [row[0] for row in gpu][:3] == ["slice", "slice + block swap", "slice + block swap (all) + activation offload"]
     assert all(row[6] == row[7] == "not yet measured" and row[-1].startswith("`python benchmarks/gpu_lowvram.py")
