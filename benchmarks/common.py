@@ -488,8 +488,12 @@ def apply_method(model, method: str, *, fraction: float = 1e-3, rank: int = 1, s
     if method == "slice":
         model.add_adapter(SliceConfig(fraction=fraction, slice_id=slice_id), adapter_name=adapter_name)
     elif method == "lora":
-        model.add_adapter(peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=BLOCK_LINEARS),
-                          adapter_name=adapter_name)
+        import torch
+
+        with torch.random.fork_rng(devices=[]):  # LoRA's A init draws from the global RNG: seed it, or a pool
+            torch.manual_seed(seed)               # worker's earlier jobs would decide it
+            model.add_adapter(peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=BLOCK_LINEARS),
+                              adapter_name=adapter_name)
     elif method == "shira":
         model.add_adapter(peft.ShiraConfig(r=rank, target_modules=BLOCK_LINEARS, random_seed=seed),
                           adapter_name=adapter_name)
