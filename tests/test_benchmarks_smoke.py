@@ -137,3 +137,27 @@ def test_a_partial_full_size_run_keeps_the_other_sections_and_from_json_rerender
     again = run_all.main(["--from-json", str(json_dir), "--output", str(tmp_path / "again")]).read_text()
     assert ran == [(["merge"], False)]  # --from-json runs nothing
     assert section(again, "## 3. Merge") == section(report, "## 3. Merge")
+
+
+def test_lora_initialisation_does_not_depend_on_the_global_rng():
+    # The quality study runs jobs in a process pool: LoRA's init must not depend on what a worker ran before.
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import torch
+
+    import common
+
+    cfg = common.wan_layout(in_channels=4, out_channels=4, rope_max_seq_len=32, num_attention_heads=2,
+                            attention_head_dim=8, ffn_dim=32, num_layers=1, text_dim=16, freq_dim=16)
+    inits = []
+    for consumed in (0, 7):
+        torch.manual_seed(123)
+        torch.randn(consumed)  # a different global RNG state before each build
+        model = common.build_wan(cfg)
+        common.apply_method(model, "lora", rank=2, seed=5)
+        inits.append({n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n})
+    assert inits[0] and inits[0].keys() == inits[1].keys()
+    assert all(torch.equal(inits[0][k], inits[1][k]) for k in inits[0])
+    model = common.build_wan(cfg)
+    before = torch.random.get_rng_state()
+    common.apply_method(model, "lora", rank=2, seed=5)
+    assert torch.equal(before, torch.random.get_rng_state())  # and the caller's RNG stream is left as it was
