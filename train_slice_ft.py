@@ -101,9 +101,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Selection seed: the same model, fraction, id and seed always select the same weights.")
 
     g = p.add_argument_group("data")
-    g.add_argument("--dataset_name", type=str, default=None,
+    g.add_argument("--dataset_name", type=str, nargs="+", default=None,
                    help="Local folder of images/videos with captions (metadata.jsonl/.csv or sidecar .txt), or a "
-                        "`datasets` hub name you have access to; streamed.")
+                        "`datasets` hub name you have access to; streamed. Several are used together, e.g. the new "
+                        "concept's clips plus some clips of a concept already merged into the model, which keeps "
+                        "that one from being forgotten (see the quality study in BENCHMARKS.md).")
     g.add_argument("--generate_demo_corpus", action="store_true",
                    help="Generate a small captioned corpus of images and short videos under "
                         "OUTPUT_DIR/demo_corpus and train on it (when --dataset_name is not given).")

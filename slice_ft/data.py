@@ -284,7 +284,7 @@ def _as_source(value) -> tuple[Optional[str], Optional[bytes]]:
 
 
 def build_dataset(
-    dataset_name: Union[str, os.PathLike],
+    dataset_name: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
     *,
     image_column: str = "image",
     video_column: str = "video",
@@ -302,8 +302,16 @@ def build_dataset(
     / ``video_column`` (path string, bytes, or Image/Video feature, cast to ``decode=False``)
     and ``caption_column`` (auto-detected from ``CAPTION_COLUMNS`` if None) are mapped to the
     normalized schema. ``streaming=False`` loads map-style and converts with
-    ``to_iterable_dataset(num_shards)``.
+    ``to_iterable_dataset(num_shards)``. A list of names gives their datasets one after the other
+    (``datasets.concatenate_datasets``; the loader's shuffle buffer mixes them).
     """
+    if not isinstance(dataset_name, (str, os.PathLike)):
+        names = list(dataset_name)
+        if not names:
+            raise ValueError("dataset_name is an empty list; give at least one folder or dataset name")
+        parts = [build_dataset(n, image_column=image_column, video_column=video_column, caption_column=caption_column,
+                               streaming=streaming, split=split, num_shards=num_shards, **load_kwargs) for n in names]
+        return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     if os.path.isdir(os.fspath(dataset_name)):
         return load_local_corpus(dataset_name, caption_column=caption_column, num_shards=num_shards)
     ds = datasets.load_dataset(os.fspath(dataset_name), split=split, streaming=streaming, **load_kwargs)

@@ -344,3 +344,16 @@ def test_count_batches_probes_without_decoding(corpus, monkeypatch):
     expected = len(list(_loader(root, seed=4)))
     monkeypatch.setattr(data, "load_clip", lambda *a, **k: (_ for _ in ()).throw(AssertionError("decoded")))
     assert _loader(root, seed=4).count_batches() == expected
+
+
+def test_several_datasets_are_used_together(tmp_path, corpus):
+    root, records = corpus
+    extra = generate_corpus(tmp_path / "replay", num_images=3, num_videos=1, size=[(48, 32)], num_frames=5, seed=9)
+    both = BucketedLoader(build_dataset([root, tmp_path / "replay"]), BUCKETS, batch_size=1, shuffle=False)
+    sources = {os.path.basename(os.path.dirname(s)) + "/" + os.path.basename(s) for b in both for s in b["sources"]}
+    assert len(sources) == len(records) + len(extra)
+    assert {s.split("/")[0] for s in sources} == {root.name, "replay"}
+    alone = BucketedLoader(build_dataset([root]), BUCKETS, batch_size=1, shuffle=False)
+    assert sum(1 for _ in alone) == len(records)  # a one-item list is that dataset
+    with pytest.raises(ValueError, match="empty list"):
+        build_dataset([])

@@ -332,6 +332,14 @@ def test_corrupt_and_uncaptioned_files_are_skipped_counted_and_logged(tmp_path, 
         assert any(m.startswith("skipping") and name in m for m in messages), name
 
 
+def test_two_dataset_folders_train_as_one_epoch(tmp_path, corpus):
+    replay = tmp_path / "replay"
+    generate_corpus(replay, num_images=2, num_videos=0, size=[(48, 32)], seed=8)
+    result = train(tmp_path / "out", "--num_train_epochs", "1", "--dataset_name", corpus, replay)
+    assert len(result["losses"]) == 6 + 2  # one step per sample of either folder (batch 1)
+    assert train_slice_ft.parse_args(["--dataset_name", "a", "b"]).dataset_name == ["a", "b"]
+
+
 def test_latent_cache_is_reused_without_decoding_media_or_calling_the_encoders(tmp_path, corpus, monkeypatch):
     cache = tmp_path / "cache"
     first = train(tmp_path / "a", "--max_train_steps", "2", "--cache_dir", cache, dataset=corpus)
