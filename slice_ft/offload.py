@@ -466,10 +466,10 @@ class offload_saved_activations(torch.autograd.graph.saved_tensors_hooks):  # no
     parameters, which their modules hold anyway. Counters: `packed_bytes` (bytes copied to the CPU), `num_packed` /
     `num_reused` / `num_kept` (saves copied / served by an earlier copy / parameters left in place).
 
-    Written here rather than using ``torch.autograd.graph.save_on_cpu`` because that copies a tensor once per save and
-    synchronously: Wan passes the same text states, timestep projection and RoPE tables to all 40 blocks (1.3 GiB of
-    RoPE alone per step on 14B), and a blocking copy per block stalls the GPU. Here a tensor is copied once per
-    context (recognised by identity and version while it is alive) and the copy is asynchronous on the compute
+    Written here rather than using ``torch.autograd.graph.save_on_cpu`` because that copies every save, frozen
+    weights included, and synchronously: a blocking copy per block stalls the GPU, and Wan hands the same text states
+    and timestep projection to all 40 blocks' checkpoints. Here a tensor is copied once per context (recognised by
+    identity and version while it is alive), parameters are not copied, and the copy is asynchronous on the compute
     stream, which keeps it ordered before any reuse of the source memory.
     """
 
