@@ -313,8 +313,8 @@ def main(argv=None) -> int:
         parser.error("--smoke runs the tiny config on CPU; --plan_only runs nothing: pass one of them")
     if args.row_json is not None and len(selected) != 1:
         parser.error("--row_json measures exactly one row: pass --rows N")
-    isolate = args.isolate if args.isolate is not None else (cuda and not args.smoke)
-    isolate = isolate and args.row_json is None and (cuda or args.smoke)
+    # a child (--row_json) measures in its own process; rows are measured at all only on CUDA or with --smoke
+    isolate = args.row_json is None and (args.isolate if args.isolate is not None else cuda and not args.smoke)
     if args.smoke:
         cfg, latents, text, device, dtype = TINY, LATENTS_TINY, TEXT_TINY, torch.device("cpu"), torch.float32
         gpu = "none (--smoke: tiny config on CPU, block swap emulated with a second CPU copy)"
@@ -351,9 +351,9 @@ def main(argv=None) -> int:
         return "fp8 e4m3" if row.base_dtype == "fp8" else {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
 
     passthrough = ["--smoke"] if args.smoke else []
-    for flag, value, default in (("--steps", args.steps, 3), ("--warmup", args.warmup, 1),
-                                 ("--fraction", args.fraction, 1e-3)):
-        passthrough += [flag, f"{value:g}"] if value != default else []
+    for name in ("steps", "warmup", "fraction"):  # what a row's command must repeat to measure the same
+        value = getattr(args, name)
+        passthrough += [f"--{name}", f"{value:g}"] if value != parser.get_default(name) else []
     for row in selected:
         n_swap = row.blocks_to_swap(cfg["num_layers"])
         note = f"LoRA rank {rank} on {', '.join(LORA_TARGETS)}" if row.adapter == "lora" else ""

@@ -643,11 +643,12 @@ class BucketedLoader:
                 items = list(pool.map(lambda p: self._decode(p, bucket), pending))
         else:
             items = [self._decode(p, bucket) for p in pending]
-        skipped = [it is not None and it.pixel_values is None for it in items]
-        if any(skipped) and not all(skipped):  # a batch is decoded whole or not at all
-            items = [self._decode(p, bucket, may_skip=False) if skip else it
-                     for p, it, skip in zip(pending, items, skipped)]
-        items = [it for it in items if it is not None]
+        kept = [(p, it) for p, it in zip(pending, items) if it is not None]  # files that failed are dropped
+        undecoded = [it.pixel_values is None for _, it in kept]
+        if any(undecoded) and not all(undecoded):  # a batch is decoded whole or not at all
+            kept = [(p, self._decode(p, bucket, may_skip=False) if skip else it)
+                    for (p, it), skip in zip(kept, undecoded)]
+        items = [it for _, it in kept if it is not None]
         if not items:
             return None
         pixels = None if items[0].pixel_values is None else torch.stack([it.pixel_values for it in items])

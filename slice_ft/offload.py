@@ -36,7 +36,7 @@ Order in a training script: load on CPU -> ``add_adapter`` -> ``quantize_base_to
 Activation offload (`offload_saved_activations`)
 -----------------------------------------------
 With gradient checkpointing the activations autograd keeps between forward and backward are the blocks' inputs
-(the hidden states: 40 x 32,760 tokens x 5,120 x bf16 = 13 GiB on Wan 14B at 480x832x81), more than all-blocks-swapped
+(the hidden states: 40 x 32,760 tokens x 5,120 x bf16 = 12.5 GiB on Wan 14B at 480x832x81), more than all-blocks-swapped
 weights need. Inside this context every tensor autograd saves outside a checkpointed block (the checkpoint inputs
 among them; inside a block checkpoint's own hooks take over) is copied to pinned CPU memory at once and copied back
 when backward unpacks it: musubi-tuner's ``--gradient_checkpointing_cpu_offload``.

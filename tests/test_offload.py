@@ -31,6 +31,7 @@ from slice_ft.offload import (
     offload_saved_activations,
     quantize_base_to_fp8,
 )
+from slice_ft.offload import _in_backward  # the swapper's own test for "inside backward"
 
 from conftest import TINY_WAN  # noqa: E402
 
@@ -371,7 +372,7 @@ def forward_keeping_block_inputs(model, offload: bool):
     refs, handles = [], []
     for block in model.blocks:
         def grab(module, args, kwargs):
-            if torch._C._current_graph_task_id() == -1:  # the forward call, not the checkpoint recompute
+            if not _in_backward():  # the forward call, not the checkpoint recompute
                 refs.append(weakref.ref(args[0]))
         handles.append(block.register_forward_pre_hook(grab, with_kwargs=True))
     ctx = offload_saved_activations() if offload else contextlib.nullcontext()
