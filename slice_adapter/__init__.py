@@ -31,7 +31,7 @@ __all__ = sorted(_PUBLIC)
 def __getattr__(name: str):
     if name not in _PUBLIC:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    importlib.import_module(f"{__name__}.model")  # registers the SLICE type with PEFT (end of model.py)
+    importlib.import_module(f"{__name__}.model")  # registers the SLICE type with PEFT as its import ends
     value = getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)
     globals()[name] = value
     return value
@@ -41,22 +41,25 @@ def __dir__():
     return sorted(set(globals()) | set(_PUBLIC))
 
 
-# The modules that import PEFT, each with the name it defines last: in sys.modules without it = still importing.
-_PEFT_MODULES = {"registry": "register_slice_method", "config": "SliceConfig", "layer": "ParamSlice",
-                 "model": "slice_layers"}
+_PEFT_MODULES = ("registry", "config", "layer", "model")  # the package's modules that import PEFT
+_finished: set[str] = set()  # those of them whose import has ended
+
+
+def _module_imported(name: str) -> None:
+    """The last line of each of _PEFT_MODULES: it is whole now, so registration may go ahead."""
+    _finished.add(name.rpartition(".")[2])
+    _ensure_registered()
 
 
 def _ensure_registered(*_) -> None:
     """Register the SLICE type with PEFT as soon as the modules it needs can be imported.
 
-    Runs when PEFT is imported and as each of _PEFT_MODULES finishes importing: `.model` registers at the end of its
-    own import, so import it, unless one of those modules is still importing (it calls this again when done).
+    Runs when PEFT is imported and as each of _PEFT_MODULES finishes importing; waits while one of them is still
+    importing (it calls this again when done). Registration is idempotent.
     """
-    for sub, last in _PEFT_MODULES.items():
-        module = sys.modules.get(f"{__name__}.{sub}")
-        if module is not None and not hasattr(module, last):
-            return
-    importlib.import_module(f"{__name__}.model")
+    if any(f"{__name__}.{sub}" in sys.modules and sub not in _finished for sub in _PEFT_MODULES):
+        return
+    importlib.import_module(f"{__name__}.registry").register_slice_method()
 
 
 def _extend_diffusers(_diffusers) -> None:

@@ -7,7 +7,7 @@ from typing import Optional, Union
 
 from peft.config import PeftConfig
 
-from . import _ensure_registered
+from . import _module_imported
 from .registry import SLICE_PEFT_TYPE
 from .selection import check_slice_fields, num_slices_for
 
@@ -72,4 +72,4 @@ class SliceConfig(PeftConfig):
         return num_slices_for(self.fraction)
 
 
-_ensure_registered()
+_module_imported(__name__)

@@ -16,7 +16,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from . import _ensure_registered
+from . import _module_imported
 from .selection import ParamLayout, _hash64
 
 INIT_STD = 0.02  # spread of the random deltas `init_weights=False` draws (tests)
@@ -396,4 +396,4 @@ class ParamSlice(nn.Module, SliceLayer):
         return f"owner={type(self.owner).__name__}"
 
 
-_ensure_registered()
+_module_imported(__name__)

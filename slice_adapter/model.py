@@ -6,7 +6,7 @@ from torch import nn
 from peft.tuners.tuners_utils import BaseTuner, _ExcludedModule
 
 from .config import SliceConfig
-from .registry import register_slice_method
+from . import _module_imported
 from .layer import Elementwise, Linear, ParamSlice, SliceLayer
 from .selection import (
     ADAPTER_CHILD,
@@ -143,4 +143,4 @@ def slice_layers(model: nn.Module):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, SliceLayer)]
 
 
-register_slice_method()  # SliceConfig and SliceModel exist now: PEFT can build and load slices
+_module_imported(__name__)  # SliceConfig and SliceModel exist now: PEFT can build and load slices

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from peft.utils.peft_types import PeftType
 
-from . import _ensure_registered
+from . import _module_imported
 
 SLICE_NAME = "slice"
 
@@ -41,4 +41,4 @@ def register_slice_method() -> None:
     register_peft_method(name=SLICE_NAME, config_cls=SliceConfig, model_cls=SliceModel, prefix="slice_")
 
 
-_ensure_registered()
+_module_imported(__name__)
