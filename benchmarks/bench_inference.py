@@ -73,18 +73,14 @@ def main(argv=None):
         if spec["mode"] == "unmerged":
             row["targets"].append(("unmerged ≤ 1.03× base", ratio.median <= 1.03, f"{ratio.median:.3f}×"))
         rows.append(row)
-    common.write_json(args.output, {
-        "benchmark": "inference",
-        "smoke": args.smoke,
-        "command": common.command_line(),
-        "machine": common.machine_info(),
-        "setup": {"layout": {k: config[k] for k in ("num_attention_heads", "attention_head_dim", "ffn_dim",
-                                                     "text_dim", "num_layers")},
-                  "latent": list(size["latent"]), "text_len": size["text_len"], "repeats": repeats,
-                  "threads": args.threads, "calls": size["calls"], "warmup": size["warmup"]},
-        "rows": rows,
-        "profile": common.profile_summary(results, "unmerged slice 0.001", "base") if len(profiled) == 2 else None,
-    })
+    common.write_result(
+        args.output, "inference", args.smoke,
+        setup={"layout": {k: config[k] for k in common.LAYOUT_KEYS},
+               "latent": list(size["latent"]), "text_len": size["text_len"], "repeats": repeats,
+               "threads": args.threads, "calls": size["calls"], "warmup": size["warmup"]},
+        rows=rows,
+        profile=common.profile_summary(results, "unmerged slice 0.001", "base") if len(profiled) == 2 else None,
+    )
 
 
 if __name__ == "__main__":

@@ -196,24 +196,21 @@ def main(argv=None):
     rows[1]["targets"].append((f"peak above imports < 3× largest tensor = {3 * largest_mb:.0f} MB",
                                merge_peak.median - imports.median < 3 * largest_mb,
                                f"{merge_peak.median - imports.median:.0f} MB"))
-    common.write_json(args.output, {
-        "benchmark": "merge",
-        "smoke": args.smoke,
-        "command": common.command_line(),
-        "machine": common.machine_info(),
-        "setup": {"checkpoint": ckpt, "fraction": size["fraction"], "slice_ids": list(size["slices"]),
-                  "repeats": repeats, "copy_command": "cp --reflink=never BASE OUT",
-                  "merge_command": "python scripts/merge_slices.py --base BASE --slice S0 --slice S1 --output OUT "
-                                   "--no_progress"},
-        "copy": {"wall_s": copy.as_dict(), "gb_per_s": gb / copy.median},
-        "pycopy": {"wall_s": common.Summary.of(samples["pycopy"]).as_dict(),
-                   "gb_per_s": gb / common.Summary.of(samples["pycopy"]).median,
-                   "what": "Python readinto/write loop, 1 MiB buffer"},
-        "imports": {"peak_rss_mb": imports.as_dict(), "seconds": common.Summary.of(samples["import_s"]).as_dict(),
-                    "modules": modules},
-        "largest_tensor_mb": largest_mb,
-        "rows": rows,
-    })
+    common.write_result(
+        args.output, "merge", args.smoke,
+        setup={"checkpoint": ckpt, "fraction": size["fraction"], "slice_ids": list(size["slices"]),
+               "repeats": repeats, "copy_command": "cp --reflink=never BASE OUT",
+               "merge_command": "python scripts/merge_slices.py --base BASE --slice S0 --slice S1 --output OUT "
+                                "--no_progress"},
+        copy={"wall_s": copy.as_dict(), "gb_per_s": gb / copy.median},
+        pycopy={"wall_s": common.Summary.of(samples["pycopy"]).as_dict(),
+                "gb_per_s": gb / common.Summary.of(samples["pycopy"]).median,
+                "what": "Python readinto/write loop, 1 MiB buffer"},
+        imports={"peak_rss_mb": imports.as_dict(), "seconds": common.Summary.of(samples["import_s"]).as_dict(),
+                 "modules": modules},
+        largest_tensor_mb=largest_mb,
+        rows=rows,
+    )
 
 
 if __name__ == "__main__":

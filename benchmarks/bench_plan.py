@@ -66,15 +66,12 @@ def main(argv=None):
             "peak_rss_mb": res.memory["peak_rss_mb"],
             "targets": [],
         })
-    common.write_json(args.output, {
-        "benchmark": "plan",
-        "smoke": args.smoke,
-        "command": common.command_line(),
-        "machine": common.machine_info(),
-        "setup": {"model": size["model"], "overrides": size["overrides"], "repeats": repeats,
-                  "threads": args.threads, "calls": size["calls"]},
-        "rows": rows,
-    })
+    common.write_result(
+        args.output, "plan", args.smoke,
+        setup={"model": size["model"], "overrides": size["overrides"], "repeats": repeats,
+               "threads": args.threads, "calls": size["calls"]},
+        rows=rows,
+    )
 
 
 if __name__ == "__main__":

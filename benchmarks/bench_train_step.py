@@ -120,19 +120,15 @@ def main(argv=None):
     profiled = [n for n in ("frozen", "slice 0.001") if n in specs]
     results = common.run_interleaved(setup, specs, repeats=repeats, calls=size["calls"], warmup=size["warmup"],
                                      threads=args.threads, inline=args.smoke, profile=profiled)
-    common.write_json(args.output, {
-        "benchmark": "train_step",
-        "smoke": args.smoke,
-        "command": common.command_line(),
-        "machine": common.machine_info(),
-        "setup": {"layout": {k: config[k] for k in ("num_attention_heads", "attention_head_dim", "ffn_dim",
-                                                     "text_dim", "num_layers")},
-                  "latent": list(size["latent"]), "text_len": size["text_len"], "repeats": repeats,
-                  "threads": args.threads,
-                  "calls": size["calls"], "warmup": size["warmup"]},
-        "rows": evaluate(results, specs),
-        "profile": common.profile_summary(results, "slice 0.001", "frozen") if len(profiled) == 2 else None,
-    })
+    common.write_result(
+        args.output, "train_step", args.smoke,
+        setup={"layout": {k: config[k] for k in common.LAYOUT_KEYS},
+               "latent": list(size["latent"]), "text_len": size["text_len"], "repeats": repeats,
+               "threads": args.threads,
+               "calls": size["calls"], "warmup": size["warmup"]},
+        rows=evaluate(results, specs),
+        profile=common.profile_summary(results, "slice 0.001", "frozen") if len(profiled) == 2 else None,
+    )
 
 
 if __name__ == "__main__":

@@ -364,6 +364,15 @@ def command_line() -> str:
     return shlex.join(["python", *argv])
 
 
+LAYOUT_KEYS = ("num_attention_heads", "attention_head_dim", "ffn_dim", "text_dim", "num_layers")  # a result's "layout"
+
+
+def write_result(path, benchmark: str, smoke: bool, **fields) -> None:
+    """A benchmark's JSON result: its name, whether it was a smoke run, this command line and machine, then `fields`."""
+    write_json(path, {"benchmark": benchmark, "smoke": smoke, "command": command_line(), "machine": machine_info(),
+                      **fields})
+
+
 def write_json(path, payload: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -477,15 +477,12 @@ def main(argv=None):
     result = run(size, workers=workers, threads=args.threads)
     if args.plot:
         plot(result, args.plot)
-    common.write_json(args.output, {
-        "benchmark": "quality",
-        "smoke": args.smoke,
-        "command": common.command_line(),
-        "machine": common.machine_info(),
-        "setup": {**{k: (v if not isinstance(v, dict) else dict(v)) for k, v in size.items()},
-                  "workers": workers, "threads": args.threads},
+    common.write_result(
+        args.output, "quality", args.smoke,
+        setup={**{k: (v if not isinstance(v, dict) else dict(v)) for k, v in size.items()},
+               "workers": workers, "threads": args.threads},
         **result,
-    })
+    )
 
 
 if __name__ == "__main__":
