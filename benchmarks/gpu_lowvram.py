@@ -1,7 +1,7 @@
 """Low-VRAM table: peak VRAM and s/step of slice training on Wan 14B with block swap / fp8 base vs a LoRA baseline.
 
 One command runs the whole table on a CUDA GPU and writes it as markdown to stdout and to --output (by default
-benchmarks/results/lowvram_14b.md, which run_all.py puts in BENCHMARKS.md):
+benchmarks/results/gpu/lowvram_14b.md, which run_all.py puts in BENCHMARKS.md):
 
     python benchmarks/gpu_lowvram.py
 
@@ -73,7 +73,7 @@ ROWS = (
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
 NOT_MEASURED = "not yet measured"
 NOT_RUN = "not run"  # a GPU run's row it did not reach (time budget, or the run was killed)
-RESULTS = REPO / "benchmarks" / "results" / "lowvram_14b.md"
+RESULTS = REPO / "benchmarks" / "results" / "gpu" / "lowvram_14b.md"
 SMOKE_RESULTS = REPO / "benchmarks" / "results" / "lowvram_smoke.md"
 
 
