@@ -127,7 +127,7 @@ def import_gpu_results(src: Path, dest: Path | None = None) -> list[str]:
 
 # -- targets (issue 14, point 4) -------------------------------------------------------------------------------------
 def lowvram_targets(rows: list[dict]) -> list[list[str]]:
-    """[target, measured, verdict] for the three targets the 14B table decides."""
+    """[target, measured, verdict] for the three targets the 14B table decides (no rows: none measured yet)."""
     by = {r.get("run"): r for r in rows}
 
     def cell(label, key):
@@ -137,6 +137,8 @@ def lowvram_targets(rows: list[dict]) -> list[list[str]]:
         return _number(cell(label, key))
 
     def unknown(*needs) -> str:
+        if not rows:
+            return "not yet measured"
         return "not measured (" + ", ".join(f"{label}: {cell(label, key)}" for label, key in needs) + ")"
 
     out = []
@@ -261,6 +263,8 @@ def section(results: Path | None = None, title: str = "## GPU (issue 6)") -> str
                                        t["message"].splitlines()[0][:200] if t["message"] else ""] for t in tests]),
                      ""]
     targets = lowvram_targets(table_rows(table) if measured else []) + [train_step_target(train)]
+    if not measured and not train:
+        targets = [[t[0], "not yet measured", "—"] for t in targets]
     text += [body.strip(), "", "Targets (issue 14):", "", common.md_table(["target", "measured", "verdict"], targets)]
     if train:
         text += ["", f"The GPU train-step sweep's full result: `benchmarks/results/gpu/{TRAIN_STEP}`."]
