@@ -179,3 +179,15 @@ def test_mixed_precision_defaults_to_the_accelerate_config_and_the_flag_wins(mon
     assert (args.mixed_precision, args.base_dtype) == ("no", "fp32")
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
     assert train_slice_ft.parse_args(["--generate_demo_corpus"]).mixed_precision == "no"
+
+
+def test_the_gpu_fsdp_check_runs_ddp_and_fsdp2_to_the_same_losses_in_a_cpu_dry_run(tmp_path):
+    """benchmarks/gpu_fsdp.py (the GPU check) on the CPU: the tiny rows, one process each, so it cannot rot."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_fsdp
+
+    out = tmp_path / "gpu_fsdp"
+    assert gpu_fsdp.main(["--dry-run", "--nproc", "1", "--steps", "2", "--only", "tiny", "--output", str(out)]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["losses_agree"] and [r["engine"] for r in result["rows"]] == ["ddp", "fsdp2"]
+    assert "| tiny | fsdp2 | 1 |" in out.with_suffix(".md").read_text()
