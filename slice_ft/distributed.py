@@ -10,8 +10,8 @@
   The slice values (0.1% of the model at `--ff 0.001`) are left out of the shards (`ignored_params`): every process
   holds them whole, their gradients are averaged over the processes before clipping, so clipping and the logged
   grad norm are global, and the saved slice and checkpoints are exactly the single-process ones.
-- DeepSpeed is refused: it is not installed by this project, ZeRO-2 would not shard the frozen base, and FSDP2
-  does (see the README).
+- DeepSpeed is refused (see the README): ZeRO-2 would not shard the frozen base, DeepSpeed casts the whole module to
+  one dtype, and it is not a dependency of this project; FSDP2 is the sharded engine.
 """
 
 from __future__ import annotations
@@ -72,9 +72,10 @@ def engine_conflicts(args, engine: Engine, environ: Optional[dict] = None) -> Op
     """The first flag/config combination `engine` cannot run, as one message naming the conflict and the fix."""
     environ = os.environ if environ is None else environ
     if engine.name == "deepspeed":
-        return ("the accelerate config asks for DeepSpeed, which slice-ft does not support (ZeRO-2 would keep the whole "
-                "frozen base on every GPU, and it cannot hold a bf16/fp8 base with float32 slice values); use "
-                "configs/accelerate/fsdp.yaml (FSDP2 shards the frozen base) or configs/accelerate/multi_gpu_ddp.yaml")
+        return ("the accelerate config asks for DeepSpeed, which slice-ft does not support (ZeRO-2 keeps the whole "
+                "frozen base on every GPU, and DeepSpeed casts the whole module, slice values and fp8 base included, "
+                "to one dtype); use configs/accelerate/fsdp.yaml (FSDP2 shards the frozen base) or "
+                "configs/accelerate/multi_gpu_ddp.yaml")
     if engine.name == "fsdp1":
         base = f"a {args.base_dtype} base" if getattr(args, "base_dtype", None) else "this base"
         return (f"fsdp_version: {engine.fsdp_version} (FSDP1) cannot train a slice: it flattens each unit into one "
