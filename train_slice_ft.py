@@ -20,20 +20,18 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import (
-    DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, gather_object, set_seed,
-)
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 import slice_adapter
 from slice_adapter import SliceConfig
 from slice_adapter.report import format_bytes
+from slice_ft import distributed
 from slice_ft import flow_matching as fm
 from slice_ft.checkpointing import (
-    TrainingProgress, full_parameters, list_checkpoints, register_slice_hooks, resolve_resume, save_checkpoint,
+    TrainingProgress, list_checkpoints, register_slice_hooks, resolve_resume, save_checkpoint,
 )
 from slice_ft.components import TINY, DTYPES, load_components, spatial_multiple
 from slice_ft.config import parse_args_with_config
@@ -82,15 +80,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "The slice is float32 either way.")
     g.add_argument("--blocks_to_swap", type=int, default=0,
                    help="Keep the frozen weights of the last N transformer blocks in CPU memory and stream them to "
-                        "the GPU on use (needs --gradient_checkpointing; one process only).")
+                        "the GPU on use (needs --gradient_checkpointing; one process only, not under FSDP).")
     g.add_argument("--gradient_checkpointing", action="store_true",
                    help="Recompute block activations in backward to save memory.")
     g.add_argument("--gradient_checkpointing_cpu_offload", action="store_true",
                    help="Also keep the activations saved between forward and backward (each block's input) in "
                         "pinned CPU memory until backward (musubi-tuner's flag; needs --gradient_checkpointing). "
                         "On Wan 14B at 480x832x81 they are 12.5 GiB per sample.")
-    g.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"],
-                   help="Autocast dtype for the forward pass (the slice values stay float32).")
+    g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                   help="Autocast dtype for the forward pass (the slice values stay float32). Default: the accelerate "
+                        "config's mixed_precision (accelerate launch), else no.")
 
     g = p.add_argument_group("slice")
     g.add_argument("--slice_fraction", "--ff", type=float, default=0.001,
@@ -226,12 +225,16 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--gradient_checkpointing_cpu_offload needs --gradient_checkpointing (the offloaded "
                          "activations are the checkpointed blocks' inputs); add --gradient_checkpointing")
     args.optimizer_kwargs = parse_optimizer_args(args.optimizer_args)
+    if args.mixed_precision is None:  # accelerate's own default: the launch config's, exported by accelerate launch
+        args.mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
     if args.base_dtype is None:
         args.base_dtype = "bf16" if args.mixed_precision == "bf16" else "fp32"
     if args.max_sequence_length is None:
         from slice_ft.tiny import TINY_MAX_SEQUENCE_LENGTH
 
         args.max_sequence_length = TINY_MAX_SEQUENCE_LENGTH if args.pretrained_model_name_or_path == TINY else 512
+    if (conflict := distributed.engine_conflicts(args, distributed.requested_engine())):
+        raise ValueError(conflict)
 
 
 def tracker_config(args: argparse.Namespace) -> dict:
@@ -262,25 +265,22 @@ def main(args: argparse.Namespace) -> dict:
         os.environ["WANDB_MODE"] = args.wandb_mode
 
     # --- accelerator -------------------------------------------------------------------------------------------
-    accelerator = Accelerator(
+    engine = distributed.requested_engine()  # what accelerate launch's config asked for (FSDP2: the trainer shards)
+    accelerator = distributed.make_accelerator(
+        engine,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
         # Every block parameter takes part in a T2V forward (I2V models are refused), so DDP needs no graph search.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
-        # Without a GPU, accelerate joins the launched processes (gloo) only when told to run on the CPU.
-        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    logger.info(accelerator.state, main_process_only=False)
+    logger.info(f"{accelerator.state}engine: {engine.describe()}", main_process_only=False)
     if args.blocks_to_swap and accelerator.num_processes > 1:
         raise ValueError(f"--blocks_to_swap {args.blocks_to_swap} runs in one process only (got "
-                         f"{accelerator.num_processes}); drop it or use FSDP (configs/accelerate/fsdp.yaml)")
-    if args.validation_prompts and accelerator.distributed_type == DistributedType.FSDP:
-        logger.warning("no validation samples under FSDP (a sharded model renders only with every process): render "
-                       "them afterwards from OUTPUT_DIR/slice")
-        args.validation_prompts = []
+                         f"{accelerator.num_processes}); drop it, or drop it and shard the base with FSDP "
+                         "(configs/accelerate/fsdp.yaml)")
     set_seed(args.seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -369,10 +369,14 @@ def main(args: argparse.Namespace) -> dict:
     )
 
     # --- prepare -----------------------------------------------------------------------------------------------
-    transformer, optimizer, lr_scheduler = accelerator.prepare(
-        transformer, optimizer, lr_scheduler, device_placement=[not args.blocks_to_swap, True, True]
+    transformer, optimizer, lr_scheduler = distributed.prepare(
+        accelerator, engine, transformer, optimizer, lr_scheduler, place_model=not args.blocks_to_swap
     )
-    register_slice_hooks(accelerator)
+    if engine.sharded:
+        local, total = distributed.local_base_bytes(transformer)
+        logger.info(f"FSDP2: this process holds {local:,} of the {total:,} bytes of the frozen base "
+                    f"({format_bytes(local)} of {format_bytes(total)})", main_process_only=False)
+    register_slice_hooks(accelerator, transformer)
     progress = TrainingProgress(loader, process_index=accelerator.process_index,
                                 num_processes=accelerator.num_processes, gather=gather_object)
     accelerator.register_for_checkpointing(progress)
@@ -419,7 +423,7 @@ def main(args: argparse.Namespace) -> dict:
                 accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
+                    grad_norm = distributed.clip_slice_gradients(accelerator, engine, params, args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -452,14 +456,13 @@ def main(args: argparse.Namespace) -> dict:
         logger.info(f"loss: {sum(result['losses'][:k]) / k:.4f} over the first {k} step(s) -> "
                     f"{sum(result['losses'][-k:]) / k:.4f} over the last {k}")
     outputs = {}
-    with full_parameters(accelerator, transformer):
-        if accelerator.is_main_process:
-            outputs["slice"] = str(save_slice(accelerator.unwrap_model(transformer), output_dir))
-            if args.validation_prompts:
-                result["samples"] += run_validation(accelerator, transformer, comps, args, validation, global_step)
-            accelerator.log({"data/skipped_files": sum(result["skipped"].values())}, step=global_step)
-            if (checkpoints := list_checkpoints(output_dir)):
-                outputs["checkpoint"] = str(checkpoints[-1])
+    if accelerator.is_main_process:  # the slice values are whole on every process, also under FSDP2
+        outputs["slice"] = str(save_slice(accelerator.unwrap_model(transformer), output_dir))
+        if args.validation_prompts:
+            result["samples"] += run_validation(accelerator, transformer, comps, args, validation, global_step)
+        accelerator.log({"data/skipped_files": sum(result["skipped"].values())}, step=global_step)
+        if (checkpoints := list_checkpoints(output_dir)):
+            outputs["checkpoint"] = str(checkpoints[-1])
     wandb_dir = tracker_dir(accelerator)
     # Release DDP and the process group while every process is still alive (a late rank can hang in teardown);
     # this also frees the training copy before the merge reads the base from disk.

@@ -440,6 +440,24 @@ def gpu_section(results: Path | None = None) -> str:
     return gpu_report.section(results)
 
 
+def fsdp_section(results: Path | None = None) -> str:
+    """FSDP2 vs DDP per-rank peak memory: the table a GPU run of gpu_fsdp.py wrote, else its rows, not measured."""
+    import gpu_fsdp
+
+    results = results or gpu_fsdp.RESULTS.with_suffix(".md")
+    measured = results.exists() and gpu_fsdp.NOT_MEASURED not in results.read_text()
+    body = results.read_text().strip() if measured else gpu_fsdp.plan_table()
+    text = ["## GPU: FSDP2 vs DDP (issue 13)", "",
+            "Per-rank peak device memory of slice training under FSDP2 (the trainer's `fully_shard` per block + root) "
+            "and DDP, on the tiny Wan and the Wan 2.1 1.3B layout with random bf16 weights, 1 process each:", "",
+            "    python benchmarks/gpu_fsdp.py", "", body]
+    if not measured:
+        text += ["", "**Not yet measured**: no GPU was lent to the tasks that wrote this report. On CPU (gloo), "
+                 "`tests/test_fsdp.py` runs FSDP2 on 2 processes: each holds about half the frozen base, and the slice "
+                 "matches a one-process run's; `python benchmarks/gpu_fsdp.py --dry-run` runs these rows on the CPU."]
+    return "\n".join(text) + "\n"
+
+
 def render(results: dict, output: Path, plots_dir: Path, wall_s: float | None, argv: list[str],
            failed: dict | None = None) -> str:
     plots_rel = os.path.relpath(plots_dir, output.parent)
@@ -469,6 +487,7 @@ def render(results: dict, output: Path, plots_dir: Path, wall_s: float | None, a
     if not have_matplotlib():
         sections.append("(No plots: matplotlib is not installed; `pip install matplotlib` and run again.)")
     sections.append(gpu_section())
+    sections.append(fsdp_section())
     target_rows = [[bench, row, name, measured, "met" if ok else f"missed — {why}"]
                    for bench, row, name, ok, measured, why in summary]
     smoke = any(r.get("smoke") for r in results.values())

@@ -6,7 +6,6 @@ The frozen base is never written: a save hook replaces the model weights acceler
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
@@ -55,47 +54,25 @@ def load_slice_values(model: torch.nn.Module, folder: str | os.PathLike, adapter
             param.copy_(values[key].to(param.device, param.dtype))
 
 
-def register_slice_hooks(accelerator) -> bool:
-    """Make `save_state`/`load_state` write and read the slice instead of the full model (diffusers' LoRA pattern).
+def register_slice_hooks(accelerator, model: torch.nn.Module) -> None:
+    """Make `save_state`/`load_state` write and read the slice of `model` instead of the full model (diffusers'
+    LoRA pattern).
 
-    Under FSDP and DeepSpeed accelerate saves the sharded module itself (base included) and nothing is registered;
-    returns whether the hooks were registered.
+    `model` is given explicitly: under FSDP2 the trainer shards it itself and accelerate never sees it (see
+    `slice_ft.distributed`); its slice values are whole on every process, so the checkpoint is the single-process one.
     """
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        return False
 
     def save_model_hook(models, weights, output_dir):
-        for model in models:
-            if accelerator.is_main_process:
-                slice_adapter.save_adapter(accelerator.unwrap_model(model), Path(output_dir) / SLICE_SUBDIR)
+        if accelerator.is_main_process:
+            slice_adapter.save_adapter(accelerator.unwrap_model(model), Path(output_dir) / SLICE_SUBDIR)
         weights.clear()  # nothing else of the model goes to disk
 
     def load_model_hook(models, input_dir):
-        while models:
-            load_slice_values(accelerator.unwrap_model(models.pop()), Path(input_dir) / SLICE_SUBDIR)
+        models.clear()  # accelerate loads nothing else into the model
+        load_slice_values(accelerator.unwrap_model(model), Path(input_dir) / SLICE_SUBDIR)
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
-    return True
-
-
-@contextlib.contextmanager
-def full_parameters(accelerator, model):
-    """Inside: every parameter of `model` is whole on each process (FSDP gathers its shards; a no-op otherwise).
-
-    Enter it on every process.
-    """
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type == DistributedType.FSDP:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        with FullyShardedDataParallel.summon_full_params(model, writeback=False):
-            yield
-    else:
-        yield
 
 
 # --- progress ---------------------------------------------------------------------------------------------------
