@@ -115,3 +115,19 @@ CLIENT_APPLY = {"ComfyUI": comfy_apply, "Wan2GP": wan2gp_apply, "musubi-tuner": 
 def changed(a: dict, b: dict) -> set:
     """Names whose tensors differ."""
     return {k for k in a if not torch.equal(a[k], b[k])}
+
+
+def wan_module_tree(state: dict) -> torch.nn.Module:
+    """A module tree named like the original Wan model (for loaders that patch modules by name, e.g. mmgp): a
+    Linear per 2-D `.weight`, a module holding the 1-D/other weights (norms, convolution), raw parameters (modulation)
+    on their container; holding `state`'s values."""
+    root = torch.nn.Module()
+    for key, value in state.items():
+        *path, leaf = key.split(".")
+        owner = root
+        for part in path:
+            if not hasattr(owner, part):
+                owner.add_module(part, torch.nn.Module())
+            owner = getattr(owner, part)
+        owner.register_parameter(leaf, torch.nn.Parameter(value.clone(), requires_grad=False))
+    return root
