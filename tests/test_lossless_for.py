@@ -48,3 +48,20 @@ def test_load_adapter_honours_autocast_adapter_dtype_and_layers_expose_features(
     layers = {n: m for n, m in model.named_modules() if isinstance(m, SliceLayer)}
     assert (layers["blocks.0.ffn.net.0.proj"].in_features, layers["blocks.0.ffn.net.0.proj"].out_features) == (32, 64)
     assert layers["blocks.0.sliced_params"].in_features == 32 and layers["blocks.0.norm2"].out_features == 32
+
+
+def test_the_trainer_flag_trains_a_slice_its_program_loads_exactly(tmp_path):
+    """--lossless_for musubi: the saved slice holds only the blocks' Linear weights, and its musubi export is
+    lossless."""
+    from slice_ft.corpus import generate_corpus
+    from slice_adapter.export import export_lora
+
+    from test_train import train
+
+    corpus = tmp_path / "corpus"
+    generate_corpus(corpus, num_images=2, num_videos=0, size=[(48, 32)], num_frames=1, seed=3)
+    train(tmp_path / "out", "--max_train_steps", "1", "--lossless_for", "musubi", dataset=corpus)
+    folder = tmp_path / "out" / "slice"
+    assert read_adapter_config(folder).lossless_for == "musubi"
+    assert all(n.endswith(".weight") and lay.tiled_rows for n, lay in read_slice(folder).layouts.items())
+    assert export_lora(folder, tmp_path / "lora.safetensors", "musubi")["dropped"] == []
