@@ -98,6 +98,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Which disjoint slice to train, in [0, floor(1/fraction)) (musubi's --ffid).")
     g.add_argument("--slice_seed", type=int, default=0,
                    help="Selection seed: the same model, fraction, id and seed always select the same weights.")
+    g.add_argument("--lossless_for", choices=["comfy", "wan2gp", "musubi", "diffusers"], default=None,
+                   help="Leave out the parameters this program cannot take from a LoRA file (comfy/wan2gp: the "
+                        "modulation table; musubi: all but the blocks' Linear weights; diffusers: norms, modulation), "
+                        "so scripts/export_lora.py --format X is lossless. Merged outputs carry everything anyway.")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset_name", type=str, nargs="+", default=None,
@@ -316,7 +320,8 @@ def main(args: argparse.Namespace) -> dict:
                     f"(boundary_ratio {comps.boundary_ratio})")
 
     # --- the slice adapter -------------------------------------------------------------------------------------
-    slice_config = SliceConfig(fraction=args.slice_fraction, slice_id=args.slice_id, seed=args.slice_seed)
+    slice_config = SliceConfig(fraction=args.slice_fraction, slice_id=args.slice_id, seed=args.slice_seed,
+                               lossless_for=args.lossless_for)
     plan = slice_adapter.plan(transformer, slice_config)
     transformer.add_adapter(slice_config)
     logger.info(f"slice {args.slice_id} of {slice_config.num_slices} at fraction {args.slice_fraction}: training "

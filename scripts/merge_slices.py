@@ -37,9 +37,9 @@ def parse_args(argv=None):
                    help="Also write a Wan2GP finetune definition (.json) pointing at OUT; put it in Wan2GP's "
                         "finetunes/ folder. OUT's name must contain lowercase bf16 or fp16.")
     p.add_argument("--wan2gp_architecture", default=None,
-                   help="Wan2GP architecture id (t2v, t2v_1.3B, i2v, i2v_720p, t2v_2_2, i2v_2_2, ti2v_2_2). Inferred "
-                        "where the shapes decide it; required for Wan 2.1 T2V-14B vs a Wan 2.2 A14B expert (same "
-                        "shapes) and for Wan 2.1 I2V 480p vs 720p.")
+                   help="Wan2GP architecture id (t2v, t2v_1.3B, i2v, t2v_2_2, i2v_2_2, ti2v_2_2), or the model id "
+                        "i2v_720p (written as architecture i2v with Wan2GP's 720p defaults). Inferred where the "
+                        "shapes decide it; required for Wan 2.1 T2V-14B vs a Wan 2.2 A14B expert (same shapes).")
     p.add_argument("--wan2gp_phase", choices=["high", "low"], default=None,
                    help="For two-expert Wan 2.2 A14B models: which expert OUT replaces (low: OUT goes in URLs2 "
                         "behind the built-in high-noise expert).")

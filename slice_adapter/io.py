@@ -119,10 +119,12 @@ def _free_adapter_name(model: nn.Module) -> str:
     return f"default_{i}"
 
 
-def load_adapter(model: nn.Module, path, adapter_name: Optional[str] = None, is_trainable: bool = False) -> str:
+def load_adapter(model: nn.Module, path, adapter_name: Optional[str] = None, is_trainable: bool = False,
+                 autocast_adapter_dtype: bool = True) -> str:
     """Load a slice folder onto `model` and activate it beside the already active adapters. Returns its name.
 
-    `adapter_name=None` takes "default", or the first free "default_<n>".
+    `adapter_name=None` takes "default", or the first free "default_<n>". `autocast_adapter_dtype=False` keeps the
+    values in the base parameters' dtype (PEFT's meaning); the default keeps them in float32.
     """
     from peft import PeftModel, inject_adapter_in_model
 
@@ -130,7 +132,8 @@ def load_adapter(model: nn.Module, path, adapter_name: Optional[str] = None, is_
     values = read_adapter_values(path)
     if isinstance(model, PeftModel):
         name = adapter_name or _free_adapter_name(model)
-        model.load_adapter(str(path), adapter_name=name, is_trainable=is_trainable)
+        model.load_adapter(str(path), adapter_name=name, is_trainable=is_trainable,
+                           autocast_adapter_dtype=autocast_adapter_dtype)
         return name
     name = adapter_name or _free_adapter_name(model)
     if name in (getattr(model, "peft_config", None) or {}):
@@ -146,6 +149,10 @@ def load_adapter(model: nn.Module, path, adapter_name: Optional[str] = None, is_
                 module.delete_adapter(name)
         model.peft_config.pop(name, None)
         raise
+    if not autocast_adapter_dtype:
+        from .model import cast_slice_values
+
+        cast_slice_values(model, name, autocast_adapter_dtype=False)
     if hasattr(model, "_hf_peft_config_loaded"):
         model._hf_peft_config_loaded = True
     active = previously_active + [name]
