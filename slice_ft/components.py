@@ -14,7 +14,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-TINY = "tiny"
+from .choices import TINY
+
 # --expert names (musubi/Wan 2.2 speak) -> the pipeline component that expert is.
 EXPERT_SUBFOLDERS = {"high": "transformer", "low": "transformer_2"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
