@@ -10,10 +10,13 @@ The recipe, in diffusers' order: accelerator -> frozen models -> slice adapter -
 
 from __future__ import annotations
 
-from slice_ft.arguments import parse_args
+import sys
+
+from slice_ft.arguments import check_inputs, check_slice_selects, parse_args, run_settings
+from slice_ft.errors import exit_on_input_error
 
 if __name__ == "__main__":  # flags first: --help and flag errors answer before torch, diffusers and accelerate load
-    ARGS = parse_args()
+    ARGS = exit_on_input_error(parse_args, debug="--debug" in sys.argv)
 
 import argparse  # noqa: E402 (the model stack loads once the flags are known to be good)
 import gc
@@ -38,13 +41,14 @@ from slice_adapter import SliceConfig
 from slice_adapter.report import format_bytes
 from slice_ft import flow_matching as fm
 from slice_ft.checkpointing import (
-    TrainingProgress, full_parameters, list_checkpoints, register_slice_hooks, resolve_resume, save_checkpoint,
+    TrainingProgress, claim_output_dir, full_parameters, list_checkpoints, register_slice_hooks, resolve_resume,
+    save_checkpoint,
 )
 from slice_ft.components import DTYPES, load_components, spatial_multiple
 from slice_ft.data import BucketConfig, BucketedLoader, build_dataset
 from slice_ft.encoding import LatentCache, free_encoders
 from slice_ft.offload import offload_saved_activations
-from slice_ft.outputs import save_merged, save_slice
+from slice_ft.outputs import check_merged_space, save_merged, save_slice
 from slice_ft.training import (
     BatchEncoder, SigmaSampling, build_optimizer, draw_noise_and_sigmas, flow_matching_step, timestep_bounds,
     trainable_parameters,
@@ -79,6 +83,7 @@ def infinite_batches(loader):
 
 
 def main(args: argparse.Namespace) -> dict:
+    check_inputs(args)
     output_dir = Path(args.output_dir)
     if args.wandb_mode and "WANDB_MODE" not in os.environ:
         os.environ["WANDB_MODE"] = args.wandb_mode
@@ -104,8 +109,11 @@ def main(args: argparse.Namespace) -> dict:
                        "them afterwards from OUTPUT_DIR/slice")
         args.validation_prompts = []
     set_seed(args.seed)
+    run = run_settings(args)  # recorded in each checkpoint: another run's checkpoints are never resumed by mistake
+    resume = resolve_resume(output_dir, args.resume_from_checkpoint, run, force=args.force_resume, logger=logger)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        claim_output_dir(output_dir, fresh=resume is None, logger=logger)
 
     dataset_name = args.dataset_name or make_demo_corpus(accelerator, output_dir, args.seed)
 
@@ -118,6 +126,8 @@ def main(args: argparse.Namespace) -> dict:
         base_dtype=base_dtype, text_encoder_dtype=weight_dtype,
     )
     transformer = comps.transformer
+    if args.save_merged and accelerator.is_main_process:
+        check_merged_space(comps.source, output_dir, transformer)  # before training, not after it
     multiple = spatial_multiple(comps)
     buckets = BucketConfig.from_strings(args.bucket_resolutions, args.bucket_frame_counts)
     for w, h in buckets.resolutions:
@@ -140,6 +150,7 @@ def main(args: argparse.Namespace) -> dict:
     # --- the slice adapter -------------------------------------------------------------------------------------
     slice_config = SliceConfig(fraction=args.slice_fraction, slice_id=args.slice_id, seed=args.slice_seed)
     plan = slice_adapter.plan(transformer, slice_config)
+    check_slice_selects(plan, args.slice_fraction, args.slice_id, args.slice_seed)
     transformer.add_adapter(slice_config)
     logger.info(f"slice {args.slice_id} of {slice_config.num_slices} at fraction {args.slice_fraction}: training "
                 f"{plan.selected:,} of {plan.targeted:,} block weights")
@@ -202,7 +213,6 @@ def main(args: argparse.Namespace) -> dict:
         init_kwargs = {"wandb": {"dir": str(output_dir), "name": args.tracker_run_name}} if args.report_to == "wandb" else {}
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args), init_kwargs=init_kwargs)
 
-    resume = resolve_resume(output_dir, args.resume_from_checkpoint)
     if resume is not None:
         logger.info(f"resuming from {resume}")
         accelerator.load_state(str(resume))
@@ -260,7 +270,7 @@ def main(args: argparse.Namespace) -> dict:
         bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
 
         if global_step % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, logger)
+            save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, logger, run=run)
         if (args.validation_prompts and args.validation_steps and global_step % args.validation_steps == 0
                 and global_step < max_train_steps and accelerator.is_main_process):
             result["samples"] += run_validation(accelerator, transformer, comps, args, validation, global_step)
@@ -388,4 +398,4 @@ def print_outputs(outputs: dict, output_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(ARGS)
+    exit_on_input_error(main, ARGS, debug=ARGS.debug)

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import difflib
+import json
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,9 +28,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="YAML file whose keys are flag names (e.g. configs/demo.yaml); flags on the command line win.")
 
     g = p.add_argument_group("model")
-    g.add_argument("--pretrained_model_name_or_path", type=str, default=TINY,
-                   help="Local diffusers Wan pipeline folder (transformer/, vae/, text_encoder/, tokenizer/, "
-                        "scheduler/), or 'tiny' for tiny random Wan components built in memory (no download).")
+    g.add_argument("--pretrained_model_name_or_path", type=str, default=None,
+                   help="Required. Local diffusers Wan pipeline folder (transformer/, vae/, text_encoder/, tokenizer/, "
+                        "scheduler/), or 'tiny' for tiny random Wan components built in memory (tests and the demo; "
+                        "never a default).")
     g.add_argument("--transformer_file", type=str, default=None,
                    help="Single-file transformer checkpoint (original Wan / ComfyUI keys, or diffusers keys, e.g. "
                         "a previous run's merged/ weights to stack another slice); VAE and text encoder still come "
@@ -145,7 +149,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Save OUTPUT_DIR/checkpoint-N (slice, optimizer, scheduler, RNG, data position) every N steps.")
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     g.add_argument("--resume_from_checkpoint", type=str, default=None,
-                   help="'latest' (the newest checkpoint in OUTPUT_DIR, or a fresh start) or a checkpoint folder.")
+                   help="'latest' (the newest complete checkpoint in OUTPUT_DIR, or a fresh start) or a checkpoint "
+                        "folder. A checkpoint written with other training settings (data, model, slice, optimizer, "
+                        "seed, ...) is refused, naming the differences. Without it, checkpoints of an earlier run in "
+                        "OUTPUT_DIR are moved to OUTPUT_DIR/previous_runs/ (never deleted).")
+    g.add_argument("--force_resume", action="store_true",
+                   help="Resume even from a checkpoint whose recorded training settings differ from this run's (the "
+                        "differences are logged).")
     g.add_argument("--save_merged", action="store_true",
                    help="Also write OUTPUT_DIR/merged: the full transformer with the slice baked in, in the input's "
                         "key format.")
@@ -168,6 +178,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--validation_num_inference_steps", type=int, default=30, help="Denoising steps of a sample.")
     g.add_argument("--validation_guidance_scale", type=float, default=5.0, help="Classifier-free guidance scale.")
     g.add_argument("--validation_fps", type=int, default=16, help="Frame rate of the sample mp4s.")
+    g.add_argument("--debug", action="store_true",
+                   help="Show the Python traceback of an error (default: one line `error: ...`, exit status 2).")
 
     args = parse_args_with_config(p, argv)
     check_args(args)
@@ -176,6 +188,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     """Errors that need no model: each names the flag, its value and the fix."""
+    if not args.pretrained_model_name_or_path:
+        raise ValueError(
+            "no model: pass --pretrained_model_name_or_path DIR (a local diffusers Wan pipeline folder, e.g. "
+            "models/Wan2.1-T2V-1.3B-Diffusers; its VAE and text encoder are used), optionally with --transformer_file "
+            "FILE for the transformer weights; '--pretrained_model_name_or_path tiny' trains a tiny random model "
+            "(tests and demo only)")
+    check_slice_flags(args.slice_fraction, args.slice_id)
     if not args.dataset_name and not args.generate_demo_corpus:
         raise ValueError("no training data: pass --dataset_name FOLDER_OR_HUB_NAME (or --generate_demo_corpus)")
     for flag in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "num_train_epochs"):
@@ -196,6 +215,131 @@ def check_args(args: argparse.Namespace) -> None:
         args.base_dtype = "bf16" if args.mixed_precision == "bf16" else "fp32"
     if args.max_sequence_length is None:
         args.max_sequence_length = TINY_MAX_SEQUENCE_LENGTH if args.pretrained_model_name_or_path == TINY else 512
+
+
+# Flags that do not change what a run trains (memory, speed, logging, when to save or stop, where to write): a
+# checkpoint's run identity is every other flag, so a new flag counts as part of it unless it is listed here.
+NOT_RUN_IDENTITY = frozenset({
+    "config", "blocks_to_swap", "gradient_checkpointing", "gradient_checkpointing_cpu_offload", "decode_threads",
+    "cache_dir", "output_dir", "max_train_steps", "num_train_epochs", "checkpointing_steps", "checkpoints_total_limit",
+    "resume_from_checkpoint", "force_resume", "save_merged", "report_to", "tracker_project_name", "tracker_run_name",
+    "wandb_mode", "logging_dir", "validation_prompts", "validation_steps", "validation_num_frames",
+    "validation_height", "validation_width", "validation_num_inference_steps", "validation_guidance_scale",
+    "validation_fps", "debug", "optimizer_kwargs",
+})
+_PATH_FLAGS = ("pretrained_model_name_or_path", "transformer_file", "transformer_config", "dataset_name")
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    """The run's identity, recorded in each checkpoint: the settings that change what is trained (data, model,
+    slice, optimizer, schedule, seeds), local paths made absolute, as JSON values."""
+    out = {}
+    for key, value in sorted(vars(args).items()):
+        if key in NOT_RUN_IDENTITY:
+            continue
+        if key in _PATH_FLAGS and value is not None:
+            value = [_absolute(v) for v in value] if isinstance(value, (list, tuple)) else _absolute(value)
+        out[key] = value
+    return json.loads(json.dumps(out, default=str))  # tuples -> lists, as they come back from run.json
+
+
+def _absolute(value: str) -> str:
+    return os.path.abspath(value) if value != TINY and os.path.exists(value) else value
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Errors about the files and folders the flags name (before anything loads): a mistyped path is called a path
+    that does not exist, not a model or dataset the Hub cannot find."""
+    model = args.pretrained_model_name_or_path
+    if model != TINY:
+        if os.path.isfile(model):
+            raise ValueError(f"--pretrained_model_name_or_path {model!r} is a file; pass the diffusers pipeline folder "
+                             "(a single transformer file goes to --transformer_file, with the pipeline folder here for "
+                             "the VAE and text encoder)")
+        if not os.path.isdir(model):
+            raise ValueError(f"--pretrained_model_name_or_path {model!r}: {_no_such_folder(model)}. Pass a local "
+                             "diffusers Wan pipeline folder (training reads models from disk only; get one with e.g. "
+                             "`hf download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir models/Wan2.1-T2V-1.3B-Diffusers`)")
+    if args.transformer_file and not os.path.isfile(args.transformer_file):
+        what = "is a folder" if os.path.isdir(args.transformer_file) else _no_such_file(args.transformer_file)
+        raise ValueError(f"--transformer_file {args.transformer_file!r} {what}; pass a .safetensors (or .pt/.ckpt) "
+                         "transformer checkpoint file")
+    config = args.transformer_config
+    if config and _looks_like_path(config) and not os.path.exists(config):
+        raise ValueError(f"--transformer_config {config!r}: {_no_such_file(config)}; pass a config.json, a folder "
+                         "holding one, or a published name (wan2.1-t2v-1.3b, wan2.1-t2v-14b, wan2.2-t2v-a14b, "
+                         "wan2.2-ti2v-5b)")
+    for name in args.dataset_name or ():
+        if os.path.isdir(name):
+            continue
+        if os.path.isfile(name):
+            raise ValueError(f"--dataset_name {name!r} is a file; pass the folder holding the images/videos")
+        if _looks_like_path(name):
+            raise ValueError(f"--dataset_name {name!r}: {_no_such_folder(name)}; pass an existing folder of "
+                             "captioned images/videos (or a `datasets` Hub name such as user/dataset)")
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+            raise ValueError(f"--dataset_name {name!r}: {_no_such_folder(name)}, and HF_HUB_OFFLINE is set, so it "
+                             "cannot be a Hub dataset either; pass an existing folder (or unset HF_HUB_OFFLINE)")
+    if os.path.isfile(args.output_dir):
+        raise ValueError(f"--output_dir {args.output_dir!r} is a file; pass a folder (it is created if missing)")
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name that can only be a local path: absolute, relative with ./ or ~, several folders deep, or inside an
+    existing folder (a Hub name is `owner/name`)."""
+    return (name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+            or ("/" in name and os.path.isdir(os.path.dirname(name))))
+
+
+def _no_such_folder(path: str) -> str:
+    return _no_such(path, "folder")
+
+
+def _no_such_file(path: str) -> str:
+    return _no_such(path, "file")
+
+
+def _no_such(path: str, kind: str) -> str:
+    """'no such folder', with the closest names of the parent folder when it exists."""
+    parent = os.path.dirname(os.path.abspath(os.path.expanduser(path)))
+    message = f"no such {kind}"
+    if os.path.isdir(parent):
+        close = difflib.get_close_matches(os.path.basename(os.path.normpath(path)), os.listdir(parent), n=3)
+        if close:
+            message += f" (in {parent!r}: did you mean {', '.join(map(repr, close))}?)"
+    return message
+
+
+def check_slice_flags(fraction: float, slice_id: int) -> None:
+    """--ff and --ffid, checked as the selection reads them (exact rationals), with the flags named."""
+    from slice_adapter.selection import num_slices_for
+
+    try:
+        count = num_slices_for(fraction)
+    except ValueError:
+        raise ValueError(f"--ff (--slice_fraction) must be in (0, 1], got {fraction!r}: the share of the block "
+                         "weights to train, e.g. 0.001 for 0.1%") from None
+    if not 0 <= slice_id < count:
+        raise ValueError(f"--ffid (--slice_id) must be in [0, {count - 1}]: --ff {fraction} defines {count} disjoint "
+                         f"slices, got {slice_id}")
+
+
+def check_slice_selects(plan, fraction: float, slice_id: int, seed: int) -> None:
+    """A slice that selects no weight of this model (--ff too small) is refused, with the smallest usable --ff."""
+    if plan.selected:
+        return
+    import math
+
+    from slice_adapter.selection import smallest_fraction
+
+    least = smallest_fraction(plan.layouts.values(), seed)
+    if least is None:
+        raise ValueError("the model has no parameter the slice can target (no transformer blocks); pass a Wan model")
+    exponent = math.floor(math.log10(least)) - 1  # two significant digits, rounded up so the value still selects
+    usable = math.ceil(least / 10 ** exponent) * 10 ** exponent
+    raise ValueError(f"--ff {fraction:g} (--ffid {slice_id}) selects no weight of this model ({plan.targeted:,} "
+                     f"targeted weights): the smallest --ff that selects one is {usable:.2g} (for --ffid 0, "
+                     f"--slice_seed {seed}); real runs use 0.001 or more")
 
 
 def parse_optimizer_args(items: Sequence[str]) -> dict[str, Any]:

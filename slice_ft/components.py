@@ -140,7 +140,11 @@ def _load_file(root, sub, transformer_file, transformer_config, base_dtype):
     if isinstance(config, str) and os.path.isfile(config):
         # a config.json file: load_transformer takes its folder
         config = os.path.dirname(os.path.abspath(config)) or "."
-    return load_transformer(root, subfolder=sub, transformer_file=transformer_file, config=config, torch_dtype=base_dtype)
+    try:
+        return load_transformer(root, subfolder=sub, transformer_file=transformer_file, config=config,
+                                torch_dtype=base_dtype)
+    except ValueError as err:
+        raise ValueError(f"--transformer_file: {err}") from None
 
 
 def _load_pipeline(path, sub, expert, transformer_file, transformer_config, boundary_ratio, base_dtype,
