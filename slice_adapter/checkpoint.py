@@ -96,6 +96,16 @@ def _running(pid: int) -> bool:
     return True
 
 
+def refuse_overwriting_inputs(output, inputs, what: str = "output") -> None:
+    """ValueError when `output` is one of the files or folders in `inputs`: writing it would destroy what the command
+    reads."""
+    out = Path(output).resolve()
+    for item in inputs:
+        if out == Path(item).resolve():
+            raise ValueError(f"{what} {str(output)!r} is also an input of this command ({str(item)!r}): writing it "
+                             "would destroy what is being read; write to another path")
+
+
 def create_file(path):
     """A new file opened for binary writing, created with the mode the umask gives (not mkstemp's 0600)."""
     return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666), "wb", buffering=0)

@@ -17,8 +17,8 @@ def input_error_message(err: BaseException) -> str | None:
         return str(err)
     if isinstance(err, OSError) and err.errno in NO_SPACE:
         where = f" while writing {err.filename!r}" if err.filename else ""
-        return (f"the disk is full{where} ({err.strerror or 'no space left on device'}): free space or pass another "
-                "--output_dir; what was being written was removed and earlier checkpoints and outputs are intact")
+        return (f"the disk is full{where} ({err.strerror or 'no space left on device'}): free space or write "
+                "elsewhere; the partly written file was removed, earlier checkpoints and outputs are intact")
     if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)) and err.filename:
         return f"{err.strerror}: {err.filename!r}"
     return None
