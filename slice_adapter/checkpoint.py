@@ -106,6 +106,13 @@ def refuse_overwriting_inputs(output, inputs, what: str = "output") -> None:
                              "would destroy what is being read; write to another path")
 
 
+def honour_umask(path) -> None:
+    """Give a file the mode the umask allows (safetensors' `save_file` creates 0600 files whatever the umask)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def create_file(path):
     """A new file opened for binary writing, created with the mode the umask gives (not mkstemp's 0600)."""
     return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666), "wb", buffering=0)

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checkpoint import partial_path
+from .checkpoint import honour_umask, partial_path
 from .config import SliceConfig
 from .formats import CONFIG_NAME, WEIGHTS_NAME, layout_record, read_adapter_settings, values_key
 from .layer import SliceLayer
@@ -86,6 +86,7 @@ def save_adapter(model: nn.Module, path, adapter_name: str = "default") -> Path:
 
     def write(folder: Path):
         save_file(state, str(folder / WEIGHTS_NAME), metadata=metadata)
+        honour_umask(folder / WEIGHTS_NAME)
         saved_config.save_pretrained(str(folder))
 
     _write_folder_atomically(Path(path), write)

@@ -193,13 +193,14 @@ def save_transformer_state_dict(
             raise ValueError(f"state dict entry {k!r} is a {type(v).__name__}, not a tensor; pass tensors only")
         tensors[k] = v.detach().to("cpu").contiguous()
 
-    from slice_adapter.checkpoint import partial_path
+    from slice_adapter.checkpoint import honour_umask, partial_path
 
     path = os.path.abspath(os.fspath(path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = partial_path(path)  # save_file creates it with the umask's mode
+    tmp = partial_path(path)
     try:
         save_file(tensors, tmp, metadata=meta)
+        honour_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
