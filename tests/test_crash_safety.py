@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -111,7 +112,9 @@ def test_a_kill_at_any_moment_of_a_save_leaves_a_checkpoint_that_resumes_to_the_
     assert len(result["losses"]) == (2 if left == "checkpoint-2" else 0)
     resumed = slice_values(out)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
-    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-4"]  # the partial folder is gone too
+    # the partial folder is gone; killed before pruning, checkpoint-2 waits for the next save's pruning
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == (
+        ["checkpoint-4"] if left == "checkpoint-2" else ["checkpoint-2", "checkpoint-4"])
 
 
 def test_latest_skips_and_logs_an_incomplete_checkpoint_an_older_version_left(tmp_path, corpus, caplog):
@@ -154,8 +157,8 @@ def test_a_full_disk_during_a_save_is_an_error_and_keeps_the_previous_checkpoint
         train(out, corpus)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    last = err.replace("\r", "\n").strip().splitlines()[-1]  # after the progress bar
-    assert last.startswith("error: the disk is full while writing") and "Traceback" not in err
+    assert re.search(r"error: the disk is full while writing '[^']*checkpoint-4\.partial[^']*' \(No space left on "
+                     r"device\): free space or write elsewhere.*\n$", err) and "Traceback" not in err
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]  # nothing partial left
     assert checkpoint_problem(out / "checkpoint-2") is None
     monkeypatch.undo()
