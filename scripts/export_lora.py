@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from slice_adapter.export import LORA_FORMATS, export_lora  # noqa: E402
+from slice_ft.errors import input_error_message  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -48,8 +49,11 @@ def main(argv=None) -> int:
     try:
         result = export_lora(args.slice, args.output, args.format, dtype=args.dtype, overwrite=args.overwrite,
                              allow_lossy=args.allow_lossy)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:  # bad input, or a full disk: one line, exit status 2
+        message = input_error_message(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     print(f"wrote {result['output']} ({result['format']}, {result['dtype']}, {result['bytes']} bytes): "
           f"{result['lora_modules']} LoRA modules, ranks {result['ranks']['min']}-{result['ranks']['max']}, "

@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from slice_adapter.merge import merge_slices  # noqa: E402
+from slice_ft.errors import input_error_message  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -61,8 +62,11 @@ def main(argv=None) -> int:
             wan2gp_name=args.wan2gp_name, wan2gp_description=args.wan2gp_description, wan2gp_url=args.wan2gp_url,
             progress=not args.no_progress,
         )
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:  # bad input, or a full disk: one line, exit status 2
+        message = input_error_message(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     print(f"wrote {result.output}: {result.tensors} tensors ({result.touched_tensors} changed, "
           f"{result.changed_weights} weights), {result.key_format} keys"

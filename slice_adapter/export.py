@@ -42,8 +42,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .checkpoint import StreamWriter, dtype_label, open_checkpoint, parse_dtype, write_json_atomically
+from .checkpoint import (StreamWriter, dtype_label, open_checkpoint, parse_dtype, refuse_overwriting_inputs,
+                         write_json_atomically)
 from .deltas import SliceDeltas, read_slice
+from .formats import slice_files
 from .keys import diffusers_to_wan
 
 COMFY_PREFIX = "diffusion_model."
@@ -239,6 +241,7 @@ def export_lora(slice_dir, output, format: str = "comfy", *, dtype=None, overwri
         raise ValueError(f"output must be a .safetensors file, got {str(output)!r}")
     if output.is_dir():
         raise ValueError(f"output {str(output)!r} is a directory: pass a file path ending in .safetensors")
+    refuse_overwriting_inputs(output, slice_files(slice_dir))
     if output.exists() and not overwrite:
         raise ValueError(f"output {str(output)!r} already exists: pass overwrite=True (--overwrite) or another path")
     slice_ = read_slice(slice_dir)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -18,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .checkpoint import honour_umask, partial_path
 from .config import SliceConfig
 from .formats import CONFIG_NAME, WEIGHTS_NAME, layout_record, read_adapter_settings, values_key
 from .layer import SliceLayer
@@ -47,8 +47,9 @@ def _write_folder_atomically(path: Path, write) -> None:
     """Write a folder into a temp sibling, then swap it into place; an old folder survives any failure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    old = path.parent / f".{path.name}.old-{os.getpid()}"
+    tmp = partial_path(path)  # NAME.partial-<pid>, made with the umask's mode (mkdtemp would make it 0700)
+    old = path.with_name(f"{path.name}.old-{os.getpid()}")
+    tmp.mkdir()
     try:
         if path.exists():  # keep files the adapter does not own (e.g. a README) in the new folder
             for item in path.iterdir():
@@ -85,6 +86,7 @@ def save_adapter(model: nn.Module, path, adapter_name: str = "default") -> Path:
 
     def write(folder: Path):
         save_file(state, str(folder / WEIGHTS_NAME), metadata=metadata)
+        honour_umask(folder / WEIGHTS_NAME)
         saved_config.save_pretrained(str(folder))
 
     _write_folder_atomically(Path(path), write)

@@ -239,6 +239,13 @@ def plan_layouts(layouts: Iterable[ParamLayout], fraction, slice_id: int, seed: 
     return SlicePlan(layouts=by_name, tiles=tiles, fraction=frac, slice_id=slice_id, seed=seed)
 
 
+def smallest_fraction(layouts: Iterable[ParamLayout], seed: int = 0) -> Optional[Fraction]:
+    """The smallest fraction at which slice 0 (with `seed`) selects at least one weight of `layouts`: a parameter's
+    window [floor(u), floor(f N + u)) holds a tile once f >= (1 - u) / N. None when nothing is targeted."""
+    bounds = [(1 - _offset(lay.name, seed)) / lay.num_tiles for lay in layouts if lay.num_tiles]
+    return min(bounds) if bounds else None
+
+
 def validate_slice_id(slice_id, fraction) -> None:
     n = num_slices_for(fraction)
     if isinstance(slice_id, bool) or not isinstance(slice_id, (int, np.integer)) or not (0 <= slice_id < n):
