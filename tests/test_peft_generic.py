@@ -1,6 +1,7 @@
-"""PEFT's own generic tuner tests (tests/peft_upstream: its TestPeftCustomModel, unmodified) with SliceConfig cases,
-the way PEFT's repository adds a method: rows of (name, model id, config class, config kwargs) run through every
-test that PEFT parametrizes over its TEST_CASES. Only that class runs, so CI stays fast."""
+"""PEFT's own generic tuner tests (its TestPeftCustomModel, unmodified, from the installed peft release's sdist: see
+tests/peft_tests.py) with SliceConfig cases, the way PEFT's repository adds a method: rows of (name, model id, config
+class, config kwargs) run through every test that PEFT parametrizes over its TEST_CASES. Only that class runs, so CI
+stays fast."""
 
 import types
 
@@ -10,7 +11,14 @@ from torch import nn
 
 from slice_adapter import SliceConfig
 
-from peft_upstream import custom_models as upstream
+from peft_tests import load_custom_models
+
+try:
+    upstream, fetch_error = load_custom_models(), None
+except RuntimeError as error:
+    fetch_error = str(error)
+if fetch_error:  # no network and no cached copy: fail (never skip), saying what to run
+    pytest.fail(fetch_error, pytrace=False)
 
 CASE_ARGS = "test_name, model_id, config_cls, config_kwargs"
 
