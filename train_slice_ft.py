@@ -32,6 +32,7 @@ import slice_adapter
 from slice_adapter import SliceConfig
 from slice_adapter.report import format_bytes
 from slice_ft import flow_matching as fm
+from slice_ft.concepts import base_checkpoint, check_concept_args, concept_of_run, describe_auto_id, slice_id_arg
 from slice_ft.checkpointing import (
     TrainingProgress, full_parameters, list_checkpoints, register_slice_hooks, resolve_resume, save_checkpoint,
 )
@@ -41,6 +42,8 @@ from slice_ft.data import BucketConfig, BucketedLoader, build_dataset
 from slice_ft.encoding import LatentCache, free_encoders
 from slice_ft.offload import offload_saved_activations
 from slice_ft.outputs import save_merged, save_slice
+from slice_ft.preservation import LOSS_MODES as PRESERVE_LOSSES
+from slice_ft.preservation_set import Preservation, preservation_summary
 from slice_ft.training import (
     OPTIMIZERS, BatchEncoder, SigmaSampling, build_optimizer, draw_noise_and_sigmas, flow_matching_step,
     parse_optimizer_args, timestep_bounds, trainable_parameters,
@@ -95,8 +98,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("slice")
     g.add_argument("--slice_fraction", "--ff", type=float, default=0.001,
                    help="Share of the block weights to train, in (0, 1] (musubi's --ff).")
-    g.add_argument("--slice_id", "--ffid", type=int, default=0,
-                   help="Which disjoint slice to train, in [0, floor(1/fraction)) (musubi's --ffid).")
+    g.add_argument("--slice_id", "--ffid", type=slice_id_arg, default=0,
+                   help="Which disjoint slice to train, in [0, floor(1/fraction)) (musubi's --ffid), or 'auto': the "
+                        "lowest id that shares no weight with a slice merged into the base (from its concept ledger).")
     g.add_argument("--slice_seed", type=int, default=0,
                    help="Selection seed: the same model, fraction, id and seed always select the same weights.")
 
@@ -174,6 +178,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--weighting_scheme", type=str, default="none", choices=fm.WEIGHTING_SCHEMES,
                    help="Per-sample loss weighting (SD3's sigma_sqrt, cosmap).")
 
+    g = p.add_argument_group("concepts and preservation (stacking concepts: README 'Stacking concepts')")
+    g.add_argument("--concept_prompts", type=str, nargs="+", default=None,
+                   help="What this slice learns, recorded in its folder's concept ledger (concept.json) and in every "
+                        "file it is merged into: a text file with one prompt per line, or the prompts. Default: up "
+                        "to 32 of the training captions, sampled deterministically.")
+    g.add_argument("--preserve_prompts", type=str, nargs="+", default=None,
+                   help="Keep these earlier concepts while training (a text file with one prompt per line, or the "
+                        "prompts): before the first step the frozen model samples --preserve_samples latent clips "
+                        "for them, and every step adds a preservation batch of those clips.")
+    g.add_argument("--preserve_previous", action="store_true",
+                   help="Preserve every concept the base's ledger records (a file merged by slice-ft), with no data: "
+                        "the usual way to stack a concept on a merged model (with --ffid auto).")
+    g.add_argument("--preserve_dataset", type=str, nargs="+", default=None,
+                   help="Real clips of earlier concepts (folders or dataset names, as --dataset_name), encoded once "
+                        "and used as a separate preservation batch (not mixed into the main batch).")
+    g.add_argument("--preserve_samples", type=int, default=32,
+                   help="How many clips to generate for the preservation prompts (cycled over the prompts), at the "
+                        "first bucket resolution and the largest bucket frame count.")
+    g.add_argument("--preserve_batch_size", type=int, default=None,
+                   help="Preservation clips per micro-batch and process (default: --train_batch_size).")
+    g.add_argument("--preserve_weight", type=float, default=1.0, help="Weight of the preservation loss.")
+    g.add_argument("--preserve_loss", type=str, default="distill", choices=PRESERVE_LOSSES,
+                   help="distill: match the frozen model's prediction (the same transformer with the slice disabled; "
+                        "no second copy); flow: the plain flow-matching loss on the clips (no teacher forward).")
+    g.add_argument("--preserve_num_inference_steps", type=int, default=20,
+                   help="Euler steps of the preservation clips' sampling (latents only, no VAE, no guidance).")
+
     g = p.add_argument_group("checkpoints and outputs")
     g.add_argument("--checkpointing_steps", type=int, default=500,
                    help="Save OUTPUT_DIR/checkpoint-N (slice, optimizer, scheduler, RNG, data position) every N steps.")
@@ -232,6 +263,7 @@ def check_args(args: argparse.Namespace) -> None:
         from slice_ft.tiny import TINY_MAX_SEQUENCE_LENGTH
 
         args.max_sequence_length = TINY_MAX_SEQUENCE_LENGTH if args.pretrained_model_name_or_path == TINY else 512
+    check_concept_args(args)  # prompt flags, the base's ledger, --ffid auto: before any model is loaded
 
 
 def tracker_config(args: argparse.Namespace) -> dict:
@@ -274,6 +306,8 @@ def main(args: argparse.Namespace) -> dict:
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
+    if (auto_id := describe_auto_id(args)):
+        logger.info(auto_id)
     if args.blocks_to_swap and accelerator.num_processes > 1:
         raise ValueError(f"--blocks_to_swap {args.blocks_to_swap} runs in one process only (got "
                          f"{accelerator.num_processes}); drop it or use FSDP (configs/accelerate/fsdp.yaml)")
@@ -344,6 +378,11 @@ def main(args: argparse.Namespace) -> dict:
                             caption_column=args.caption_column)
     comps.vae.to(accelerator.device)
     comps.text_encoder.to(accelerator.device)
+    concept = concept_of_run(args, dataset)
+    preservation = None
+    if args.preserve_prompt_list or args.preserve_dataset:  # earlier concepts: encoded now, generated after prepare
+        preservation = Preservation.setup(accelerator, args, comps, buckets, sampling, base_checkpoint(args),
+                                          offload=offload_activations_for(args), log=logger.info)
     cache = make_latent_cache(accelerator, args, comps, dataset, buckets) if args.cache_dir else None
     loader = BucketedLoader(dataset, buckets, batch_size=args.train_batch_size, seed=args.seed,
                             shuffle=args.shuffle_buffer_size > 0, shuffle_buffer=max(1, args.shuffle_buffer_size),
@@ -387,9 +426,11 @@ def main(args: argparse.Namespace) -> dict:
     elif args.resume_from_checkpoint:
         logger.info(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no checkpoint in {output_dir}, starting fresh")
     global_step = progress.global_step
+    if preservation is not None:
+        preservation.generate(accelerator, transformer)
 
     # --- training loop -----------------------------------------------------------------------------------------
-    offload_activations = offload_saved_activations if args.gradient_checkpointing_cpu_offload else nullcontext
+    offload_activations = offload_activations_for(args)
     progress_start = global_step
     global_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(f"training {max_train_steps} steps from step {global_step}: {global_batch} samples per step "
@@ -398,15 +439,20 @@ def main(args: argparse.Namespace) -> dict:
     validation = ValidationSettings(args.validation_num_frames, args.validation_height, args.validation_width,
                                     args.validation_num_inference_steps, args.validation_guidance_scale,
                                     args.max_sequence_length, args.seed, args.validation_fps)
-    result = {"losses": [], "timesteps": [], "samples": [], "output_dir": str(output_dir)}
+    result = {"losses": [], "preservation_losses": [], "timesteps": [], "samples": [], "output_dir": str(output_dir),
+              "preservation": preservation_summary(preservation)}
     batches = infinite_batches(loader)
     bar = tqdm(total=max_train_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
     while global_step < max_train_steps:
         start = time.perf_counter()
         step_loss = torch.zeros((), device=accelerator.device)
+        preserve_loss = torch.zeros((), device=accelerator.device)
         for micro in range(args.gradient_accumulation_steps):
             epoch, batch = next(batches)
             with accelerator.accumulate(transformer):
+                if preservation is not None:  # its own forward and backward; the main backward syncs both
+                    ploss = preservation.backward(accelerator, transformer, global_step, micro)
+                    preserve_loss += accelerator.reduce(ploss, "mean") / args.gradient_accumulation_steps
                 latents, prompt_embeds = encoder(batch)
                 noise, sigmas = draw_noise_and_sigmas(latents, batch["ids"], seed=args.seed,
                                                       step=(global_step, micro), sampling=sampling)
@@ -432,6 +478,9 @@ def main(args: argparse.Namespace) -> dict:
                 "samples_per_sec": global_batch / step_time, "epoch": epoch}
         if grad_norm is not None:
             logs["grad_norm"] = float(grad_norm)
+        if preservation is not None:
+            logs["preservation_loss"] = preserve_loss.item()
+            result["preservation_losses"].append(logs["preservation_loss"])
         result["losses"].append(logs["loss"])
         accelerator.log(logs, step=global_step)
         bar.update(1)
@@ -454,7 +503,7 @@ def main(args: argparse.Namespace) -> dict:
     outputs = {}
     with full_parameters(accelerator, transformer):
         if accelerator.is_main_process:
-            outputs["slice"] = str(save_slice(accelerator.unwrap_model(transformer), output_dir))
+            outputs["slice"] = str(save_slice(accelerator.unwrap_model(transformer), output_dir, concept))
             if args.validation_prompts:
                 result["samples"] += run_validation(accelerator, transformer, comps, args, validation, global_step)
             accelerator.log({"data/skipped_files": sum(result["skipped"].values())}, step=global_step)
@@ -479,6 +528,11 @@ def main(args: argparse.Namespace) -> dict:
         print_outputs(outputs, output_dir)
     result.update(outputs=outputs, global_step=global_step)
     return result
+
+
+def offload_activations_for(args):
+    """The context each training forward runs in: activation offload to CPU, or nothing."""
+    return offload_saved_activations if args.gradient_checkpointing_cpu_offload else nullcontext
 
 
 def make_demo_corpus(accelerator, output_dir: Path, seed: int) -> str:
