@@ -60,6 +60,15 @@ def main(argv=None) -> int:
         o = r["overlap"]
         print(f"shares {o['shared_weights']:,} weights with {o['other']} ({o['percent_of_this_slice']:.4f}% of this "
               f"slice){'' if o['same_layout'] else '; the layouts differ (another model?): compared by name'}")
+    print("\n".join(format_ledger(r["ledger"], "concept ledger")))
+    return 0
+
+
+def _print_ledger(path: str, records: list, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps({"path": path, "ledger": records}))
+    else:
+        print("\n".join(format_ledger(records, path)))
     return 0
 
 
