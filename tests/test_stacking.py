@@ -207,7 +207,7 @@ def test_preservation_logs_its_loss_writes_the_slice_and_reuses_or_regenerates_i
 
 
 def test_resume_with_preservation_on_a_swapped_fp8_base_ends_bit_identical(tmp_path, corpus, monkeypatch):
-    flags = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--gradient_accumulation_steps", "2",
+    flags = ["--max_train_steps", "2", "--checkpointing_steps", "1", "--gradient_accumulation_steps", "2",
              "--preserve_prompts", "sks_a a red circle", *PRESERVE, "--preserve_batch_size", "2",
              "--preserve_loss", "distill", "--gradient_checkpointing", "--blocks_to_swap", "1",
              "--base_dtype", "fp8"]
@@ -228,7 +228,7 @@ def test_resume_with_preservation_on_a_swapped_fp8_base_ends_bit_identical(tmp_p
         train(tmp_path / "resumed", *flags, dataset=corpus)
     monkeypatch.setattr(train_slice_ft, "save_checkpoint", real_save)
     resumed = train(tmp_path / "resumed", *flags, "--resume_from_checkpoint", "latest", dataset=corpus)
-    assert resumed["preservation_losses"] == straight["preservation_losses"][2:]
+    assert resumed["preservation_losses"] == straight["preservation_losses"][1:]
     a, b = slice_values(tmp_path / "straight"), slice_values(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -254,3 +254,68 @@ def test_second_concept_on_the_merged_first_preserves_its_concept_in_a_free_slic
         (1, ["sks_a a red circle", "sks_a a red circle, close up"]), (0, ["sks_b blue stripes"])]
     with safe_open(second["outputs"]["merged"], "pt") as f:
         assert json.loads(f.metadata()[ledger.LEDGER_KEY]) == records
+
+
+def test_two_processes_generate_their_shares_and_match_one_process_with_the_same_preservation_batch(tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from test_train import REPO, _reset_accelerate
+
+    data = tmp_path / "images"
+    generate_corpus(data, num_images=4, num_videos=0, size=(48, 32), seed=5)
+    common = ["--pretrained_model_name_or_path", "tiny", "--dataset_name", str(data), "--report_to", "none",
+              "--bucket_resolutions", "48x32", "--bucket_frame_counts", "1", "--ff", "0.25", "--ffid", "1",
+              "--learning_rate", "1e-2", "--max_train_steps", "2", "--checkpointing_steps", "1000",
+              "--shuffle_buffer_size", "0", "--preserve_prompts", "sks_a a red circle", "sks_b blue stripes",
+              *PRESERVE]
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=str(REPO))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(REPO / "train_slice_ft.py"), *common, "--output_dir", str(tmp_path / "two"), "--train_batch_size", "1",
+           "--preserve_batch_size", "1", "--cache_dir", str(tmp_path / "cache")]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        pytest.fail(f"the 2-process run did not finish in 300 s:\n{stderr[-4000:]}")
+    assert proc.returncode == 0, stderr[-4000:]
+    assert "generating 3 preservation clips" in stderr
+
+    _reset_accelerate()
+    one_args = train_slice_ft.parse_args(common + ["--output_dir", str(tmp_path / "one"), "--train_batch_size", "2",
+                                                   "--preserve_batch_size", "2"])
+    result = train_slice_ft.main(one_args)  # no cache: it generates the whole set itself
+    assert result["preservation"]["generated"] and result["preservation_losses"][-1] > 0
+    with safe_open(str(tmp_path / "cache" / "preservation" / "preservation_set.safetensors"), "pt") as f:
+        assert f.get_tensor("latents").shape[0] == 3  # both shares gathered
+    one, two = slice_values(tmp_path / "one"), slice_values(tmp_path / "two")
+    assert one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
+
+
+def test_real_clips_of_earlier_concepts_are_a_separate_preservation_batch(tmp_path, corpus, monkeypatch):
+    import slice_ft.preservation as pres
+
+    def no_generation(*a, **k):
+        raise AssertionError("real clips need no generated set")
+
+    monkeypatch.setattr(pres, "generate_preservation_latents", no_generation)
+    earlier = tmp_path / "earlier"
+    generate_corpus(earlier, num_images=3, num_videos=0, size=[(48, 32), (32, 48)], seed=9)
+    result = train(tmp_path / "out", "--max_train_steps", "3", "--preserve_dataset", earlier, "--preserve_loss",
+                   "flow", "--preserve_batch_size", "2", dataset=corpus)
+    assert result["preservation"] == {"clips": 3, "groups": 2, "generated": False, "batch_size": 2, "mode": "flow",
+                                      "weight": 1.0}
+    assert len(result["preservation_losses"]) == 3 and all(x > 0 for x in result["preservation_losses"])
+    assert len(result["losses"]) == 3  # the main batches are the training data's alone
