@@ -137,6 +137,15 @@ def test_preserve_previous_on_an_original_wan_file_names_the_fix(tmp_path):
         train_slice_ft.parse_args(["--generate_demo_corpus", "--transformer_file", str(base), "--preserve_previous"])
 
 
+def test_help_lists_the_stacking_flags(capsys):
+    with pytest.raises(SystemExit):
+        train_slice_ft.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--concept_prompts", "--preserve_prompts", "--preserve_previous", "--preserve_dataset",
+                 "--preserve_samples", "--preserve_batch_size", "--preserve_weight", "--preserve_loss", "'auto'"):
+        assert flag in text, flag
+
+
 def test_prompt_flags_take_a_file_or_inline_prompts(tmp_path):
     prompts = tmp_path / "earlier.txt"
     prompts.write_text("sks_a a red circle\n\n  sks_b blue stripes  \n")
@@ -206,11 +215,11 @@ def test_preservation_logs_its_loss_writes_the_slice_and_reuses_or_regenerates_i
     assert any("was made for other settings" in m and "regenerating" in m for m in messages(caplog))
 
 
-def test_resume_with_preservation_on_a_swapped_fp8_base_ends_bit_identical(tmp_path, corpus, monkeypatch):
+def test_resume_with_preservation_on_a_swapped_offloaded_fp8_base_ends_bit_identical(tmp_path, corpus, monkeypatch):
     flags = ["--max_train_steps", "2", "--checkpointing_steps", "1", "--gradient_accumulation_steps", "2",
              "--preserve_prompts", "sks_a a red circle", *PRESERVE, "--preserve_batch_size", "2",
              "--preserve_loss", "distill", "--gradient_checkpointing", "--blocks_to_swap", "1",
-             "--base_dtype", "fp8"]
+             "--gradient_checkpointing_cpu_offload", "--base_dtype", "fp8"]
     straight = train(tmp_path / "straight", *flags, dataset=corpus)
     assert straight["preservation_losses"][-1] > 0
 
