@@ -159,6 +159,8 @@ def generate_preservation_latents(
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}; e.g. 32 clips of the earlier concepts")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not shift > 0:
+        raise ValueError(f"shift must be > 0, got {shift!r}; Wan samples with 3.0 (480p) or 5.0 (720p), 1.0 = no shift")
     if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}; e.g. 20")
     ids = list(range(num_samples)) if sample_ids is None else [int(i) for i in sample_ids]

@@ -187,6 +187,7 @@ def test_flow_mode_is_the_flow_matching_loss_on_the_clips():
         (dict(latent_shape=(4, 2, 4)), "four positive ints"),
         (dict(latent_shape=(4, 2, 3, 4)), "divisible by the patch size"),
         (dict(batch_size=0), "batch_size must be a positive int"),
+        (dict(shift=0.0), "shift must be > 0"),
         (dict(sample_ids=[4]), r"sample_ids must lie in \[0, 4\)"),
     ],
 )
