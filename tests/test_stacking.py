@@ -137,6 +137,19 @@ def test_preserve_previous_on_an_original_wan_file_names_the_fix(tmp_path):
         train_slice_ft.parse_args(["--generate_demo_corpus", "--transformer_file", str(base), "--preserve_previous"])
 
 
+def test_preserve_previous_on_a_file_merged_before_the_ledger_names_the_fix(tmp_path):
+    base = save_base(tiny_state(0), tmp_path / "base.safetensors", "diffusers")
+    old = merge_slices(base, [make_slice(tmp_path / "s1", 0.25, 1)], tmp_path / "old.safetensors",
+                       progress=False).output  # the slice folder has no concept.json
+    assert [r["concept"] for r in ledger.read_ledger(old)] == [None]
+    with pytest.raises(ValueError, match=r"records 1 merged slice\(s\) but no concept prompts.*--preserve_prompts"):
+        train_slice_ft.parse_args(["--generate_demo_corpus", "--transformer_file", str(old), "--preserve_previous"])
+    # the ids are still known: --ffid auto avoids slice 1 without any concept recorded
+    args = train_slice_ft.parse_args(["--generate_demo_corpus", "--transformer_file", str(old), "--ff", "0.25",
+                                      "--ffid", "auto", "--preserve_prompts", "sks_a a cat"])
+    assert (args.slice_id, args.preserve_prompt_list) == (0, ["sks_a a cat"])
+
+
 def test_help_lists_the_stacking_flags(capsys):
     with pytest.raises(SystemExit):
         train_slice_ft.parse_args(["--help"])
