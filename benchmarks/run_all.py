@@ -4,13 +4,12 @@
     python benchmarks/run_all.py --smoke            # seconds-long sizes, written to a temp folder (CI)
     python benchmarks/run_all.py --only merge       # re-measure some sections, keep the others' results
     python benchmarks/run_all.py --from-json benchmarks/results/cpu   # re-render from the saved JSON results
+    python benchmarks/run_all.py --gpu-results DIR  # after the GPU check (gpu_check.sh): its files into the report
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
 import shlex
@@ -488,55 +487,34 @@ def section_quality(data: dict, plots_rel: str | None) -> str:
 
 def measured_on_a_gpu(table: str) -> bool:
     """A gpu_lowvram.py table that holds measurements from a CUDA device (not a smoke, plan or CPU run's)."""
-    import gpu_lowvram
+    import gpu_report
 
-    gpu = [line for line in table.splitlines() if line.startswith("- GPU: ")]
-    return bool(gpu) and not gpu[0].startswith("- GPU: none") and gpu_lowvram.NOT_MEASURED not in table
+    return gpu_report.measured_on_a_gpu(table)
 
 
 def gpu_section(results: Path | None = None) -> str:
-    """The low-VRAM 14B table: the one a GPU run wrote to `results` (default: gpu_lowvram.py's default output),
-    else its rows and commands, not yet measured."""
-    import gpu_lowvram
+    """The GPU section (gpu_report.py): the GPU check's results in `results` (default benchmarks/results/gpu/; a
+    gpu_lowvram.py table file works too), else its rows and commands, not yet measured."""
+    import gpu_report
 
-    results = results or gpu_lowvram.RESULTS
-    if results.exists() and measured_on_a_gpu(results.read_text()):
-        table, measured = results.read_text(), True
-    else:
-        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
-            out = Path(tmp) / "lowvram.md"
-            gpu_lowvram.main(["--plan_only", "--output", str(out)])
-            table, measured = out.read_text(), False
-    # its own title goes; so do the lines about a run, when nothing ran
-    skip = ("# ",) if measured else ("# ", "- command:", "- GPU:", "- versions:")
-    body = "\n".join(line for line in table.splitlines() if not line.startswith(skip))
-    text = [
-        "## GPU (issue 6)",
-        "",
-        "Low-VRAM training of the real Wan 14B layout: peak VRAM and s/step for `--blocks_to_swap` 0, 20, 39 and an "
-        "fp8 base, against a PEFT LoRA of equal trainable weights. Targets: all blocks swapped under 12 GB peak; 20 "
-        "blocks swapped within 1.3x the no-swap step time. One command runs the whole table on a CUDA machine and "
-        "writes it where this report picks it up:",
-        "",
-        "    python benchmarks/gpu_lowvram.py",
-        "",
-        "With gradient checkpointing, autograd keeps every block's input until backward: 40 x 32,760 tokens x 5,120 "
-        "x 2 bytes = 12.5 GiB, more than the 12 GB target on its own. So the all-swapped target row also keeps those "
-        "inputs in pinned CPU memory (`--gradient_checkpointing_cpu_offload`); the row after it shows the same run "
-        "without.",
-        "",
-        body.strip(),
-    ]
+    return gpu_report.section(results)
+
+
+def fsdp_section(results: Path | None = None) -> str:
+    """FSDP2 vs DDP per-rank peak memory: the table a GPU run of gpu_fsdp.py wrote, else its rows, not measured."""
+    import gpu_fsdp
+
+    results = results or gpu_fsdp.RESULTS.with_suffix(".md")
+    measured = results.exists() and gpu_fsdp.NOT_MEASURED not in results.read_text()
+    body = results.read_text().strip() if measured else gpu_fsdp.plan_table()
+    text = ["## GPU: FSDP2 vs DDP (issue 13)", "",
+            "Per-rank peak device memory of slice training under FSDP2 (the trainer's `fully_shard` per block + root) "
+            "and DDP, on the tiny Wan and the Wan 2.1 1.3B layout with random bf16 weights, 1 process each:", "",
+            "    python benchmarks/gpu_fsdp.py", "", body]
     if not measured:
-        text += [
-            "",
-            "**Not yet measured**: no GPU was lent to the tasks that wrote this report. The mechanisms are proven on "
-            "CPU by `tests/test_offload.py`: block swap gives the same outputs and gradients as no swap and computes "
-            "only on loaded copies; activation offload frees every block input before backward and keeps gradients "
-            "identical; bitsandbytes AdamW8bit steps under block swap match the unswapped run and its 8-bit state "
-            "never moves; fp8 storage stays within e4m3's rounding bounds. The CUDA side stream, pinned copies and "
-            "events have not run on a GPU yet.",
-        ]
+        text += ["", "**Not yet measured**: no GPU was lent to the tasks that wrote this report. On CPU (gloo), "
+                 "`tests/test_fsdp.py` runs FSDP2 on 2 processes: each holds about half the frozen base, and the slice "
+                 "matches a one-process run's; `python benchmarks/gpu_fsdp.py --dry-run` runs these rows on the CPU."]
     return "\n".join(text) + "\n"
 
 
@@ -569,6 +547,7 @@ def render(results: dict, output: Path, plots_dir: Path, wall_s: float | None, a
     if not have_matplotlib():
         sections.append("(No plots: matplotlib is not installed; `pip install matplotlib` and run again.)")
     sections.append(gpu_section())
+    sections.append(fsdp_section())
     target_rows = [[bench, row, name, measured, "met" if ok else f"missed — {why}"]
                    for bench, row, name, ok, measured, why in summary]
     smoke = any(r.get("smoke") for r in results.values())
@@ -616,7 +595,20 @@ def main(argv=None):
                              "so the report can be re-rendered; --smoke: a temp folder).")
     parser.add_argument("--from-json", default=None, metavar="DIR",
                         help="Render the report from the JSON results in DIR without running anything.")
+    parser.add_argument("--gpu-results", default=None, metavar="DIR",
+                        help="Files a GPU check brought back (benchmarks/gpu_check.sh on the device): copied into "
+                             "benchmarks/results/gpu/ (merged with an earlier call's) and rendered in the GPU "
+                             "section; runs nothing (implies --from-json benchmarks/results/cpu unless given).")
     args = parser.parse_args(argv)
+    if args.gpu_results:
+        import gpu_report
+
+        try:
+            copied = gpu_report.import_gpu_results(Path(args.gpu_results))
+        except ValueError as e:
+            parser.error(f"--gpu-results: {e}")
+        print(f"GPU results {', '.join(copied)} -> {gpu_report.GPU_RESULTS_DIR}")
+        args.from_json = args.from_json or str(RESULTS_DIR)
     raw_argv = list(sys.argv[1:] if argv is None else argv)
     names = [n.strip() for n in args.only.split(",")] if args.only else list(BENCHMARKS)
     bad = [n for n in names if n not in BENCHMARKS]

@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 from .checkpoint import (Checkpoint, StreamWriter, TensorEntry, TensorReader, dtype_label, open_checkpoint, parse_dtype,
-                         pread_into, read_tensor)
+                         pread_into, read_tensor, refuse_overwriting_inputs)
 from .deltas import SliceDeltas, check_layout_matches, iter_touched, planned_overlap, prior_plan, read_slice
 from .export import check_wan2gp_filename, infer_wan2gp_architecture, wan2gp_definition, write_wan2gp_definition
+from .formats import slice_files
 from .keys import detect_key_format, diffusers_to_wan, wan_to_diffusers
 from .ledger import LEDGER_KEY, encode_records, metadata_records, slice_record
 from .report import format_bytes
@@ -163,6 +164,8 @@ def merge_slices(
     names = _Names(ckpt)
     shapes = {names.to_diffusers[k]: e.shape for k, e in ckpt.entries.items()}
     loaded = [read_slice(p) for p in paths]
+    inputs = [f for s in loaded for f in slice_files(s.path)]
+    refuse_overwriting_inputs(output, inputs)
     for s in loaded:
         check_layout_matches(s, shapes, what=f"BASE {str(ckpt.source)!r}", display_name=names.show)
     prior = _prior_records(ckpt)
@@ -190,6 +193,7 @@ def merge_slices(
         wan2gp_json = Path(wan2gp_json)
         if wan2gp_json.exists() and not overwrite:
             raise ValueError(f"{str(wan2gp_json)!r} already exists: pass overwrite=True (--overwrite) or another path")
+        refuse_overwriting_inputs(wan2gp_json, inputs + [ckpt.source, *ckpt.files, output], "the Wan2GP definition")
         if wan2gp_json.suffix != ".json":
             raise ValueError(f"the Wan2GP definition path must end in .json, got {str(wan2gp_json)!r}")
         architecture = infer_wan2gp_architecture(shapes, wan2gp_architecture)

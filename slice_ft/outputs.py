@@ -69,6 +69,28 @@ def merged_output_path(source: dict, output_dir: str | os.PathLike) -> Path:
     return merged / DIFFUSERS_WEIGHTS
 
 
+def check_merged_space(source: dict, output_dir: str | os.PathLike, model: Optional[torch.nn.Module] = None) -> int:
+    """--save_merged, checked before training: the merged file needs about the base's size free on OUTPUT_DIR's disk
+    (the merge writes it next to any earlier one, which stays until the new one is complete). Returns the bytes."""
+    from slice_adapter.checkpoint import open_checkpoint
+    from slice_adapter.report import format_bytes
+
+    base = merge_base_path(source)
+    if base is not None:
+        need = sum(e.nbytes for e in open_checkpoint(base).entries.values())
+    else:  # tiny: rebuilt in memory and written in float32
+        need = sum(p.numel() * 4 for p in (model.parameters() if model is not None else ()))
+    probe = Path(output_dir).resolve()
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if need > free:
+        raise ValueError(f"--save_merged needs {format_bytes(need)} free in {str(output_dir)!r} for "
+                         f"{MERGED_SUBDIR}/ and {format_bytes(free)} are free: free space, pass another --output_dir, "
+                         "or drop --save_merged and merge later with scripts/merge_slices.py")
+    return need
+
+
 def save_merged(
     source: dict,
     slice_dir: str | os.PathLike,

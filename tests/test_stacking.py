@@ -95,7 +95,7 @@ def test_ffid_auto_takes_the_lowest_id_overlapping_no_merged_slice_and_refuses_w
     cfg.write_text(json.dumps({"_class_name": "WanTransformer3DModel", **TINY_TRANSFORMER_CONFIG}))
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=r"--ffid auto: every one of the 2 slice ids at fraction 0.5 .*overlaps"):
-        train_slice_ft.parse_args(["--generate_demo_corpus", "--transformer_file", str(full), "--transformer_config",
+        train_slice_ft.parse_args(["--pretrained_model_name_or_path", "tiny", "--generate_demo_corpus", "--transformer_file", str(full), "--transformer_config",
                                    str(cfg), "--ff", "0.5", "--ffid", "auto", "--output_dir", str(out)])
     assert not out.exists()
 
@@ -120,7 +120,7 @@ def test_bad_preservation_flags_are_refused_before_anything_is_loaded_or_written
     flags = [f.replace("MISSING.txt", str(tmp_path / "MISSING.txt")).replace("EMPTY.txt", str(tmp_path / "EMPTY.txt"))
              for f in flags]
     out = tmp_path / "out"
-    argv = ["--generate_demo_corpus", "--output_dir", str(out), *flags]
+    argv = ["--pretrained_model_name_or_path", "tiny", "--generate_demo_corpus", "--output_dir", str(out), *flags]
     if match is None:  # argparse's own refusal: exit 2 with a usage line
         with pytest.raises(SystemExit) as err:
             train_slice_ft.parse_args(argv)
@@ -134,7 +134,7 @@ def test_bad_preservation_flags_are_refused_before_anything_is_loaded_or_written
 def test_preserve_previous_on_an_original_wan_file_names_the_fix(tmp_path):
     base = save_base(tiny_state(0), tmp_path / "wan.safetensors", "wan", "model.diffusion_model.")
     with pytest.raises(ValueError, match=r"the base '.*wan.safetensors' has no concept ledger.*--preserve_prompts"):
-        train_slice_ft.parse_args(["--generate_demo_corpus", "--transformer_file", str(base), "--preserve_previous"])
+        train_slice_ft.parse_args(["--pretrained_model_name_or_path", "tiny", "--generate_demo_corpus", "--transformer_file", str(base), "--preserve_previous"])
 
 
 def test_preserve_previous_on_a_file_merged_before_the_ledger_names_the_fix(tmp_path):
@@ -143,9 +143,9 @@ def test_preserve_previous_on_a_file_merged_before_the_ledger_names_the_fix(tmp_
                        progress=False).output  # the slice folder has no concept.json
     assert [r["concept"] for r in ledger.read_ledger(old)] == [None]
     with pytest.raises(ValueError, match=r"records 1 merged slice\(s\) but no concept prompts.*--preserve_prompts"):
-        train_slice_ft.parse_args(["--generate_demo_corpus", "--transformer_file", str(old), "--preserve_previous"])
+        train_slice_ft.parse_args(["--pretrained_model_name_or_path", "tiny", "--generate_demo_corpus", "--transformer_file", str(old), "--preserve_previous"])
     # the ids are still known: --ffid auto avoids slice 1 without any concept recorded
-    args = train_slice_ft.parse_args(["--generate_demo_corpus", "--transformer_file", str(old), "--ff", "0.25",
+    args = train_slice_ft.parse_args(["--pretrained_model_name_or_path", "tiny", "--generate_demo_corpus", "--transformer_file", str(old), "--ff", "0.25",
                                       "--ffid", "auto", "--preserve_prompts", "sks_a a cat"])
     assert (args.slice_id, args.preserve_prompt_list) == (0, ["sks_a a cat"])
 
@@ -162,7 +162,7 @@ def test_help_lists_the_stacking_flags(capsys):
 def test_prompt_flags_take_a_file_or_inline_prompts(tmp_path):
     prompts = tmp_path / "earlier.txt"
     prompts.write_text("sks_a a red circle\n\n  sks_b blue stripes  \n")
-    args = train_slice_ft.parse_args(["--generate_demo_corpus", "--preserve_prompts", str(prompts),
+    args = train_slice_ft.parse_args(["--pretrained_model_name_or_path", "tiny", "--generate_demo_corpus", "--preserve_prompts", str(prompts),
                                       "--concept_prompts", "sks_c green noise", "sks_c green noise, close up"])
     assert args.preserve_prompt_list == ["sks_a a red circle", "sks_b blue stripes"]
     assert args.concept_prompt_list == ["sks_c green noise", "sks_c green noise, close up"]
@@ -341,3 +341,9 @@ def test_real_clips_of_earlier_concepts_are_a_separate_preservation_batch(tmp_pa
                                       "weight": 1.0}
     assert len(result["preservation_losses"]) == 3 and all(x > 0 for x in result["preservation_losses"])
     assert len(result["losses"]) == 3  # the main batches are the training data's alone
+
+
+def test_the_flag_choices_are_the_library_modes():
+    from slice_ft import choices, preservation
+
+    assert choices.PRESERVATION_LOSSES == preservation.LOSS_MODES
