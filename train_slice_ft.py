@@ -38,6 +38,7 @@ from slice_adapter import SliceConfig
 from slice_adapter.report import format_bytes
 from slice_ft import distributed
 from slice_ft import flow_matching as fm
+from slice_ft.concepts import base_checkpoint, concept_of_run, describe_auto_id
 from slice_ft.checkpointing import (
     TrainingProgress, claim_output_dir, list_checkpoints, register_slice_hooks, resolve_resume, save_checkpoint,
 )
@@ -46,6 +47,7 @@ from slice_ft.data import BucketConfig, BucketedLoader, build_dataset
 from slice_ft.encoding import LatentCache, free_encoders
 from slice_ft.offload import offload_saved_activations
 from slice_ft.outputs import check_merged_space, save_merged, save_slice
+from slice_ft.preservation_set import Preservation, preservation_summary
 from slice_ft.training import (
     BatchEncoder, SigmaSampling, build_optimizer, draw_noise_and_sigmas, flow_matching_step, timestep_bounds,
     trainable_parameters,
@@ -98,6 +100,8 @@ def main(args: argparse.Namespace) -> dict:
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logger.info(f"{accelerator.state}engine: {engine.describe()}", main_process_only=False)
+    if (auto_id := describe_auto_id(args)):
+        logger.info(auto_id)
     if args.blocks_to_swap and accelerator.num_processes > 1:
         raise ValueError(f"--blocks_to_swap {args.blocks_to_swap} runs in one process only (got "
                          f"{accelerator.num_processes}); drop it, or drop it and shard the base with FSDP "
@@ -172,6 +176,11 @@ def main(args: argparse.Namespace) -> dict:
                             caption_column=args.caption_column)
     comps.vae.to(accelerator.device)
     comps.text_encoder.to(accelerator.device)
+    concept = concept_of_run(args, dataset)
+    preservation = None
+    if args.preserve_prompt_list or args.preserve_dataset:  # earlier concepts: encoded now, generated after prepare
+        preservation = Preservation.setup(accelerator, args, comps, buckets, sampling, base_checkpoint(args),
+                                          offload=offload_activations_for(args), log=logger.info)
     cache = make_latent_cache(accelerator, args, comps, dataset, buckets) if args.cache_dir else None
     loader = BucketedLoader(dataset, buckets, batch_size=args.train_batch_size, seed=args.seed,
                             shuffle=args.shuffle_buffer_size > 0, shuffle_buffer=max(1, args.shuffle_buffer_size),
@@ -218,9 +227,11 @@ def main(args: argparse.Namespace) -> dict:
     elif args.resume_from_checkpoint:
         logger.info(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no checkpoint in {output_dir}, starting fresh")
     global_step = progress.global_step
+    if preservation is not None:
+        preservation.generate(accelerator, transformer)
 
     # --- training loop -----------------------------------------------------------------------------------------
-    offload_activations = offload_saved_activations if args.gradient_checkpointing_cpu_offload else nullcontext
+    offload_activations = offload_activations_for(args)
     progress_start = global_step
     global_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(f"training {max_train_steps} steps from step {global_step}: {global_batch} samples per step "
@@ -229,15 +240,20 @@ def main(args: argparse.Namespace) -> dict:
     validation = ValidationSettings(args.validation_num_frames, args.validation_height, args.validation_width,
                                     args.validation_num_inference_steps, args.validation_guidance_scale,
                                     args.max_sequence_length, args.seed, args.validation_fps)
-    result = {"losses": [], "timesteps": [], "samples": [], "output_dir": str(output_dir)}
+    result = {"losses": [], "preservation_losses": [], "timesteps": [], "samples": [], "output_dir": str(output_dir),
+              "preservation": preservation_summary(preservation)}
     batches = infinite_batches(loader)
     bar = tqdm(total=max_train_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
     while global_step < max_train_steps:
         start = time.perf_counter()
         step_loss = torch.zeros((), device=accelerator.device)
+        preserve_loss = torch.zeros((), device=accelerator.device)
         for micro in range(args.gradient_accumulation_steps):
             epoch, batch = next(batches)
             with accelerator.accumulate(transformer):
+                if preservation is not None:  # its own forward and backward; the main backward syncs both
+                    ploss = preservation.backward(accelerator, transformer, global_step, micro)
+                    preserve_loss += accelerator.reduce(ploss, "mean") / args.gradient_accumulation_steps
                 latents, prompt_embeds = encoder(batch)
                 noise, sigmas = draw_noise_and_sigmas(latents, batch["ids"], seed=args.seed,
                                                       step=(global_step, micro), sampling=sampling)
@@ -263,6 +279,9 @@ def main(args: argparse.Namespace) -> dict:
                 "samples_per_sec": global_batch / step_time, "epoch": epoch}
         if grad_norm is not None:
             logs["grad_norm"] = float(grad_norm)
+        if preservation is not None:
+            logs["preservation_loss"] = preserve_loss.item()
+            result["preservation_losses"].append(logs["preservation_loss"])
         result["losses"].append(logs["loss"])
         accelerator.log(logs, step=global_step)
         bar.update(1)
@@ -284,7 +303,7 @@ def main(args: argparse.Namespace) -> dict:
                     f"{sum(result['losses'][-k:]) / k:.4f} over the last {k}")
     outputs = {}
     if accelerator.is_main_process:  # the slice values are whole on every process, also under FSDP2
-        outputs["slice"] = str(save_slice(accelerator.unwrap_model(transformer), output_dir))
+        outputs["slice"] = str(save_slice(accelerator.unwrap_model(transformer), output_dir, concept))
         if args.validation_prompts:
             result["samples"] += run_validation(accelerator, transformer, comps, args, validation, global_step)
         accelerator.log({"data/skipped_files": sum(result["skipped"].values())}, step=global_step)
@@ -309,6 +328,11 @@ def main(args: argparse.Namespace) -> dict:
         print_outputs(outputs, output_dir)
     result.update(outputs=outputs, global_step=global_step)
     return result
+
+
+def offload_activations_for(args):
+    """The context each training forward runs in: activation offload to CPU, or nothing."""
+    return offload_saved_activations if args.gradient_checkpointing_cpu_offload else nullcontext
 
 
 def make_demo_corpus(accelerator, output_dir: Path, seed: int) -> str:

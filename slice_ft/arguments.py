@@ -12,7 +12,9 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .choices import LR_SCHEDULERS, OPTIMIZERS, SAMPLING_METHODS, TINY, TINY_MAX_SEQUENCE_LENGTH, WEIGHTING_SCHEMES
+from .choices import (LR_SCHEDULERS, OPTIMIZERS, PRESERVATION_LOSSES, SAMPLING_METHODS, TINY, TINY_MAX_SEQUENCE_LENGTH,
+                      WEIGHTING_SCHEMES)
+from .concepts import check_concept_args, slice_id_arg
 from .config import parse_args_with_config
 
 DESCRIPTION = """Fully fine-tune a deterministic slice of a Wan video transformer (diffusers' `WanTransformer3DModel`).
@@ -66,8 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("slice")
     g.add_argument("--slice_fraction", "--ff", type=float, default=0.001,
                    help="Share of the block weights to train, in (0, 1] (musubi's --ff).")
-    g.add_argument("--slice_id", "--ffid", type=int, default=0,
-                   help="Which disjoint slice to train, in [0, floor(1/fraction)) (musubi's --ffid).")
+    g.add_argument("--slice_id", "--ffid", type=slice_id_arg, default=0,
+                   help="Which disjoint slice to train, in [0, floor(1/fraction)) (musubi's --ffid), or 'auto': the "
+                        "lowest id that shares no weight with a slice merged into the base (from its concept ledger).")
     g.add_argument("--slice_seed", type=int, default=0,
                    help="Selection seed: the same model, fraction, id and seed always select the same weights.")
     g.add_argument("--lossless_for", choices=["comfy", "wan2gp", "musubi", "diffusers"], default=None,
@@ -149,6 +152,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--weighting_scheme", type=str, default="none", choices=WEIGHTING_SCHEMES,
                    help="Per-sample loss weighting (SD3's sigma_sqrt, cosmap).")
 
+    g = p.add_argument_group("concepts and preservation (stacking concepts: README 'Stacking concepts')")
+    g.add_argument("--concept_prompts", type=str, nargs="+", default=None,
+                   help="What this slice learns, recorded in its folder's concept ledger (concept.json) and in every "
+                        "file it is merged into: a text file with one prompt per line, or the prompts. Default: up "
+                        "to 32 of the training captions, sampled deterministically.")
+    g.add_argument("--preserve_prompts", type=str, nargs="+", default=None,
+                   help="Keep these earlier concepts while training (a text file with one prompt per line, or the "
+                        "prompts): before the first step the frozen model samples --preserve_samples latent clips "
+                        "for them, and every step adds a preservation batch of those clips.")
+    g.add_argument("--preserve_previous", action="store_true",
+                   help="Preserve every concept the base's ledger records (a file merged by slice-ft), with no data: "
+                        "the usual way to stack a concept on a merged model (with --ffid auto).")
+    g.add_argument("--preserve_dataset", type=str, nargs="+", default=None,
+                   help="Real clips of earlier concepts (folders or dataset names, as --dataset_name), encoded once "
+                        "and used as a separate preservation batch (not mixed into the main batch).")
+    g.add_argument("--preserve_samples", type=int, default=32,
+                   help="How many clips to generate for the preservation prompts (cycled over the prompts), at the "
+                        "first bucket resolution and the largest bucket frame count.")
+    g.add_argument("--preserve_batch_size", type=int, default=None,
+                   help="Preservation clips per micro-batch and process (default: --train_batch_size).")
+    g.add_argument("--preserve_weight", type=float, default=1.0, help="Weight of the preservation loss.")
+    g.add_argument("--preserve_loss", type=str, default="distill", choices=PRESERVATION_LOSSES,
+                   help="distill: match the frozen model's prediction (the same transformer with the slice disabled; "
+                        "no second copy); flow: the plain flow-matching loss on the clips (no teacher forward).")
+    g.add_argument("--preserve_num_inference_steps", type=int, default=20,
+                   help="Euler steps of the preservation clips' sampling (latents only, no VAE, no guidance).")
+
     g = p.add_argument_group("checkpoints and outputs")
     g.add_argument("--checkpointing_steps", type=int, default=500,
                    help="Save OUTPUT_DIR/checkpoint-N (slice, optimizer, scheduler, RNG, data position) every N steps.")
@@ -199,6 +229,7 @@ def check_args(args: argparse.Namespace) -> None:
             "models/Wan2.1-T2V-1.3B-Diffusers; its VAE and text encoder are used), optionally with --transformer_file "
             "FILE for the transformer weights; '--pretrained_model_name_or_path tiny' trains a tiny random model "
             "(tests and demo only)")
+    check_concept_args(args)  # prompt flags, the base's ledger, --ffid auto: before any model is loaded
     check_slice_flags(args.slice_fraction, args.slice_id)
     if not args.dataset_name and not args.generate_demo_corpus:
         raise ValueError("no training data: pass --dataset_name FOLDER_OR_HUB_NAME (or --generate_demo_corpus)")
@@ -236,7 +267,7 @@ NOT_RUN_IDENTITY = frozenset({
     "resume_from_checkpoint", "force_resume", "save_merged", "report_to", "tracker_project_name", "tracker_run_name",
     "wandb_mode", "logging_dir", "validation_prompts", "validation_steps", "validation_num_frames",
     "validation_height", "validation_width", "validation_num_inference_steps", "validation_guidance_scale",
-    "validation_fps", "debug", "optimizer_kwargs",
+    "validation_fps", "debug", "optimizer_kwargs", "base_ledger", "slice_id_auto",
 })
 _PATH_FLAGS = ("pretrained_model_name_or_path", "transformer_file", "transformer_config", "dataset_name")
 

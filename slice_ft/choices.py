@@ -8,3 +8,4 @@ SAMPLING_METHODS: tuple[str, ...] = ("uniform", "sigmoid", "shift", "logit_norma
 WEIGHTING_SCHEMES: tuple[str, ...] = ("none", "sigma_sqrt", "cosmap")
 LR_SCHEDULERS: tuple[str, ...] = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
                                   "polynomial")
+PRESERVATION_LOSSES: tuple[str, ...] = ("distill", "flow")  # slice_ft.preservation.LOSS_MODES

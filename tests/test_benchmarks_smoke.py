@@ -17,7 +17,7 @@ EXPECTED_ROWS = {
     "## 2. Inference": ["base", "unmerged slice 0.001", "merged slice 0.001"],
     "## 3. Merge": ["plain copy", "Python streaming copy", "merge CLI, end to end", "merge alone"],
     "## 4. Planning": ["build meta model", "plan 0.001", "build + add_adapter 0.001"],
-    "## Quality study": ["slice", "lora", "full"],
+    "## Quality study": ["slice", "lora"],
 }
 RATIO = re.compile(r"^\d+\.\d+× \(\d+\.\d+–\d+\.\d+\)$")  # median (min–max)
 
@@ -59,8 +59,16 @@ def test_smoke_run_writes_every_table_with_a_row_per_configuration(smoke_report)
             assert name.startswith(want), (title, names)
     assert "## Targets (issue 5)" in report and "## GPU (issue 6)" in report
     quality = section(report, "## Quality study")
-    remedies = first_table(quality[quality.index("Forgetting remedies"):])
-    assert [row[0] for row in remedies] == ["slice", "lora", "full"] and all(len(row) == 7 for row in remedies)
+    ways = first_table(quality[quality.index("Ways of training B"):])
+    assert [row[0] for row in ways] == ["plain", "replay", "real 8", "distill 8", "distill 2", "flow 8", "flow 2"]
+    assert all(len(row) == 10 and row[7] in ("slice", "lora") for row in ways)
+    targets = first_table(quality[quality.index("| run | A change after B"):])
+    assert [row[0] for row in targets] == ["slice, distill 8", "slice, distill 2", "slice, flow 8", "slice, flow 2"]
+    assert all(re.search(r"\*\*(met|missed)\*\*", cell) for row in targets for cell in row[1:])
+    chain = first_table(quality[quality.index("Chain of three concepts"):])
+    assert [row[:2] for row in chain] == [["slice", "plain"], ["slice", "distill 8"], ["lora", "plain"],
+                                          ["lora", "distill 8"]]
+    assert "At 14B" in quality and "One-off generation" in quality
     gpu = first_table(section(report, "## GPU (issue 6)"))
     assert [row[0] for row in gpu][:3] == ["slice", "slice + block swap", "slice + block swap (all) + activation offload"]
     assert all(row[6] == row[7] == "not yet measured" and row[-1].startswith("`python benchmarks/gpu_lowvram.py")
@@ -162,6 +170,35 @@ def test_lora_initialisation_does_not_depend_on_the_global_rng():
     before = torch.random.get_rng_state()
     common.apply_method(model, "lora", rank=2, seed=5)
     assert torch.equal(before, torch.random.get_rng_state())  # and the caller's RNG stream is left as it was
+
+
+def test_quality_concepts_are_one_member_of_a_class_the_base_is_pretrained_on():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import numpy as np
+    import quality
+
+    world = quality.LatentWorld((16, 3, 8, 8), text_dim=8)
+
+    def colours(clips, cls):
+        """Per clip: the unit colour direction in the class's colour plane, and the share of energy outside
+        the class's three latent directions (colour plane + background)."""
+        planes = world.planes[cls] / np.sqrt(16)  # orthonormal rows
+        out = []
+        for lat in clips.latents.numpy().reshape(len(clips), 16, -1):
+            inside = planes @ lat
+            outside = np.linalg.norm(lat - planes.T @ inside) / np.linalg.norm(lat)
+            u, _, _ = np.linalg.svd(inside[:2])
+            out.append((u[:, 0] * np.sign(u[0, 0]), outside))
+        return out
+
+    for concept, (trigger, cls) in quality.CONCEPTS.items():
+        members, family = colours(world.draw(concept, 6, 0), cls), colours(world.draw(cls, 6, 0), cls)
+        assert all(outside < 0.2 for _, outside in members + family)  # the class's own channels, plus a little noise
+        spread = lambda cs: max(1 - abs(float(a @ b)) for a, _ in cs for b, _ in cs)  # noqa: E731
+        assert spread(members) < 0.01 < spread(family)  # one colour for the concept, many for its class
+        text = world.draw(concept, 2, 0).text.numpy()
+        assert np.array_equal(text[0, 0], world.embedding[trigger]) and np.array_equal(text[0, 1], world.embedding[cls])
+        assert np.array_equal(world.draw(cls, 1, 0).text.numpy()[0, 0], world.embedding[cls])
 
 
 # --- the GPU check (issue 14): dry run on CPU, and its results rendered into the report ----------------------------
