@@ -23,6 +23,7 @@ Losses are held-out flow-matching losses (fixed noise, stratified sigmas) on tes
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import sys
@@ -35,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 FULL = dict(
-    model=dict(num_attention_heads=2, attention_head_dim=128, ffn_dim=1024, num_layers=4, text_dim=64, freq_dim=64),
+    model=dict(num_attention_heads=2, attention_head_dim=128, ffn_dim=1024, num_layers=2, text_dim=64, freq_dim=64),
     latent=(16, 3, 8, 8), batch=8, pretrain_steps=300, pretrain_lr=1e-3, pretrain_per_class=256,
-    steps=60, eval_at=(10, 20, 40), n_train=32, n_val=32, n_test=48, fraction=0.02, seeds=(0, 1, 2),
+    steps=50, eval_at=(10, 25), n_train=32, n_val=32, n_test=48, fraction=0.02, seeds=(0, 1, 2),
     lrs={"slice": (1e-2, 3e-2, 1e-1), "lora": (3e-3, 1e-2, 3e-2)},
     preserve_samples=32, generation_steps=20,
 )
@@ -423,6 +424,9 @@ class _Inline:
     def starmap(self, fn, jobs):
         return [fn(*j) for j in jobs]
 
+    def imap(self, fn, jobs):
+        return map(fn, jobs)
+
     def __enter__(self):
         return self
 
@@ -477,8 +481,13 @@ def verdicts(summary: dict) -> dict:
     return {"targets": targets, "keeps_a_better": keeps_a_better}
 
 
-def run(size: dict, *, workers: int = 2, threads: int = 1, log=print) -> dict:
-    """Pretrain, sweep A's learning rate, then one job per method and seed; jobs go to `workers` processes."""
+def _job_seed(args):
+    return job_seed(*args)
+
+
+def run(size: dict, *, workers: int = 2, threads: int = 1, log=print, partial=None) -> dict:
+    """Pretrain, sweep A's learning rate, then one job per method and seed; jobs go to `workers` processes.
+    `partial`: a file that gets each per-seed record as a JSON line as soon as it ends."""
     import multiprocessing as mp
 
     import torch
@@ -497,9 +506,7 @@ def run(size: dict, *, workers: int = 2, threads: int = 1, log=print) -> dict:
     # the concepts' slices must share no weight: that is what "disjoint" promises
     overlap = max(slice_adapter.overlap(meta, cfg[i], cfg[j]) for i, j in ((1, 2), (1, 3), (2, 3)))
     rank = common.equal_rank(meta, selected)
-    torch.set_num_threads(threads * max(workers, 1))  # the pool is not running yet: pretrain on all its threads
     base, pre_curve = study.pretrain()
-    torch.set_num_threads(threads)
     base_losses = study.losses(base)
     log("  base: " + ", ".join(f"{k} {v:.4f}" for k, v in base_losses.items()))
     seed0, seeds = size["seeds"][0], size["seeds"]
@@ -518,7 +525,13 @@ def run(size: dict, *, workers: int = 2, threads: int = 1, log=print) -> dict:
         del swept
         jobs = [(size, base, base_losses, m, chosen[m], seed, rank, kept[m] if seed == seed0 else None)
                 for seed in seeds for m in METHODS]
-        records = pool.starmap(job_seed, jobs)
+        records = []
+        for record in pool.imap(_job_seed, jobs):  # in order, each logged as it ends: a cut-short run shows its seeds
+            records.append(record)
+            log(f"  done: seed {record['seed']} {record['method']} ({(time.perf_counter() - t_start) / 60:.1f} min)")
+            if partial is not None:
+                with open(partial, "a") as f:
+                    f.write(json.dumps(record) + "\n")
     for r in records:
         log(f"  seed {r['seed']} {r['method']}: A {r['after_a']['A']:.4f}; after B: " + ", ".join(
             f"{v} A {d['a_pct']:+.1f} % B {d['b_loss']:.4f}" for v, d in r["variants"].items()))
@@ -595,7 +608,9 @@ def main(argv=None):
     workers = args.workers or (1 if args.smoke else common.os.cpu_count() or 1)
     print(f"quality: {len(size['seeds'])} seeds, {size['steps']} steps per concept, {len(VARIANTS)} ways to train "
           f"B, {workers} workers", flush=True)
-    result = run(size, workers=workers, threads=args.threads)
+    partial = Path(args.output + ".partial.jsonl")  # the per-seed records so far, should the run be cut short
+    partial.unlink(missing_ok=True)
+    result = run(size, workers=workers, threads=args.threads, log=lambda *a: print(*a, flush=True), partial=partial)
     if args.plot:
         plot(result, args.plot)
     common.write_result(
@@ -604,6 +619,7 @@ def main(argv=None):
                "workers": workers, "threads": args.threads},
         **result,
     )
+    partial.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

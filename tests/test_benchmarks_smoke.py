@@ -61,7 +61,7 @@ def test_smoke_run_writes_every_table_with_a_row_per_configuration(smoke_report)
     quality = section(report, "## Quality study")
     ways = first_table(quality[quality.index("Ways of training B"):])
     assert [row[0] for row in ways] == ["plain", "replay", "real 8", "distill 8", "distill 2", "flow 8", "flow 2"]
-    assert all(len(row) == 10 and row[7] in ("slice", "lora") for row in ways)
+    assert all(len(row) == 10 and row[7] in ("slice", "lora", "tie") for row in ways)
     targets = first_table(quality[quality.index("| run | A change after B"):])
     assert [row[0] for row in targets] == ["slice, distill 8", "slice, distill 2", "slice, flow 8", "slice, flow 2"]
     assert all(re.search(r"\*\*(met|missed)\*\*", cell) for row in targets for cell in row[1:])
