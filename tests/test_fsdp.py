@@ -28,6 +28,7 @@ from slice_ft.corpus import generate_corpus
 from test_train import _reset_accelerate, assert_merged_is_base_file_plus_slice, bf16_single_file_base, slice_values
 
 REPO = Path(__file__).resolve().parents[1]
+TINY_ARGS = ("--pretrained_model_name_or_path", "tiny")
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "WORLD_SIZE": "2"}
 
 
@@ -78,7 +79,8 @@ def runs(tmp_path_factory):
     data = root / "images"
     generate_corpus(data, num_images=4, num_videos=0, size=(48, 32), seed=5)
     sd, ckpt, cfg_dir = bf16_single_file_base(root, seed=3)
-    common = ["--transformer_file", ckpt, "--transformer_config", cfg_dir / "config.json", "--dataset_name", data,
+    common = ["--pretrained_model_name_or_path", "tiny", "--transformer_file", ckpt,
+              "--transformer_config", cfg_dir / "config.json", "--dataset_name", data,
               "--report_to", "tensorboard", "--bucket_resolutions", "48x32", "--bucket_frame_counts", "1",
               "--ff", "0.25", "--ffid", "1", "--learning_rate", "1", "--adam_epsilon", "1", "--max_grad_norm", "0.05",
               "--max_train_steps", "4", "--checkpointing_steps", "2", "--gradient_accumulation_steps", "2",
@@ -168,17 +170,17 @@ def test_engine_conflicts_are_refused_at_parse_time(monkeypatch, env, flags, mat
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     with pytest.raises(ValueError, match=match):
-        train_slice_ft.parse_args(["--generate_demo_corpus", *flags])
+        train_slice_ft.parse_args([*TINY_ARGS, "--generate_demo_corpus", *flags])
 
 
 def test_mixed_precision_defaults_to_the_accelerate_config_and_the_flag_wins(monkeypatch):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
-    args = train_slice_ft.parse_args(["--generate_demo_corpus"])
+    args = train_slice_ft.parse_args([*TINY_ARGS, "--generate_demo_corpus"])
     assert (args.mixed_precision, args.base_dtype) == ("bf16", "bf16")
-    args = train_slice_ft.parse_args(["--generate_demo_corpus", "--mixed_precision", "no"])
+    args = train_slice_ft.parse_args([*TINY_ARGS, "--generate_demo_corpus", "--mixed_precision", "no"])
     assert (args.mixed_precision, args.base_dtype) == ("no", "fp32")
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
-    assert train_slice_ft.parse_args(["--generate_demo_corpus"]).mixed_precision == "no"
+    assert train_slice_ft.parse_args([*TINY_ARGS, "--generate_demo_corpus"]).mixed_precision == "no"
 
 
 def test_the_gpu_fsdp_check_runs_ddp_and_fsdp2_to_the_same_losses_in_a_cpu_dry_run(tmp_path):
