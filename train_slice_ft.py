@@ -538,8 +538,6 @@ def summarize_data(loader) -> dict:
 def run_validation(accelerator, transformer, comps, args, settings, step) -> list[str]:
     """Render the validation prompts with the current slice; log them as videos when W&B is the tracker."""
     model = accelerator.unwrap_model(transformer)
-    comps.vae.to(accelerator.device)
-    comps.text_encoder.to(accelerator.device)
     paths = render_validation(model, vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
                               scheduler=comps.scheduler, prompts=args.validation_prompts, output_dir=args.output_dir,
                               step=step, settings=settings, device=accelerator.device,
