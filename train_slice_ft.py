@@ -35,6 +35,7 @@ from slice_ft import flow_matching as fm
 from slice_ft.checkpointing import (
     TrainingProgress, full_parameters, list_checkpoints, register_slice_hooks, resolve_resume, save_checkpoint,
 )
+from slice_ft.compile import COMPILE_MODES, check_compile_works, compile_blocks
 from slice_ft.components import TINY, DTYPES, load_components, spatial_multiple
 from slice_ft.config import parse_args_with_config
 from slice_ft.data import BucketConfig, BucketedLoader, build_dataset
@@ -89,6 +90,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Also keep the activations saved between forward and backward (each block's input) in "
                         "pinned CPU memory until backward (musubi-tuner's flag; needs --gradient_checkpointing). "
                         "On Wan 14B at 480x832x81 they are 12.5 GiB per sample.")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer block's forward (musubi-tuner's flag); the first steps "
+                        "are slow while kernels build. Checked up front: a machine that cannot compile (no C++ "
+                        "compiler on CPU, no triton on GPU) stops with a message. Default: eager.")
+    g.add_argument("--compile_backend", type=str, default="inductor", help="torch.compile backend (with --compile).")
+    g.add_argument("--compile_mode", type=str, default=None, choices=list(COMPILE_MODES),
+                   help="torch.compile mode (with --compile); default: torch's default.")
     g.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"],
                    help="Autocast dtype for the forward pass (the slice values stay float32).")
 
@@ -281,6 +289,8 @@ def main(args: argparse.Namespace) -> dict:
         logger.warning("no validation samples under FSDP (a sharded model renders only with every process): render "
                        "them afterwards from OUTPUT_DIR/slice")
         args.validation_prompts = []
+    if args.compile:  # before loading anything: a machine that cannot compile says so now
+        check_compile_works(accelerator.device, args.compile_backend)
     set_seed(args.seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -331,6 +341,9 @@ def main(args: argparse.Namespace) -> dict:
         from slice_ft.offload import enable_block_swap
 
         enable_block_swap(transformer, args.blocks_to_swap, accelerator.device)
+    if args.compile:
+        logger.info(f"compiled {compile_blocks(transformer, mode=args.compile_mode, backend=args.compile_backend)} "
+                    "transformer blocks (torch.compile; kernels build during the first steps)")
     transformer.train()
 
     # --- optimizer ---------------------------------------------------------------------------------------------
