@@ -421,6 +421,29 @@ def _resize_crop(img: Image.Image, width: int, height: int) -> np.ndarray:
     return np.asarray(img.crop((left, top, left + width, top + height)), dtype=np.uint8)
 
 
+def _frames_from(container, stream, first: int) -> Iterator[tuple[int, "av.VideoFrame"]]:
+    """(index, frame) from the keyframe at or before frame `first` on: a seek instead of decoding every frame
+    from 0 (a --frame_stride clip from the middle of a long video). A frame's index is its position in decode
+    order, as a full decode counts; it is derived from the keyframe's timestamp at the stream's constant frame rate,
+    and where the stream cannot vouch for that (no rate or start time, a timestamp off the frame grid, a seek that
+    overshoots) the file is decoded from frame 0 instead."""
+    rate, base, start = stream.average_rate, stream.time_base, stream.start_time
+    if first > 0 and rate and base and start is not None:
+        container.seek(start + int(first / (rate * base)), stream=stream, backward=True, any_frame=False)
+        decoded = container.decode(stream)
+        head = next(decoded, None)
+        if head is not None and head.pts is not None:
+            position = float((head.pts - start) * base * rate)
+            index = round(position)
+            if abs(position - index) < 1e-3 and 0 <= index <= first:
+                yield index, head
+                for k, frame in enumerate(decoded, start=index + 1):
+                    yield k, frame
+                return
+        container.seek(start, stream=stream, backward=True, any_frame=False)  # fall back: decode from frame 0
+    yield from enumerate(container.decode(stream))
+
+
 def load_clip(path: Optional[str], data: Optional[bytes], media_type: str, bucket: Bucket, *,
               available_frames: Optional[int] = None, frame_stride: Optional[int] = None) -> torch.Tensor:
     """Decode, sample ``bucket.num_frames`` frames, resize/center-crop to the bucket size.
@@ -437,15 +460,15 @@ def load_clip(path: Optional[str], data: Optional[bytes], media_type: str, bucke
             src = _open_source(path, data)
         wanted = frame_indices(available_frames, bucket.num_frames, frame_stride)
         need = Counter(wanted)  # even spreading of short clips may repeat an index
-        frames, last = [], wanted[-1]
+        frames = []
         with av.open(src) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            for i, frame in enumerate(container.decode(stream)):
+            for i, frame in _frames_from(container, stream, wanted[0]):
                 if i in need:
                     arr = _resize_crop(frame.to_image(), bucket.width, bucket.height)
                     frames.extend([arr] * need[i])
-                if i >= last:
+                if i >= wanted[-1]:
                     break
         if len(frames) != bucket.num_frames:
             raise ValueError(f"decoded {len(frames)} of {bucket.num_frames} frames "

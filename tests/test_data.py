@@ -357,3 +357,47 @@ def test_several_datasets_are_used_together(tmp_path, corpus):
     assert sum(1 for _ in alone) == len(records)  # a one-item list is that dataset
     with pytest.raises(ValueError, match="empty list"):
         build_dataset([])
+
+
+def _numbered_video(path, num_frames=40, gop=4, size=(32, 48)):
+    """A video whose frame k is a flat gray level 6k (tells frames apart after lossy coding), a keyframe every
+    `gop` frames so that a seek lands mid-clip."""
+    import av
+
+    from slice_ft.corpus import pick_video_codec
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(pick_video_codec(), rate=8)
+        stream.height, stream.width = size
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.gop_size = gop
+        for k in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(np.full((*size, 3), 6 * k, np.uint8), format="rgb24")
+            frame.pts = k
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return str(path)
+
+
+def test_seeking_decodes_the_same_frames_as_decoding_from_frame_0(tmp_path, monkeypatch):
+    import av
+
+    from slice_ft import data as data_mod
+    from slice_ft.data import Bucket, _frames_from, load_clip
+
+    path = _numbered_video(tmp_path / "numbered.mp4")
+    with av.open(path) as container:
+        every = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    with av.open(path) as container:  # the seek lands on a keyframe after frame 0, at or before the wanted frame
+        index, frame = next(_frames_from(container, container.streams.video[0], 29))
+    assert 0 < index <= 29 and np.array_equal(frame.to_ndarray(format="rgb24"), every[index])
+
+    bucket = Bucket(48, 32, 5)
+    seeking = load_clip(path, None, "video", bucket, frame_stride=3)  # frames 14, 17, ..., 26: mid-clip
+    full_decode = lambda container, stream, first: enumerate(container.decode(stream))  # noqa: E731
+    monkeypatch.setattr(data_mod, "_frames_from", full_decode)
+    assert torch.equal(seeking, load_clip(path, None, "video", bucket, frame_stride=3))
+    levels = seeking.mean(dim=(0, 2, 3))
+    assert torch.all(levels[1:] > levels[:-1] + 0.05)  # five different frames, in order
