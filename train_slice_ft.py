@@ -131,6 +131,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--shuffle_buffer_size", type=int, default=1000,
                    help="Streaming shuffle buffer; 0 keeps the dataset order.")
     g.add_argument("--decode_threads", type=int, default=0, help="Threads decoding the items of a batch.")
+    g.add_argument("--dataloader_num_workers", type=int, default=0,
+                   help="DataLoader worker processes decoding batches ahead of the training step (diffusers' "
+                        "flag); resume stays exact. 0: decode in the training process.")
     g.add_argument("--cache_dir", type=str, default=None,
                    help="Precompute VAE latents and text embeddings once into this folder (reused across runs), "
                         "then free the VAE and text encoder; cached media are hashed, not decoded.")
@@ -362,7 +365,7 @@ def main(args: argparse.Namespace) -> dict:
                             shuffle=args.shuffle_buffer_size > 0, shuffle_buffer=max(1, args.shuffle_buffer_size),
                             rank=accelerator.process_index, world_size=accelerator.num_processes,
                             frame_stride=args.frame_stride, decode_threads=args.decode_threads,
-                            skip_decode=cached_latents(cache))
+                            skip_decode=cached_latents(cache), num_workers=args.dataloader_num_workers)
     encoder = BatchEncoder(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
                            max_sequence_length=args.max_sequence_length, cache=cache, device=accelerator.device)
 

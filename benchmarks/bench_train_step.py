@@ -212,26 +212,66 @@ def sweep_rows(results: dict, specs: dict, tokens: int, compiled: bool, on_gpu: 
     return rows
 
 
-def run_sweep(size: dict, args, device: str) -> dict:
+def run_sweep(size: dict, args, device: str, partial=None) -> dict:
+    """Every token count eager, then the compiled groups; `partial(sweep)` is called after each group, so a run
+    stopped early still leaves its finished groups in the result."""
     sw = size["sweep"]
     tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else list(sw["tokens"])
     unknown = [t for t in tokens if t not in LATENT_FOR_TOKENS]
     if unknown:
         raise SystemExit(f"error: --tokens {unknown} not supported; choose from {sorted(LATENT_FOR_TOKENS)}")
     repeats = args.repeats or sw["repeats"]
-    rows, layout = [], None
-    for t in tokens:
-        for compiled in (False, True):
-            if compiled and (args.no_compile or t not in sw["compiled_tokens"]):
-                continue
-            config, specs = sweep_specs(size, t, compiled, device)
-            layout = {k: config[k] for k in common.LAYOUT_KEYS}
-            print(f"sweep: {t} tokens, {'compiled' if compiled else 'eager'}: {len(specs)} configurations", flush=True)
-            results = common.run_interleaved(setup, specs, repeats=repeats, calls=1, warmup=sw["warmup"],
-                                             threads=args.threads, inline=args.smoke)
-            rows += sweep_rows(results, specs, t, compiled, device != "cpu")
-    return {"layout": layout, "device": device, "fraction": SWEEP_FRACTION, "repeats": repeats,
-            "warmup": sw["warmup"], "threads": args.threads, "text_len": size["text_len"], "rows": rows}
+    rows = []
+    groups = [(t, False) for t in tokens]
+    groups += [(t, True) for t in tokens if not args.no_compile and t in sw["compiled_tokens"]]
+    sweep = {"device": device, "fraction": SWEEP_FRACTION, "repeats": repeats, "warmup": sw["warmup"],
+             "threads": args.threads, "text_len": size["text_len"], "rows": rows}
+    for t, compiled in groups:
+        config, specs = sweep_specs(size, t, compiled, device)
+        print(f"sweep: {t} tokens, {'compiled' if compiled else 'eager'}: {len(specs)} configurations", flush=True)
+        results = common.run_interleaved(setup, specs, repeats=repeats, calls=1, warmup=sw["warmup"],
+                                         threads=args.threads, inline=args.smoke)
+        rows += sweep_rows(results, specs, t, compiled, device != "cpu")
+        sweep["layout"] = {k: config[k] for k in common.LAYOUT_KEYS}
+        if partial is not None:
+            partial(sweep)
+    return sweep
+
+
+def loader_throughput(smoke: bool, workers=(0, 2), clips: int = 2) -> dict:
+    """Clips per second the BucketedLoader delivers for a 480x832x81 clip (a Wan 14B sample: 32,760 tokens),
+    decoding in this process and in DataLoader workers, with and without a mid-clip seek (--frame_stride)."""
+    import tempfile
+    import time
+
+    import numpy as np
+
+    from slice_ft.corpus import write_video
+    from slice_ft.data import BucketConfig, BucketedLoader, build_dataset
+
+    height, width, frames, total = (32, 48, 5, 9) if smoke else (480, 832, 81, 121)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="slice_ft_loader_") as folder:
+        rng = np.random.default_rng(0)
+        base = rng.integers(0, 255, (1, height, width, 3), dtype=np.uint8)
+        video = np.concatenate([np.roll(base, 4 * k, axis=2) for k in range(total)])  # moving texture
+        lines = []
+        for k in range(clips):
+            write_video(Path(folder) / f"clip{k}.mp4", video, fps=16)
+            lines.append(f'{{"file_name": "clip{k}.mp4", "text": "a moving texture"}}')
+        (Path(folder) / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+        buckets = BucketConfig([(width, height)], [frames])
+        for stride in (None, 1):
+            for n in workers:
+                loader = BucketedLoader(build_dataset(folder), buckets, batch_size=1, shuffle=False,
+                                        num_workers=n, frame_stride=stride)
+                t0 = time.perf_counter()
+                got = sum(b["pixel_values"].shape[0] for b in loader)
+                wall = time.perf_counter() - t0
+                rows.append({"num_workers": n, "frame_stride": stride, "clips": got, "seconds": wall,
+                             "clips_per_s": got / wall})
+                print(f"loader: {n} workers, frame_stride {stride}: {got / wall:.2f} clips/s", flush=True)
+    return {"clip": [frames, height, width], "source_frames": total, "rows": rows}
 
 
 def main(argv=None):
@@ -241,6 +281,8 @@ def main(argv=None):
     parser.add_argument("--no-compile", action="store_true", help="Leave the compiled rows out of the sweep.")
     parser.add_argument("--sweep-only", action="store_true", help="Measure the token sweep only.")
     parser.add_argument("--no-sweep", action="store_true", help="Measure the fixed-size table only.")
+    parser.add_argument("--no-loader", action="store_true", help="Leave out the input pipeline's clips per second.")
+    parser.add_argument("--loader-only", action="store_true", help="Measure the input pipeline only.")
     parser.add_argument("--gpu", action="store_true",
                         help="Sweep on the GPU: Wan 14B width, one block, bf16 autocast, up to 32,760 tokens.")
     args = parser.parse_args(argv)
@@ -253,10 +295,17 @@ def main(argv=None):
             parser.error("--gpu needs a CUDA device (torch.cuda.is_available() is False)")
         size, args.sweep_only = GPU, True
     fields = {}
+    if args.loader_only:
+        args.sweep_only, args.no_sweep = True, True
     if not args.sweep_only:
         fields = fixed_size_table(size, args, parser)
+    if not args.no_loader and not args.gpu:
+        fields["loader"] = loader_throughput(args.smoke)
     if not args.no_sweep:
-        fields["sweep"] = run_sweep(size, args, "cuda" if args.gpu else "cpu")
+        def partial(sweep):
+            common.write_result(args.output, "train_step", args.smoke, **fields, sweep=sweep)
+
+        fields["sweep"] = run_sweep(size, args, "cuda" if args.gpu else "cpu", partial)
     common.write_result(args.output, "train_step", args.smoke, **fields)
 
 

@@ -212,21 +212,24 @@ def test_split_by_node_gives_disjoint_covering_shards(corpus, num_shards):
     assert sorted(parts[0] + parts[1]) == sorted(r["file_name"] for r in records)
 
 
-def test_resume_yields_identical_batches(corpus):
+@pytest.mark.parametrize("workers", [0, 2], ids=["in-process", "2-decode-workers"])
+def test_resume_yields_identical_batches(corpus, workers):
+    """Also with DataLoader workers decoding ahead: the checkpoint counts the batches handed out, not the ones
+    the workers have prefetched, so the resumed run continues exactly where the interrupted one stopped."""
     root, _ = corpus
-    full = _loader(root, seed=5)
+    full = _loader(root, seed=5, num_workers=workers)
     full.set_epoch(2)
     ref = list(full)
     assert len(ref) >= 6
 
-    first = _loader(root, seed=5)  # interrupted run: 3 batches, then checkpoint
+    first = _loader(root, seed=5, num_workers=workers)  # interrupted run: 3 batches, then checkpoint
     first.set_epoch(2)
     it = iter(first)
     seen = [next(it) for _ in range(3)]
     state = json.loads(json.dumps(first.state_dict()))  # checkpoints round-trip through JSON
     assert state["epoch"] == 2 and state["batches_yielded"] == 3
 
-    resumed = _loader(root, seed=5)
+    resumed = _loader(root, seed=5, num_workers=workers)
     resumed.load_state_dict(state)
     resumed.set_epoch(2)  # the training loop calls this again: must keep the skip
     rest = list(resumed)
