@@ -269,8 +269,23 @@ def loader_throughput(smoke: bool, workers=(0, 2), clips: int = 2) -> dict:
                 got = sum(b["pixel_values"].shape[0] for b in loader)
                 wall = time.perf_counter() - t0
                 rows.append({"num_workers": n, "frame_stride": stride, "clips": got, "seconds": wall,
-                             "clips_per_s": got / wall})
+                             "clips_per_s": got / wall, "seek": True})
                 print(f"loader: {n} workers, frame_stride {stride}: {got / wall:.2f} clips/s", flush=True)
+        # the same mid-clip frames decoded from frame 0 (no seek), in this process: what the seek saves
+        from slice_ft import data as data_mod
+
+        seeking = data_mod._frames_from
+        data_mod._frames_from = lambda container, stream, first: enumerate(container.decode(stream))
+        try:
+            loader = BucketedLoader(build_dataset(folder), buckets, batch_size=1, shuffle=False, frame_stride=1)
+            t0 = time.perf_counter()
+            got = sum(b["pixel_values"].shape[0] for b in loader)
+            wall = time.perf_counter() - t0
+        finally:
+            data_mod._frames_from = seeking
+        rows.append({"num_workers": 0, "frame_stride": 1, "clips": got, "seconds": wall, "clips_per_s": got / wall,
+                     "seek": False})
+        print(f"loader: 0 workers, frame_stride 1, no seek: {got / wall:.2f} clips/s", flush=True)
     return {"clip": [frames, height, width], "source_frames": total, "rows": rows}
 
 

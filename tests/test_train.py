@@ -35,7 +35,7 @@ ISSUE_FLAGS = (
     "--slice_fraction --slice_id --slice_seed --timestep_sampling --discrete_flow_shift --min_timestep --max_timestep "
     "--config --transformer_file --expert --save_merged --cache_dir --optimizer --weighting_scheme --blocks_to_swap "
     "--base_dtype --dataset_name --image_column --video_column --caption_column --bucket_resolutions "
-    "--bucket_frame_counts --boundary_ratio"
+    "--bucket_frame_counts --boundary_ratio --compile --dataloader_num_workers"
 ).split()
 
 
@@ -237,7 +237,7 @@ class _Stop(Exception):
     pass
 
 
-@pytest.mark.parametrize("low_memory", [[], [
+@pytest.mark.parametrize("low_memory", [["--dataloader_num_workers", "2"], [
     "--gradient_checkpointing", "--blocks_to_swap", "1", "--gradient_checkpointing_cpu_offload", "--base_dtype", "fp8",
     "--optimizer", "adamw8bit", "--optimizer_args", "min_8bit_size=0"]], ids=["plain", "swapped-fp8-adamw8bit"])
 def test_resume_from_latest_ends_bit_identical_to_an_uninterrupted_run(tmp_path, corpus, monkeypatch, low_memory):
