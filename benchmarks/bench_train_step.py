@@ -228,6 +228,11 @@ def run_sweep(size: dict, args, device: str, partial=None) -> dict:
              "threads": args.threads, "text_len": size["text_len"], "rows": rows}
     for t, compiled in groups:
         config, specs = sweep_specs(size, t, compiled, device)
+        if args.only:  # the named rows with the baselines they are compared to
+            wanted = {n.strip() for n in args.only.split(",")} & set(specs)
+            keep = wanted | {"frozen"} | ({"lora"} & set(specs) if any(n.startswith("slice") for n in wanted) else set())
+            keep |= {"infer base"} if "infer slice" in wanted else set()
+            specs = {n: spec for n, spec in specs.items() if n in keep}
         print(f"sweep: {t} tokens, {'compiled' if compiled else 'eager'}: {len(specs)} configurations", flush=True)
         results = common.run_interleaved(setup, specs, repeats=repeats, calls=1, warmup=sw["warmup"],
                                          threads=args.threads, inline=args.smoke)
@@ -262,7 +267,7 @@ def loader_throughput(smoke: bool, workers=(0, 2), clips: int = 2) -> dict:
         (Path(folder) / "metadata.jsonl").write_text("\n".join(lines) + "\n")
         buckets = BucketConfig([(width, height)], [frames])
         for stride in (None, 1):
-            for n in workers:
+            for n in workers if stride is None or not smoke else (0,):  # smoke: the worker path once
                 loader = BucketedLoader(build_dataset(folder), buckets, batch_size=1, shuffle=False,
                                         num_workers=n, frame_stride=stride)
                 t0 = time.perf_counter()
