@@ -170,7 +170,9 @@ def section_train_sweep(sweep: dict, plots_rel: str | None) -> tuple[str, list]:
         "*× baseline*: the frozen step (training rows) or the base forward (inference rows). *activation*: the "
         "first call's rise of the resident high-water mark in the row's fresh process (activations, gradients, "
         "first optimizer state; compiled rows built their kernels first, so theirs is not comparable: —)"
-        + ("; on a GPU: peak allocated minus allocated before the step." if device != "cpu" else "."),
+        + ("; on a GPU: peak allocated minus allocated before the step." if device != "cpu" else ".")
+        + " Wall ratios swing with the machine's other load (see the min–max ranges and the load average in the "
+        "header); the CPU-time column is steadier.",
         "",
         common.md_table(["tokens", "mode", "configuration", "trainable", "time", "× baseline (wall)",
                          "× baseline (CPU)", "× LoRA (wall)", "activation", "activation × frozen", "targets"], rows),
@@ -233,6 +235,11 @@ def section_loader(loader: dict, sweep: dict | None) -> str:
         "(PyAV; batch size 1; `num_workers` DataLoader workers decode ahead, 0 = in the training process).",
         "",
         common.md_table(["num_workers", "frames taken", "clips/s", "s per clip"], rows),
+        "",
+        "Workers overlap decoding with the training step; they do not make one decode faster, so where every core "
+        "is busy (as on this shared 2-core machine) they cannot raise clips/s. The seek skips decoding up to the "
+        "keyframe before a clip's first frame: it saves most on long videos, and nothing on a clip shorter than "
+        "the encoder's keyframe interval (libx264: 250 frames), whose only keyframe is frame 0.",
     ]
     if step:
         text += ["", f"The training step consumes one clip per step: on this CPU a slice step at {step[0]:,} tokens "
