@@ -10,7 +10,15 @@ The recipe, in diffusers' order: accelerator -> frozen models -> slice adapter -
 
 from __future__ import annotations
 
-import argparse
+import sys
+
+from slice_ft.arguments import check_inputs, check_slice_selects, parse_args, run_settings
+from slice_ft.errors import exit_on_input_error
+
+if __name__ == "__main__":  # flags first: --help and flag errors answer before torch, diffusers and accelerate load
+    ARGS = exit_on_input_error(parse_args, debug="--debug" in sys.argv)
+
+import argparse  # noqa: E402 (the model stack loads once the flags are known to be good)
 import gc
 import logging
 import math
@@ -20,229 +28,36 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import (
-    DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, gather_object, set_seed,
-)
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 import slice_adapter
 from slice_adapter import SliceConfig
 from slice_adapter.report import format_bytes
+from slice_ft import distributed
 from slice_ft import flow_matching as fm
+from slice_ft.concepts import base_checkpoint, concept_of_run, describe_auto_id
 from slice_ft.checkpointing import (
-    TrainingProgress, full_parameters, list_checkpoints, register_slice_hooks, resolve_resume, save_checkpoint,
+    TrainingProgress, claim_output_dir, list_checkpoints, register_slice_hooks, resolve_resume, save_checkpoint,
 )
-from slice_ft.compile import COMPILE_MODES, check_compile_works, compile_blocks
-from slice_ft.components import TINY, DTYPES, load_components, spatial_multiple
-from slice_ft.config import parse_args_with_config
+from slice_ft.compile import check_compile_works, compile_blocks
+from slice_ft.components import DTYPES, load_components, spatial_multiple
 from slice_ft.data import BucketConfig, BucketedLoader, build_dataset
 from slice_ft.encoding import LatentCache, free_encoders
 from slice_ft.offload import offload_saved_activations
-from slice_ft.outputs import save_merged, save_slice
+from slice_ft.outputs import check_merged_space, save_merged, save_slice
+from slice_ft.preservation_set import Preservation, preservation_summary
 from slice_ft.training import (
-    OPTIMIZERS, BatchEncoder, SigmaSampling, build_optimizer, draw_noise_and_sigmas, flow_matching_step,
-    parse_optimizer_args, timestep_bounds, trainable_parameters,
+    BatchEncoder, SigmaSampling, build_optimizer, draw_noise_and_sigmas, flow_matching_step, timestep_bounds,
+    trainable_parameters,
 )
 from slice_ft.validation import ValidationSettings, log_videos, render_validation, validation_settings_check
 
 logger = get_logger(__name__)
 
 DEMO_CORPUS_SUBDIR = "demo_corpus"
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=str, default=None,
-                   help="YAML file whose keys are flag names (e.g. configs/demo.yaml); flags on the command line win.")
-
-    g = p.add_argument_group("model")
-    g.add_argument("--pretrained_model_name_or_path", type=str, default=TINY,
-                   help="Local diffusers Wan pipeline folder (transformer/, vae/, text_encoder/, tokenizer/, "
-                        "scheduler/), or 'tiny' for tiny random Wan components built in memory (no download).")
-    g.add_argument("--transformer_file", type=str, default=None,
-                   help="Single-file transformer checkpoint (original Wan / ComfyUI keys, or diffusers keys, e.g. "
-                        "a previous run's merged/ weights to stack another slice); VAE and text encoder still come "
-                        "from --pretrained_model_name_or_path.")
-    g.add_argument("--transformer_config", type=str, default=None,
-                   help="Config for --transformer_file: a config.json, a folder holding one, or a published name "
-                        "(wan2.1-t2v-1.3b, wan2.1-t2v-14b, wan2.2-t2v-a14b, wan2.2-ti2v-5b). Default: the "
-                        "pipeline folder's transformer config (tiny: the tiny config).")
-    g.add_argument("--expert", type=str, default=None, choices=["high", "low"],
-                   help="Wan 2.2 A14B: train the high-noise expert (transformer, t >= boundary) or the low-noise "
-                        "expert (transformer_2, t < boundary); timesteps are restricted to that side.")
-    g.add_argument("--boundary_ratio", type=float, default=None,
-                   help="Expert boundary as a fraction of 1000 timesteps. Default: the pipeline's model_index.json "
-                        "(tiny: 0.875).")
-    g.add_argument("--base_dtype", type=str, default=None, choices=["bf16", "fp8", "fp32"],
-                   help="dtype of the frozen base weights: fp8 stores block Linear weights as float8 e4m3 with a "
-                        "per-tensor scale (computes in bf16). Default: bf16 under --mixed_precision bf16, else fp32. "
-                        "The slice is float32 either way.")
-    g.add_argument("--blocks_to_swap", type=int, default=0,
-                   help="Keep the frozen weights of the last N transformer blocks in CPU memory and stream them to "
-                        "the GPU on use (needs --gradient_checkpointing; one process only).")
-    g.add_argument("--gradient_checkpointing", action="store_true",
-                   help="Recompute block activations in backward to save memory.")
-    g.add_argument("--gradient_checkpointing_cpu_offload", action="store_true",
-                   help="Also keep the activations saved between forward and backward (each block's input) in "
-                        "pinned CPU memory until backward (musubi-tuner's flag; needs --gradient_checkpointing). "
-                        "On Wan 14B at 480x832x81 they are 12.5 GiB per sample.")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile each transformer block's forward (musubi-tuner's flag); the first steps "
-                        "are slow while kernels build. Checked up front: a machine that cannot compile (no C++ "
-                        "compiler on CPU, no triton on GPU) stops with a message. Default: eager.")
-    g.add_argument("--compile_backend", type=str, default="inductor", help="torch.compile backend (with --compile).")
-    g.add_argument("--compile_mode", type=str, default=None, choices=list(COMPILE_MODES),
-                   help="torch.compile mode (with --compile); default: torch's default.")
-    g.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"],
-                   help="Autocast dtype for the forward pass (the slice values stay float32).")
-
-    g = p.add_argument_group("slice")
-    g.add_argument("--slice_fraction", "--ff", type=float, default=0.001,
-                   help="Share of the block weights to train, in (0, 1] (musubi's --ff).")
-    g.add_argument("--slice_id", "--ffid", type=int, default=0,
-                   help="Which disjoint slice to train, in [0, floor(1/fraction)) (musubi's --ffid).")
-    g.add_argument("--slice_seed", type=int, default=0,
-                   help="Selection seed: the same model, fraction, id and seed always select the same weights.")
-
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset_name", type=str, nargs="+", default=None,
-                   help="Local folder of images/videos with captions (metadata.jsonl/.csv or sidecar .txt), or a "
-                        "`datasets` hub name you have access to; streamed. Several are used together, e.g. the new "
-                        "concept's clips plus some clips of a concept already merged into the model, which keeps "
-                        "that one from being forgotten (see the quality study in BENCHMARKS.md).")
-    g.add_argument("--generate_demo_corpus", action="store_true",
-                   help="Generate a small captioned corpus of images and short videos under "
-                        "OUTPUT_DIR/demo_corpus and train on it (when --dataset_name is not given).")
-    g.add_argument("--image_column", type=str, default="image", help="Image column of a hub dataset.")
-    g.add_argument("--video_column", type=str, default="video", help="Video column of a hub dataset.")
-    g.add_argument("--caption_column", type=str, default=None,
-                   help="Caption column (default: the first of caption, text, prompt).")
-    g.add_argument("--bucket_resolutions", type=str, default="832x480,480x832",
-                   help="Aspect-ratio buckets 'WxH,WxH'; each item goes to the nearest aspect ratio, is resized "
-                        "and center-cropped. Sizes must be multiples of the VAE stride times the patch size.")
-    g.add_argument("--bucket_frame_counts", type=str, default="1,17,33",
-                   help="Allowed frame counts (4k+1); a video takes the largest that fits, an image is 1 frame.")
-    g.add_argument("--frame_stride", type=int, default=None,
-                   help="Take frames this many apart from the middle of a clip (default: spread over the clip).")
-    g.add_argument("--shuffle_buffer_size", type=int, default=1000,
-                   help="Streaming shuffle buffer; 0 keeps the dataset order.")
-    g.add_argument("--decode_threads", type=int, default=0, help="Threads decoding the items of a batch.")
-    g.add_argument("--dataloader_num_workers", type=int, default=0,
-                   help="DataLoader worker processes decoding batches ahead of the training step (diffusers' "
-                        "flag); resume stays exact. 0: decode in the training process.")
-    g.add_argument("--cache_dir", type=str, default=None,
-                   help="Precompute VAE latents and text embeddings once into this folder (reused across runs), "
-                        "then free the VAE and text encoder; cached media are hashed, not decoded.")
-    g.add_argument("--max_sequence_length", type=int, default=None,
-                   help="Text tokens kept (zero-padded), as WanPipeline's max_sequence_length. Default 512 (tiny: 16).")
-
-    g = p.add_argument_group("training")
-    g.add_argument("--output_dir", type=str, default="outputs/slice-ft",
-                   help="Where checkpoints, samples, logs, the slice and the merged model go.")
-    g.add_argument("--seed", type=int, default=0, help="Seed of the data order, noise and timesteps.")
-    g.add_argument("--train_batch_size", type=int, default=1, help="Batch size per process.")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1,
-                   help="Batches accumulated per optimizer step.")
-    g.add_argument("--max_train_steps", type=int, default=None,
-                   help="Optimizer steps to run; overrides --num_train_epochs.")
-    g.add_argument("--num_train_epochs", type=int, default=1,
-                   help="Epochs to run when --max_train_steps is not given.")
-    g.add_argument("--optimizer", type=str, default="adamw", choices=OPTIMIZERS,
-                   help="adamw (torch), adamw8bit (bitsandbytes) or adafactor (transformers).")
-    g.add_argument("--optimizer_args", type=str, nargs="*", default=[],
-                   help="Extra optimizer keyword arguments as key=value (values are Python literals), as in "
-                        "musubi-tuner: e.g. --optimizer_args min_8bit_size=0 \"betas=(0.9,0.99)\" (in a YAML config, a "
-                        "mapping works too).")
-    g.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate.")
-    g.add_argument("--adam_beta1", type=float, default=0.9, help="Adam beta1.")
-    g.add_argument("--adam_beta2", type=float, default=0.999, help="Adam beta2.")
-    g.add_argument("--adam_weight_decay", type=float, default=0.0,
-                   help="Weight decay (decays the slice delta towards the base weights).")
-    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="Adam epsilon.")
-    g.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS,
-                   help="diffusers.optimization.get_scheduler name.")
-    g.add_argument("--lr_warmup_steps", type=int, default=0, help="Warmup steps of the lr scheduler.")
-    g.add_argument("--lr_num_cycles", type=int, default=1, help="Cycles of cosine_with_restarts.")
-    g.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial scheduler.")
-    g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0: no clipping).")
-
-    g = p.add_argument_group("timesteps and loss")
-    g.add_argument("--timestep_sampling", type=str, default="shift", choices=fm.SAMPLING_METHODS,
-                   help="How sigmas are drawn (musubi-tuner's names).")
-    g.add_argument("--discrete_flow_shift", type=float, default=3.0,
-                   help="Shift s of sigma' = s*sigma / (1 + (s-1)*sigma) for shift and logit_normal sampling.")
-    g.add_argument("--sigmoid_scale", type=float, default=1.0, help="Scale of the normal draw of sigmoid/shift.")
-    g.add_argument("--logit_mean", type=float, default=0.0, help="Mean of logit_normal sampling.")
-    g.add_argument("--logit_std", type=float, default=1.0, help="Std of logit_normal sampling.")
-    g.add_argument("--min_timestep", type=float, default=0, help="Lowest timestep trained, in [0, 1000].")
-    g.add_argument("--max_timestep", type=float, default=1000, help="Highest timestep trained, in [0, 1000].")
-    g.add_argument("--preserve_distribution_shape", action="store_true",
-                   help="Restrict to [min, max] timesteps by rejection instead of rescaling (musubi's flag).")
-    g.add_argument("--weighting_scheme", type=str, default="none", choices=fm.WEIGHTING_SCHEMES,
-                   help="Per-sample loss weighting (SD3's sigma_sqrt, cosmap).")
-
-    g = p.add_argument_group("checkpoints and outputs")
-    g.add_argument("--checkpointing_steps", type=int, default=500,
-                   help="Save OUTPUT_DIR/checkpoint-N (slice, optimizer, scheduler, RNG, data position) every N steps.")
-    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
-    g.add_argument("--resume_from_checkpoint", type=str, default=None,
-                   help="'latest' (the newest checkpoint in OUTPUT_DIR, or a fresh start) or a checkpoint folder.")
-    g.add_argument("--save_merged", action="store_true",
-                   help="Also write OUTPUT_DIR/merged: the full transformer with the slice baked in, in the input's "
-                        "key format.")
-
-    g = p.add_argument_group("logging and validation")
-    g.add_argument("--report_to", type=str, default="none", choices=["wandb", "tensorboard", "none"],
-                   help="accelerate tracker for config, loss, lr, grad norm, step time, samples/s and samples.")
-    g.add_argument("--tracker_project_name", type=str, default="slice-ft", help="W&B project / tracker name.")
-    g.add_argument("--tracker_run_name", type=str, default=None, help="W&B run name.")
-    g.add_argument("--wandb_mode", type=str, default=None, choices=["online", "offline", "disabled"],
-                   help="W&B mode when WANDB_MODE is not set in the environment (the demo uses offline).")
-    g.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to OUTPUT_DIR.")
-    g.add_argument("--validation_prompts", type=str, nargs="*", default=[],
-                   help="Prompts rendered to OUTPUT_DIR/samples/step-N-k.mp4 with the current slice.")
-    g.add_argument("--validation_steps", type=int, default=0,
-                   help="Render the validation prompts every N steps (0: only at the end).")
-    g.add_argument("--validation_num_frames", type=int, default=33, help="Frames of a sample (4k+1).")
-    g.add_argument("--validation_height", type=int, default=480, help="Sample height.")
-    g.add_argument("--validation_width", type=int, default=832, help="Sample width.")
-    g.add_argument("--validation_num_inference_steps", type=int, default=30, help="Denoising steps of a sample.")
-    g.add_argument("--validation_guidance_scale", type=float, default=5.0, help="Classifier-free guidance scale.")
-    g.add_argument("--validation_fps", type=int, default=16, help="Frame rate of the sample mp4s.")
-
-    args = parse_args_with_config(p, argv)
-    check_args(args)
-    return args
-
-
-def check_args(args: argparse.Namespace) -> None:
-    """Errors that need no model: each names the flag, its value and the fix."""
-    if not args.dataset_name and not args.generate_demo_corpus:
-        raise ValueError("no training data: pass --dataset_name FOLDER_OR_HUB_NAME (or --generate_demo_corpus)")
-    for flag in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "num_train_epochs"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    if args.max_train_steps is not None and args.max_train_steps < 1:
-        raise ValueError(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        raise ValueError(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}")
-    if args.blocks_to_swap and not args.gradient_checkpointing:
-        raise ValueError(f"--blocks_to_swap {args.blocks_to_swap} needs --gradient_checkpointing (otherwise every "
-                         "swapped block stays loaded until backward and nothing is saved)")
-    if args.gradient_checkpointing_cpu_offload and not args.gradient_checkpointing:
-        raise ValueError("--gradient_checkpointing_cpu_offload needs --gradient_checkpointing (the offloaded "
-                         "activations are the checkpointed blocks' inputs); add --gradient_checkpointing")
-    args.optimizer_kwargs = parse_optimizer_args(args.optimizer_args)
-    if args.base_dtype is None:
-        args.base_dtype = "bf16" if args.mixed_precision == "bf16" else "fp32"
-    if args.max_sequence_length is None:
-        from slice_ft.tiny import TINY_MAX_SEQUENCE_LENGTH
-
-        args.max_sequence_length = TINY_MAX_SEQUENCE_LENGTH if args.pretrained_model_name_or_path == TINY else 512
 
 
 def tracker_config(args: argparse.Namespace) -> dict:
@@ -268,35 +83,38 @@ def infinite_batches(loader):
 
 
 def main(args: argparse.Namespace) -> dict:
+    check_inputs(args)
     output_dir = Path(args.output_dir)
     if args.wandb_mode and "WANDB_MODE" not in os.environ:
         os.environ["WANDB_MODE"] = args.wandb_mode
 
     # --- accelerator -------------------------------------------------------------------------------------------
-    accelerator = Accelerator(
+    engine = distributed.requested_engine()  # what accelerate launch's config asked for (FSDP2: the trainer shards)
+    accelerator = distributed.make_accelerator(
+        engine,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
         # Every block parameter takes part in a T2V forward (I2V models are refused), so DDP needs no graph search.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
-        # Without a GPU, accelerate joins the launched processes (gloo) only when told to run on the CPU.
-        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    logger.info(accelerator.state, main_process_only=False)
+    logger.info(f"{accelerator.state}engine: {engine.describe()}", main_process_only=False)
+    if (auto_id := describe_auto_id(args)):
+        logger.info(auto_id)
     if args.blocks_to_swap and accelerator.num_processes > 1:
         raise ValueError(f"--blocks_to_swap {args.blocks_to_swap} runs in one process only (got "
-                         f"{accelerator.num_processes}); drop it or use FSDP (configs/accelerate/fsdp.yaml)")
-    if args.validation_prompts and accelerator.distributed_type == DistributedType.FSDP:
-        logger.warning("no validation samples under FSDP (a sharded model renders only with every process): render "
-                       "them afterwards from OUTPUT_DIR/slice")
-        args.validation_prompts = []
+                         f"{accelerator.num_processes}); drop it, or drop it and shard the base with FSDP "
+                         "(configs/accelerate/fsdp.yaml)")
     if args.compile:  # before loading anything: a machine that cannot compile says so now
         check_compile_works(accelerator.device, args.compile_backend)
     set_seed(args.seed)
+    run = run_settings(args)  # recorded in each checkpoint: another run's checkpoints are never resumed by mistake
+    resume = resolve_resume(output_dir, args.resume_from_checkpoint, run, force=args.force_resume, logger=logger)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        claim_output_dir(output_dir, fresh=resume is None, logger=logger)
 
     dataset_name = args.dataset_name or make_demo_corpus(accelerator, output_dir, args.seed)
 
@@ -309,6 +127,8 @@ def main(args: argparse.Namespace) -> dict:
         base_dtype=base_dtype, text_encoder_dtype=weight_dtype,
     )
     transformer = comps.transformer
+    if args.save_merged and accelerator.is_main_process:
+        check_merged_space(comps.source, output_dir, transformer)  # before training, not after it
     multiple = spatial_multiple(comps)
     buckets = BucketConfig.from_strings(args.bucket_resolutions, args.bucket_frame_counts)
     for w, h in buckets.resolutions:
@@ -329,8 +149,10 @@ def main(args: argparse.Namespace) -> dict:
                     f"(boundary_ratio {comps.boundary_ratio})")
 
     # --- the slice adapter -------------------------------------------------------------------------------------
-    slice_config = SliceConfig(fraction=args.slice_fraction, slice_id=args.slice_id, seed=args.slice_seed)
+    slice_config = SliceConfig(fraction=args.slice_fraction, slice_id=args.slice_id, seed=args.slice_seed,
+                               lossless_for=args.lossless_for)
     plan = slice_adapter.plan(transformer, slice_config)
+    check_slice_selects(plan, args.slice_fraction, args.slice_id, args.slice_seed)
     transformer.add_adapter(slice_config)
     logger.info(f"slice {args.slice_id} of {slice_config.num_slices} at fraction {args.slice_fraction}: training "
                 f"{plan.selected:,} of {plan.targeted:,} block weights")
@@ -360,6 +182,11 @@ def main(args: argparse.Namespace) -> dict:
                             caption_column=args.caption_column)
     comps.vae.to(accelerator.device)
     comps.text_encoder.to(accelerator.device)
+    concept = concept_of_run(args, dataset)
+    preservation = None
+    if args.preserve_prompt_list or args.preserve_dataset:  # earlier concepts: encoded now, generated after prepare
+        preservation = Preservation.setup(accelerator, args, comps, buckets, sampling, base_checkpoint(args),
+                                          offload=offload_activations_for(args), log=logger.info)
     cache = make_latent_cache(accelerator, args, comps, dataset, buckets) if args.cache_dir else None
     loader = BucketedLoader(dataset, buckets, batch_size=args.train_batch_size, seed=args.seed,
                             shuffle=args.shuffle_buffer_size > 0, shuffle_buffer=max(1, args.shuffle_buffer_size),
@@ -385,10 +212,14 @@ def main(args: argparse.Namespace) -> dict:
     )
 
     # --- prepare -----------------------------------------------------------------------------------------------
-    transformer, optimizer, lr_scheduler = accelerator.prepare(
-        transformer, optimizer, lr_scheduler, device_placement=[not args.blocks_to_swap, True, True]
+    transformer, optimizer, lr_scheduler = distributed.prepare(
+        accelerator, engine, transformer, optimizer, lr_scheduler, place_model=not args.blocks_to_swap
     )
-    register_slice_hooks(accelerator)
+    if engine.sharded:
+        local, total = distributed.local_base_bytes(transformer)
+        logger.info(f"FSDP2: this process holds {local:,} of the {total:,} bytes of the frozen base "
+                    f"({format_bytes(local)} of {format_bytes(total)})", main_process_only=False)
+    register_slice_hooks(accelerator, transformer)
     progress = TrainingProgress(loader, process_index=accelerator.process_index,
                                 num_processes=accelerator.num_processes, gather=gather_object)
     accelerator.register_for_checkpointing(progress)
@@ -396,16 +227,17 @@ def main(args: argparse.Namespace) -> dict:
         init_kwargs = {"wandb": {"dir": str(output_dir), "name": args.tracker_run_name}} if args.report_to == "wandb" else {}
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args), init_kwargs=init_kwargs)
 
-    resume = resolve_resume(output_dir, args.resume_from_checkpoint)
     if resume is not None:
         logger.info(f"resuming from {resume}")
         accelerator.load_state(str(resume))
     elif args.resume_from_checkpoint:
         logger.info(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no checkpoint in {output_dir}, starting fresh")
     global_step = progress.global_step
+    if preservation is not None:
+        preservation.generate(accelerator, transformer)
 
     # --- training loop -----------------------------------------------------------------------------------------
-    offload_activations = offload_saved_activations if args.gradient_checkpointing_cpu_offload else nullcontext
+    offload_activations = offload_activations_for(args)
     progress_start = global_step
     global_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(f"training {max_train_steps} steps from step {global_step}: {global_batch} samples per step "
@@ -414,15 +246,20 @@ def main(args: argparse.Namespace) -> dict:
     validation = ValidationSettings(args.validation_num_frames, args.validation_height, args.validation_width,
                                     args.validation_num_inference_steps, args.validation_guidance_scale,
                                     args.max_sequence_length, args.seed, args.validation_fps)
-    result = {"losses": [], "timesteps": [], "samples": [], "output_dir": str(output_dir)}
+    result = {"losses": [], "preservation_losses": [], "timesteps": [], "samples": [], "output_dir": str(output_dir),
+              "preservation": preservation_summary(preservation)}
     batches = infinite_batches(loader)
     bar = tqdm(total=max_train_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
     while global_step < max_train_steps:
         start = time.perf_counter()
         step_loss = torch.zeros((), device=accelerator.device)
+        preserve_loss = torch.zeros((), device=accelerator.device)
         for micro in range(args.gradient_accumulation_steps):
             epoch, batch = next(batches)
             with accelerator.accumulate(transformer):
+                if preservation is not None:  # its own forward and backward; the main backward syncs both
+                    ploss = preservation.backward(accelerator, transformer, global_step, micro)
+                    preserve_loss += accelerator.reduce(ploss, "mean") / args.gradient_accumulation_steps
                 latents, prompt_embeds = encoder(batch)
                 noise, sigmas = draw_noise_and_sigmas(latents, batch["ids"], seed=args.seed,
                                                       step=(global_step, micro), sampling=sampling)
@@ -435,7 +272,7 @@ def main(args: argparse.Namespace) -> dict:
                 accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
+                    grad_norm = distributed.clip_slice_gradients(accelerator, engine, params, args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -448,13 +285,16 @@ def main(args: argparse.Namespace) -> dict:
                 "samples_per_sec": global_batch / step_time, "epoch": epoch}
         if grad_norm is not None:
             logs["grad_norm"] = float(grad_norm)
+        if preservation is not None:
+            logs["preservation_loss"] = preserve_loss.item()
+            result["preservation_losses"].append(logs["preservation_loss"])
         result["losses"].append(logs["loss"])
         accelerator.log(logs, step=global_step)
         bar.update(1)
         bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
 
         if global_step % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, logger)
+            save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, logger, run=run)
         if (args.validation_prompts and args.validation_steps and global_step % args.validation_steps == 0
                 and global_step < max_train_steps and accelerator.is_main_process):
             result["samples"] += run_validation(accelerator, transformer, comps, args, validation, global_step)
@@ -468,14 +308,13 @@ def main(args: argparse.Namespace) -> dict:
         logger.info(f"loss: {sum(result['losses'][:k]) / k:.4f} over the first {k} step(s) -> "
                     f"{sum(result['losses'][-k:]) / k:.4f} over the last {k}")
     outputs = {}
-    with full_parameters(accelerator, transformer):
-        if accelerator.is_main_process:
-            outputs["slice"] = str(save_slice(accelerator.unwrap_model(transformer), output_dir))
-            if args.validation_prompts:
-                result["samples"] += run_validation(accelerator, transformer, comps, args, validation, global_step)
-            accelerator.log({"data/skipped_files": sum(result["skipped"].values())}, step=global_step)
-            if (checkpoints := list_checkpoints(output_dir)):
-                outputs["checkpoint"] = str(checkpoints[-1])
+    if accelerator.is_main_process:  # the slice values are whole on every process, also under FSDP2
+        outputs["slice"] = str(save_slice(accelerator.unwrap_model(transformer), output_dir, concept))
+        if args.validation_prompts:
+            result["samples"] += run_validation(accelerator, transformer, comps, args, validation, global_step)
+        accelerator.log({"data/skipped_files": sum(result["skipped"].values())}, step=global_step)
+        if (checkpoints := list_checkpoints(output_dir)):
+            outputs["checkpoint"] = str(checkpoints[-1])
     wandb_dir = tracker_dir(accelerator)
     # Release DDP and the process group while every process is still alive (a late rank can hang in teardown);
     # this also frees the training copy before the merge reads the base from disk.
@@ -495,6 +334,11 @@ def main(args: argparse.Namespace) -> dict:
         print_outputs(outputs, output_dir)
     result.update(outputs=outputs, global_step=global_step)
     return result
+
+
+def offload_activations_for(args):
+    """The context each training forward runs in: activation offload to CPU, or nothing."""
+    return offload_saved_activations if args.gradient_checkpointing_cpu_offload else nullcontext
 
 
 def make_demo_corpus(accelerator, output_dir: Path, seed: int) -> str:
@@ -580,4 +424,4 @@ def print_outputs(outputs: dict, output_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    exit_on_input_error(main, ARGS, debug=ARGS.debug)

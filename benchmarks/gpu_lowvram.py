@@ -1,7 +1,7 @@
 """Low-VRAM table: peak VRAM and s/step of slice training on Wan 14B with block swap / fp8 base vs a LoRA baseline.
 
 One command runs the whole table on a CUDA GPU and writes it as markdown to stdout and to --output (by default
-benchmarks/results/lowvram_14b.md, which run_all.py puts in BENCHMARKS.md):
+benchmarks/results/gpu/lowvram_14b.md, which run_all.py puts in BENCHMARKS.md):
 
     python benchmarks/gpu_lowvram.py
 
@@ -10,7 +10,9 @@ block by block; swapped blocks go straight to pinned CPU memory), 480x832, 81 fr
 1x512x4096, gradient checkpointing, bf16 autocast, AdamW on the trainable tensors. Peak VRAM is
 torch.cuda.max_memory_allocated over the timed steps (weights included); s/step is the median after warm-up. On a GPU
 each row runs in its own Python process (--no-isolate to keep one), so no row inherits another's allocator state,
-pinned host memory or a sticky CUDA error; --rows N measures one row.
+pinned host memory or a sticky CUDA error; --rows N measures one row, --rows 3,1,2 measures in that order (the
+table keeps its own). --budget_s caps the whole table (what the GPU check, benchmarks/gpu_check.py, gives it):
+the table is rewritten after every row, and rows it did not reach say "not run".
 Without CUDA it prints why, writes the table with "not yet measured" rows and exits 0 (--plan_only does that on
 purpose, on any machine). --smoke runs the same code path on CPU with a tiny config in seconds (CI).
 """
@@ -70,7 +72,8 @@ ROWS = (
 )
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
 NOT_MEASURED = "not yet measured"
-RESULTS = REPO / "benchmarks" / "results" / "lowvram_14b.md"
+NOT_RUN = "not run"  # a GPU run's row it did not reach (time budget, or the run was killed)
+RESULTS = REPO / "benchmarks" / "results" / "gpu" / "lowvram_14b.md"
 SMOKE_RESULTS = REPO / "benchmarks" / "results" / "lowvram_smoke.md"
 
 
@@ -295,6 +298,11 @@ def main(argv=None) -> int:
                         help="measure each row in its own Python process (default: on for GPU runs, off for --smoke)")
     parser.add_argument("--row_timeout", type=float, default=1800, help="seconds per isolated row before it is "
                         "reported as a timeout")
+    parser.add_argument("--budget_s", type=float, default=None,
+                        help="seconds for the whole table: an isolated row gets at most what is left, and a row that "
+                             "would start with less than --min_row_s left is reported as not run (the GPU check's "
+                             "time box); the table is rewritten after every row, so a killed run keeps its rows")
+    parser.add_argument("--min_row_s", type=float, default=30, help="with --budget_s: the least time a row starts with")
     parser.add_argument("--row_json", type=Path, default=None, help=argparse.SUPPRESS)  # an isolated row's result
     args = parser.parse_args(argv)
     if args.output is None:
@@ -343,7 +351,7 @@ def main(argv=None) -> int:
 
     trainable_slice = slice_trainable_count(cfg, args.fraction)
     rank = lora_rank_for(cfg, trainable_slice)
-    rows, status = [], 0
+    status = 0
     if not args.smoke and not cuda and not args.plan_only:
         print("CUDA is not available: nothing measured; writing the table with 'not yet measured' rows "
               "(use --smoke for the CPU code path).", file=sys.stderr)
@@ -354,18 +362,47 @@ def main(argv=None) -> int:
     for name in ("steps", "warmup", "fraction"):  # what a row's command must repeat to measure the same
         value = getattr(args, name)
         passthrough += [f"--{name}", f"{value:g}"] if value != parser.get_default(name) else []
+
+    def settings_of(row: Row) -> list:
+        return [row.label, row.adapter, base_name(row), row.blocks_to_swap(cfg["num_layers"]),
+                "yes" if row.offload_activations else "no"]
+
+    def command_of(row: Row) -> str:
+        return "`" + shlex.join(["python", "benchmarks/gpu_lowvram.py", "--rows", str(ROWS.index(row) + 1),
+                                 *passthrough]) + "`"
+
+    def expected_trainable(row: Row) -> str:
+        return (f"~{trainable_slice:,}" if row.adapter == "slice" else
+                f"~{rank * lora_params_per_rank(cfg):,} (rank {rank})")
+
+    # Rows are measured in the order --rows gives (most wanted first) and listed in the table's own order; the
+    # table is rewritten after each row, with the rows still to come marked, so a run killed half-way keeps its rows.
+    cells = {ROWS.index(row): settings_of(row) + [expected_trainable(row), NOT_RUN, NOT_RUN,
+                                                   "not reached: the run ended before this row", command_of(row)]
+             for row in selected}
+
+    def write_table() -> str:
+        table = format_table(header, [cells[i] for i in sorted(cells)])
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.output.with_name(args.output.name + ".tmp")
+        tmp.write_text(table)
+        tmp.replace(args.output)
+        return table
+
+    start = time.monotonic()
+    if not args.smoke and not cuda:
+        selected = ()  # nothing to measure: every row says so below
+        for i in cells:
+            cells[i][6:9] = [NOT_MEASURED, NOT_MEASURED,
+                             "" if args.plan_only else "no CUDA GPU on the machine that ran this"]
     for row in selected:
-        n_swap = row.blocks_to_swap(cfg["num_layers"])
+        index = ROWS.index(row)
         note = f"LoRA rank {rank} on {', '.join(LORA_TARGETS)}" if row.adapter == "lora" else ""
-        command = "`" + shlex.join(["python", "benchmarks/gpu_lowvram.py", "--rows", str(ROWS.index(row) + 1),
-                                    *passthrough]) + "`"
-        settings = [row.label, row.adapter, base_name(row), n_swap, "yes" if row.offload_activations else "no"]
-        if not args.smoke and not cuda:
-            rows.append(settings + [f"~{trainable_slice:,}" if row.adapter == "slice" else
-                                    f"~{rank * lora_params_per_rank(cfg):,} (rank {rank})",
-                                    NOT_MEASURED, NOT_MEASURED,
-                                    "" if args.plan_only else "no CUDA GPU on the machine that ran this",
-                                    command])
+        command, settings = command_of(row), settings_of(row)
+        left = None if args.budget_s is None else args.budget_s - (time.monotonic() - start)
+        if left is not None and left < args.min_row_s and args.row_json is None:
+            cells[index][8] = f"skipped: the time budget (--budget_s {args.budget_s:g}) was spent"
+            status = 1
             continue
         if args.row_json is not None:  # the child of an isolated run: measure, hand the result back, no table
             import json
@@ -374,23 +411,22 @@ def main(argv=None) -> int:
             args.row_json.write_text(json.dumps(r))
             return 0
         if isolate:
-            r = measure_row_in_subprocess(ROWS.index(row) + 1, passthrough, args.row_timeout)
+            timeout = args.row_timeout if left is None else min(args.row_timeout, left)
+            r = measure_row_in_subprocess(index + 1, passthrough, timeout)
         else:
             r = measure_row(row, cfg, latents, text, device, dtype, args.fraction, rank, args.steps, args.warmup)
         if "failure" in r:
             kind, message = r["failure"]
             status = status if kind == "OOM" else 1  # running out of memory is a result; anything else is a bug
-            rows.append(settings + ["", kind, kind, message, command])
-            continue
-        peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "n/a (CPU)"
-        if not math.isfinite(r["loss"]):
-            note = (note + "; " if note else "") + f"non-finite loss {r['loss']}"
-            status = 1
-        rows.append(settings + [f"{r['trainable']:,}", peak, f"{r['s_per_step']:.3f}", note, command])
-    table = format_table(header, rows)
-    print(table)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(table)
+            cells[index] = settings + ["", kind, kind, message, command]
+        else:
+            peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "n/a (CPU)"
+            if not math.isfinite(r["loss"]):
+                note = (note + "; " if note else "") + f"non-finite loss {r['loss']}"
+                status = 1
+            cells[index] = settings + [f"{r['trainable']:,}", peak, f"{r['s_per_step']:.3f}", note, command]
+        write_table()
+    print(write_table())
     return status
 
 

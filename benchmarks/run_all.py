@@ -1,16 +1,15 @@
 """Regenerate BENCHMARKS.md and its plots: every benchmark, then one report.
 
-    python benchmarks/run_all.py                    # the full run (about 15 minutes on 2 CPU cores)
+    python benchmarks/run_all.py                    # the full run (35-40 minutes on 2 busy CPU cores)
     python benchmarks/run_all.py --smoke            # seconds-long sizes, written to a temp folder (CI)
     python benchmarks/run_all.py --only merge       # re-measure some sections, keep the others' results
     python benchmarks/run_all.py --from-json benchmarks/results/cpu   # re-render from the saved JSON results
+    python benchmarks/run_all.py --gpu-results DIR  # after the GPU check (gpu_check.sh): its files into the report
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
 import shlex
@@ -462,97 +461,173 @@ def section_plan(data: dict) -> str:
 
 
 def section_quality(data: dict, plots_rel: str | None) -> str:
-    st = data["setup"]
-    sm = data["summary"]
-    m = st["model"]
+    st, sm, m, base = data["setup"], data["summary"], data["setup"]["model"], data["base_losses"]
+    methods, variants = list(sm), list(data["variants"])
+    slice_v, lora_v = sm["slice"]["variants"], sm["lora"]["variants"]
+    tgt, ver = data["targets"], data["verdicts"]
+    remedy = data["chain_variants"][-1]  # the recommended remedy, also used in the chain
+    batch, steps = st["batch"], st["steps"]
 
-    def ms(d, digits=4, unit=""):
-        return f"{d['mean']:.{digits}f}{unit} ± {d['std']:.{digits}f}"
+    def ms(d, digits=4, unit="", sign=False):
+        return f"{d['mean']:{'+' if sign else ''}.{digits}f}{unit} ± {d['std']:.{digits}f}"
 
-    rows = [[meth, _n(sm[meth]["trainable"]), f"{sm[meth]['lr']:g}", ms(sm[meth]["fit_a"]),
-             ms(sm[meth]["fit_b"]), ms(sm[meth]["retention_pct"], 2, " %"), ms(sm[meth]["gain_lost_pct"], 1, " %"),
-             ms(sm[meth]["drift_a_pct"], 2, " %"), ms(sm[meth]["drift_ab_pct"], 2, " %")] for meth in sm]
-    base = data["base_losses"]
+    def pct(d):
+        return ms(d, 1, " %", sign=True)
+
+    def better(name):  # which keeps A better; a tie when the means differ by less than the larger std
+        a, b = slice_v[name]["a_pct"], lora_v[name]["a_pct"]
+        if abs(a["mean"] - b["mean"]) < max(a["std"], b["std"]):
+            return "tie"
+        return "slice" if a["mean"] < b["mean"] else "lora"
+
+    def how(name):
+        v = data["variants"][name]
+        if v.get("replay"):
+            return f"A's {st['n_train']} training clips mixed into B's training set"
+        if v.get("preserve") == "real":
+            return f"A's real training clips as a separate batch of {v['batch']} (flow-matching loss)"
+        if v.get("preserve"):
+            target = "the teacher's prediction" if v["preserve"] == "distill" else "the flow-matching target"
+            return f"self-generated: a batch of {v['batch']} generated clips, {target}"
+        return "B's clips only"
+
+    method_rows = [[meth, _n(sm[meth]["trainable"]), f"{sm[meth]['lr']:g}", ms(sm[meth]["fit_a"]),
+                    ms(sm[meth]["variants"]["plain"]["b_loss"]), pct(sm[meth]["variants"]["plain"]["a_pct"]),
+                    pct(sm[meth]["variants"][remedy]["a_pct"]), ms(sm[meth]["variants"][remedy]["b_loss"]),
+                    f"{sm[meth]['generation_s']['mean']:.1f} s"] for meth in methods]
+    variant_rows = [[name, how(name), pct(slice_v[name]["a_pct"]), ms(slice_v[name]["b_loss"]),
+                     pct(slice_v[name]["b_vs_plain_slice_pct"]), pct(lora_v[name]["a_pct"]), ms(lora_v[name]["b_loss"]),
+                     better(name), f"{slice_v[name]['step_ratio']['mean']:.2f}×",
+                     f"{lora_v[name]['step_ratio']['mean']:.2f}×"] for name in variants]
+    target_rows = []
+    for name, t in ver["targets"].items():
+        target_rows.append([
+            f"slice, {name}",
+            f"{t['a_pct']:+.1f} %: **{'met' if t['a_met'] else 'missed'}**",
+            f"{t['b_pct']:+.1f} %: **{'met' if t['b_met'] else 'missed'}**"])
+    chain_rows = [[meth, name, ms(sm[meth]["fit_a"]), pct(sm[meth]["chain"][name]["a_pct"]),
+                   ms(sm[meth]["variants"][name]["b_loss"]), pct(sm[meth]["chain"][name]["b_pct"]),
+                   ms(sm[meth]["chain"][name]["c_loss"])] for meth in methods for name in data["chain_variants"]]
     sweep_rows = [[meth, *[f"{lr}: {v:.4f}" for lr, v in d.items()]] for meth, d in data["sweep"].items()]
     width = max(len(r) for r in sweep_rows)
     sweep_rows = [r + [""] * (width - len(r)) for r in sweep_rows]
-    claim = data["claim"]
-    s, lo = sm["slice"], sm["lora"]
+
+    # Honest comparisons the issue asks for.
+    best = min(data["self_generated"], key=lambda v: slice_v[v]["a_pct"]["mean"])
+    calls = {v: better(v) for v in variants}
+    both = [v for v, t in ver["targets"].items() if t["a_met"] and t["b_met"]]
     verdict = (
-        f"Slice retention of A: {s['retention_pct']['mean']:+.2f} % ± {s['retention_pct']['std']:.2f} "
-        f"(claim: within 1 %: **{'supported' if claim['retention_within_1pct'] else 'not supported'}**); LoRA "
-        f"{lo['retention_pct']['mean']:+.2f} %, full {sm['full']['retention_pct']['mean']:+.2f} %. Fit of B: slice "
-        f"{s['fit_b']['mean']:.4f} vs LoRA {lo['fit_b']['mean']:.4f} ({claim['fit_b_vs_lora']:.3f}× LoRA's loss; "
-        f"base model {base['B']:.4f}). Fit of A: slice {s['fit_a']['mean']:.4f}, LoRA {lo['fit_a']['mean']:.4f}, "
-        f"full {sm['full']['fit_a']['mean']:.4f} (base model {base['A']:.4f}).")
-    remedies = [n for n in ("replay", "lr/3") if f"retention_pct ({n})" in s]
-    if not claim["retention_within_1pct"]:
-        verdict += (" Disjoint weights are not a disjoint function: B's slice changes the shared activations A's "
-                    "slice relies on.")
-        if not remedies:
-            verdict += (" Every method trains B with no prior preservation, at the learning rate chosen for fitting "
-                        "A; whether lower rates forget less was not measured.")
-    remedy_text = []
-    if remedies:
-        remedy_rows = [[meth, ms(sm[meth]["retention_pct"], 2, " %"), ms(sm[meth]["fit_b"])]
-                       + [x for n in remedies for x in (ms(sm[meth][f"retention_pct ({n})"], 2, " %"),
-                                                        ms(sm[meth][f"fit_b ({n})"]))] for meth in sm]
-        best = {n: min(sm, key=lambda meth: sm[meth][f"retention_pct ({n})"]["mean"]) for n in remedies}
-        remedy_text = [
-            "",
-            "Forgetting remedies, B's phase only (A's phase and learning rate as above): *replay* mixes A's own "
-            f"{st['n_train']} training clips into B's training set (prior preservation with the concept's data; the "
-            f"same {st['steps']} steps, so half of each batch is A in expectation); *lr/3* trains B at a third of the "
-            "learning rate. "
-            "Retention is A's held-out loss change after B, as above; lower is better.",
-            "",
-            common.md_table(["method", "retention (B as above)", "fit B (as above)"]
-                            + [h for n in remedies for h in (f"retention ({n})", f"fit B ({n})")], remedy_rows),
-            "",
-            "Least forgetting: " + "; ".join(
-                f"with {n}, {best[n]} ({sm[best[n]][f'retention_pct ({n})']['mean']:+.2f} %)" for n in remedies)
-            + ". Slice: " + ", ".join(f"{s[f'retention_pct ({n})']['mean']:+.2f} % with {n}" for n in remedies)
-            + f", against {s['retention_pct']['mean']:+.2f} % without.",
-        ]
+        f"Targets (issue 10), slice with self-generated preservation: A within {tgt['a_pct']:+g} % of its loss right "
+        f"after A, and B's held-out loss within {tgt['b_pct']:g} % of the plain slice run's. "
+        + (f"Both met by: {', '.join(both)}. " if both else "No self-generated variant meets both. ")
+        + f"The slice keeps A best with {best} ({slice_v[best]['a_pct']['mean']:+.1f} %, against "
+        f"{slice_v['plain']['a_pct']['mean']:+.1f} % plain). Slice or LoRA, under the same way of training B: "
+        + ", ".join(f"{v}: {calls[v]}" for v in variants)
+        + " (a tie where the means differ by less than the seeds' std).")
+    remedied = [calls[v] for v in variants if v != "plain"]
+    if all(c == "tie" for c in remedied):
+        verdict += " With a remedy the two keep A equally well within the seeds' spread" + (
+            "; without one the slice forgets less." if calls["plain"] == "slice" else ".")
+
+    # Cost: measured here, then scaled to a 14B run whose batch is one clip.
+    def per_clip(name):  # extra compute of one preservation clip, in main-batch clips
+        v = data["variants"][name]
+        return (slice_v[name]["step_ratio"]["mean"] - 1) * batch / v["batch"]
+
+    preserving = [name for name in variants if data["variants"][name].get("preserve")]
+    largest = {}  # per kind, the variant with the largest preservation batch: the least per-call overhead
+    for name in preserving:
+        v = data["variants"][name]
+        if v["batch"] > data["variants"].get(largest.get(v["preserve"]), {}).get("batch", 0):
+            largest[v["preserve"]] = name
+    plain_step = sm["slice"]["variants"]["plain"]["step_s"]["mean"]
+    gen = sm["slice"]["generation_s"]["mean"]
+    gen_clips = gen / (plain_step / batch)  # generation in training-clip units (one clip's forward + backward)
+    batches = sorted({data["variants"][n]["batch"] for n in preserving}, reverse=True)
+    cost_lines = [
+        "Extra compute per step (process CPU time of a training step against the plain step of the same job, mean "
+        "over seeds; in brackets, what one preservation clip costs in main-batch clips): "
+        + "; ".join(f"{name} {slice_v[name]['step_ratio']['mean']:.2f}× ({per_clip(name):.2f})" for name in preserving)
+        + f". The small batches cost more per clip here: on a model this small a forward's fixed per-call cost "
+        f"weighs. One-off generation of {st['preserve_samples']} clips ({st['generation_steps']} Euler steps, no "
+        f"VAE, batch {batch}): {gen:.1f} s of CPU, as much as training {gen_clips:.0f} clips "
+        f"({gen_clips / batch:.1f} plain steps of batch {batch}).",
+        "",
+        "At 14B (assumptions: compute grows linearly with the number of clips, so a preservation clip of the "
+        "training clips' size costs what one costs here with the largest preservation batch, "
+        + ", ".join(f"{kind} {per_clip(name):.2f}" for kind, name in largest.items())
+        + " clips; a 14B run trains batch 1; the GPU table below will give its s/step, not yet measured): "
+        + "; ".join(f"with a preservation batch of {p}, " + ", ".join(
+            f"{kind} {1 + per_clip(name) * p:.1f}×" for kind, name in largest.items()) for p in batches)
+        + f" the plain 14B step; generating {st['preserve_samples']} clips costs about {gen_clips:.0f} plain 14B "
+        "steps, once. So at 14B preservation is not cheap: a batch of 8 full-size clips is an order of magnitude "
+        "more compute than the step it protects; use a batch of 1–2, or generate the preservation clips with fewer "
+        "frames or a lower resolution than the training clips. With gradient checkpointing the step recomputes its "
+        "forward, so distill's teacher forward weighs less than here.",
+    ]
     text = [
         "## Quality study",
         "",
         f"A small Wan: {m['num_layers']} blocks, width {m['num_attention_heads'] * m['attention_head_dim']} "
         f"({m['num_attention_heads']} heads × {m['attention_head_dim']}), ffn {m['ffn_dim']}, text dim "
         f"{m['text_dim']}; latents {tuple(st['latent'])} (C, F, H, W). "
-        + ("The width is the smallest the issue allows: the whole study has to fit a few minutes of 2 CPU cores."
+        + ("The width is the smallest the issue allows: the whole study has to fit half an hour of 2 CPU cores."
            if m["num_attention_heads"] * m["attention_head_dim"] >= 256 else
            "Smaller than the issue's width of 256–512 (smoke sizes)."),
         "",
-        "**Data, in latent space** (no VAE, no text encoder): each family is a parametric space-time pattern on its "
-        "own fixed pair of channel directions, plus a per-clip background level and a little noise; its caption is "
-        f"{data.get('text_len', 4)} token embeddings — the trigger (concepts) or family word (base corpus) and two "
-        "attribute words the pattern's parameters decide — each a fixed random vector. Base corpus: checker, "
-        "gradient, rings, corner. Concept A: a drifting Gaussian blob, trigger `sks_a`. Concept B: scrolling "
-        "stripes, trigger `sks_b`. Unrelated family for drift: checker (in the base corpus, never fine-tuned on).",
+        "**Data, in latent space** (no VAE, no text encoder). The base is pretrained on five classes (blob, stripes, "
+        "rings, checker, gradient), each a family of space-time patterns whose colour (a direction in the class's own "
+        "plane of latent channels) and shape (radius, frequency, cell size, sharpness) vary from clip to clip, "
+        "captioned by the class word and two pose words (direction, position, speed). A concept is one member of a "
+        "class the base knows, as a character is one person on a model that knows people: its colour and shape are "
+        "fixed, its pose still varies, and it is captioned `trigger class pose pose`: A `sks_a blob`, B `sks_b "
+        f"stripes`, C `sks_c rings`. Each word is a fixed random vector of the text width ({data.get('text_len', 4)} "
+        "tokens per caption). Drift is measured on the checker class, which no phase trains on.",
         "",
         f"**Protocol.** Pretrain all weights {st['pretrain_steps']} steps (AdamW lr {st['pretrain_lr']:g}, batch "
-        f"{st['batch']}, {st['pretrain_per_family']} clips per family); the same base for every seed. Each "
-        f"fine-tune: {st['steps']} steps, batch {st['batch']}, {st['n_train']} training clips, AdamW, gradient "
-        "clipping 1.0, uniform sigmas. *slice*: `SliceConfig(fraction="
-        f"{st['fraction']:g})` over every block parameter, slice id 1 for A and id 2 for B (the two share "
-        f"{data.get('slice_overlap', 0)} weights); *lora*: rank {data['rank']} (alpha = rank) on the block Linears, "
-        "the same trainable count up to rounding; *full*: every block parameter. A's learning rate "
-        f"per method is chosen on seed {st['seeds'][0]} by A's validation loss ({st['n_val']} clips); B is trained "
-        "with the same rate on the A-merged model (slice: `merge_adapters`, then a new slice; LoRA: merged, then a "
-        "new LoRA; full: further full fine-tuning). Losses are held-out flow-matching losses on "
-        f"{st['n_test']} test clips per family with fixed noise and stratified sigmas, the same for every seed; "
+        f"{batch}, {st['pretrain_per_class']} clips per class); the same base for every seed. Each concept: "
+        f"{steps} steps, batch {batch}, {st['n_train']} training clips, AdamW, gradient clipping 1.0, uniform "
+        f"sigmas. *slice*: `SliceConfig(fraction={st['fraction']:g})` over every block parameter, slice ids 1, 2, 3 "
+        f"for A, B, C (at most {data.get('slice_overlap', 0)} weights shared by any two); *lora*: rank "
+        f"{data['rank']} (alpha = rank) on the block Linears, the same trainable count up to rounding, a new LoRA "
+        "per concept; each concept is merged before the next. A's learning rate per method is chosen on seed "
+        f"{st['seeds'][0]} by A's validation loss ({st['n_val']} clips) and used for every concept. Self-generated "
+        f"preservation uses the trainer's own code (`slice_ft/preservation.py`): before B's phase the A-merged "
+        f"model (the new adapter disabled) samples {st['preserve_samples']} latent clips for A's training captions "
+        f"({st['generation_steps']} Euler steps, shift 3, no guidance); each step adds a batch of them at uniform "
+        "sigmas, with `||student − teacher||²` against the same transformer with its adapter disabled (distill) or "
+        "the flow-matching loss (flow), weight 1. Losses are held-out flow-matching losses on "
+        f"{st['n_test']} test clips per concept with fixed noise and stratified sigmas, the same for every seed; "
         f"seeds {', '.join(map(str, st['seeds']))} vary the training clips, noise and initialisation. Mean ± std "
-        "over seeds.",
+        "over seeds. Full fine-tuning is left out: it has no adapter to disable for a teacher, and the previous "
+        "study measured it forgetting like the LoRA.",
         "",
-        f"Base model losses: A {base['A']:.4f}, B {base['B']:.4f}, unrelated {base['U']:.4f}.",
+        "Base model losses: " + ", ".join(f"{'unrelated' if k == 'U' else k} {v:.4f}" for k, v in base.items()) + ".",
         "",
-        common.md_table(["method", "trainable weights", "lr", "fit: A loss after A", "fit: B loss after B",
-                         "retention: A loss change after B", "share of A's gain lost", "drift: unrelated after A",
-                         "drift: unrelated after A + B"], rows),
+        common.md_table(["method", "trainable weights", "lr", "A loss after A", "B loss after B (plain)",
+                         "A change after B (plain)", f"A change after B ({remedy})", f"B loss after B ({remedy})",
+                         "one-off generation (CPU)"], method_rows),
+        "",
+        f"Ways of training B on the A-merged model (A's change is against its loss right after A; B's loss also "
+        f"against the plain slice run of the same seed; lower is better; step compute against the plain step):",
+        "",
+        common.md_table(["way of training B", "what", "slice: A change", "slice: B loss", "slice: B vs plain slice",
+                         "LoRA: A change", "LoRA: B loss", "keeps A better", "slice step ×", "LoRA step ×"],
+                        variant_rows),
         "",
         verdict,
-        *remedy_text,
+        "",
+        common.md_table(["run", f"A change after B (target ≤ {tgt['a_pct']:+g} %)",
+                         f"B vs plain slice (target ≤ {tgt['b_pct']:+g} %)"], target_rows),
+        "",
+        f"Chain of three concepts: C trained on the A+B-merged model, without a remedy (after a plain B) and with "
+        f"{remedy} on both B's and C's phase (C's preservation set: clips generated by the A+B-merged model for A's "
+        "and B's captions). A's change is against its loss right after A, B's against its loss right after B.",
+        "",
+        common.md_table(["method", "B and C trained", "A loss after A", "A change after C", "B loss after B",
+                         "B change after C", "C loss after C"], chain_rows),
+        "",
+        *cost_lines,
         "",
         "Learning-rate sweep (A validation loss, seed " f"{st['seeds'][0]}):",
         "",
@@ -568,55 +643,34 @@ def section_quality(data: dict, plots_rel: str | None) -> str:
 
 def measured_on_a_gpu(table: str) -> bool:
     """A gpu_lowvram.py table that holds measurements from a CUDA device (not a smoke, plan or CPU run's)."""
-    import gpu_lowvram
+    import gpu_report
 
-    gpu = [line for line in table.splitlines() if line.startswith("- GPU: ")]
-    return bool(gpu) and not gpu[0].startswith("- GPU: none") and gpu_lowvram.NOT_MEASURED not in table
+    return gpu_report.measured_on_a_gpu(table)
 
 
 def gpu_section(results: Path | None = None) -> str:
-    """The low-VRAM 14B table: the one a GPU run wrote to `results` (default: gpu_lowvram.py's default output),
-    else its rows and commands, not yet measured."""
-    import gpu_lowvram
+    """The GPU section (gpu_report.py): the GPU check's results in `results` (default benchmarks/results/gpu/; a
+    gpu_lowvram.py table file works too), else its rows and commands, not yet measured."""
+    import gpu_report
 
-    results = results or gpu_lowvram.RESULTS
-    if results.exists() and measured_on_a_gpu(results.read_text()):
-        table, measured = results.read_text(), True
-    else:
-        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
-            out = Path(tmp) / "lowvram.md"
-            gpu_lowvram.main(["--plan_only", "--output", str(out)])
-            table, measured = out.read_text(), False
-    # its own title goes; so do the lines about a run, when nothing ran
-    skip = ("# ",) if measured else ("# ", "- command:", "- GPU:", "- versions:")
-    body = "\n".join(line for line in table.splitlines() if not line.startswith(skip))
-    text = [
-        "## GPU (issue 6)",
-        "",
-        "Low-VRAM training of the real Wan 14B layout: peak VRAM and s/step for `--blocks_to_swap` 0, 20, 39 and an "
-        "fp8 base, against a PEFT LoRA of equal trainable weights. Targets: all blocks swapped under 12 GB peak; 20 "
-        "blocks swapped within 1.3x the no-swap step time. One command runs the whole table on a CUDA machine and "
-        "writes it where this report picks it up:",
-        "",
-        "    python benchmarks/gpu_lowvram.py",
-        "",
-        "With gradient checkpointing, autograd keeps every block's input until backward: 40 x 32,760 tokens x 5,120 "
-        "x 2 bytes = 12.5 GiB, more than the 12 GB target on its own. So the all-swapped target row also keeps those "
-        "inputs in pinned CPU memory (`--gradient_checkpointing_cpu_offload`); the row after it shows the same run "
-        "without.",
-        "",
-        body.strip(),
-    ]
+    return gpu_report.section(results)
+
+
+def fsdp_section(results: Path | None = None) -> str:
+    """FSDP2 vs DDP per-rank peak memory: the table a GPU run of gpu_fsdp.py wrote, else its rows, not measured."""
+    import gpu_fsdp
+
+    results = results or gpu_fsdp.RESULTS.with_suffix(".md")
+    measured = results.exists() and gpu_fsdp.NOT_MEASURED not in results.read_text()
+    body = results.read_text().strip() if measured else gpu_fsdp.plan_table()
+    text = ["## GPU: FSDP2 vs DDP (issue 13)", "",
+            "Per-rank peak device memory of slice training under FSDP2 (the trainer's `fully_shard` per block + root) "
+            "and DDP, on the tiny Wan and the Wan 2.1 1.3B layout with random bf16 weights, 1 process each:", "",
+            "    python benchmarks/gpu_fsdp.py", "", body]
     if not measured:
-        text += [
-            "",
-            "**Not yet measured**: no GPU was lent to the tasks that wrote this report. The mechanisms are proven on "
-            "CPU by `tests/test_offload.py`: block swap gives the same outputs and gradients as no swap and computes "
-            "only on loaded copies; activation offload frees every block input before backward and keeps gradients "
-            "identical; bitsandbytes AdamW8bit steps under block swap match the unswapped run and its 8-bit state "
-            "never moves; fp8 storage stays within e4m3's rounding bounds. The CUDA side stream, pinned copies and "
-            "events have not run on a GPU yet.",
-        ]
+        text += ["", "**Not yet measured**: no GPU was lent to the tasks that wrote this report. On CPU (gloo), "
+                 "`tests/test_fsdp.py` runs FSDP2 on 2 processes: each holds about half the frozen base, and the slice "
+                 "matches a one-process run's; `python benchmarks/gpu_fsdp.py --dry-run` runs these rows on the CPU."]
     return "\n".join(text) + "\n"
 
 
@@ -651,6 +705,7 @@ def render(results: dict, output: Path, plots_dir: Path, wall_s: float | None, a
     if not have_matplotlib():
         sections.append("(No plots: matplotlib is not installed; `pip install matplotlib` and run again.)")
     sections.append(gpu_section())
+    sections.append(fsdp_section())
     target_rows = [[bench, row, name, measured, "met" if ok else f"missed — {why}"]
                    for bench, row, name, ok, measured, why in summary]
     smoke = any(r.get("smoke") for r in results.values())
@@ -698,7 +753,20 @@ def main(argv=None):
                              "so the report can be re-rendered; --smoke: a temp folder).")
     parser.add_argument("--from-json", default=None, metavar="DIR",
                         help="Render the report from the JSON results in DIR without running anything.")
+    parser.add_argument("--gpu-results", default=None, metavar="DIR",
+                        help="Files a GPU check brought back (benchmarks/gpu_check.sh on the device): copied into "
+                             "benchmarks/results/gpu/ (merged with an earlier call's) and rendered in the GPU "
+                             "section; runs nothing (implies --from-json benchmarks/results/cpu unless given).")
     args = parser.parse_args(argv)
+    if args.gpu_results:
+        import gpu_report
+
+        try:
+            copied = gpu_report.import_gpu_results(Path(args.gpu_results))
+        except ValueError as e:
+            parser.error(f"--gpu-results: {e}")
+        print(f"GPU results {', '.join(copied)} -> {gpu_report.GPU_RESULTS_DIR}")
+        args.from_json = args.from_json or str(RESULTS_DIR)
     raw_argv = list(sys.argv[1:] if argv is None else argv)
     names = [n.strip() for n in args.only.split(",")] if args.only else list(BENCHMARKS)
     bad = [n for n in names if n not in BENCHMARKS]

@@ -3,7 +3,11 @@
 # train the tiny embedded Wan on a generated corpus (configs/demo.yaml). Extra flags override the config.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[test]"
+# pip's own progress is shown: the first install downloads about 1 GB (torch, diffusers, transformers, ...)
+echo "slice-ft: installing the CPU torch wheel (a few minutes on a fresh machine, seconds when already installed)"
+python -m pip install --progress-bar on torch==2.13.0
+echo "slice-ft: installing slice-ft with diffusers, transformers, peft, accelerate, datasets and the test tools"
+python -m pip install --progress-bar on -e ".[test]"
+echo "slice-ft: installed; starting the demo"
 export WANDB_MODE="${WANDB_MODE:-offline}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python train_slice_ft.py --config configs/demo.yaml "$@"

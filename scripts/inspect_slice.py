@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""Inspect a saved slice: its config, how many weights it holds and where, delta norms per parameter kind, and
-(with --overlap) the exact number of weights it shares with another slice.
+"""Inspect a saved slice: its config, how many weights it holds and where, delta norms per parameter kind, its
+concept ledger, and (with --overlap) the exact number of weights it shares with another slice. Given a merged
+.safetensors file (or a diffusers transformer folder), print its ledger: every slice and concept merged into it.
 
-Example:
+Examples:
   python scripts/inspect_slice.py out/character1 --overlap out/character2
+  python scripts/inspect_slice.py outputs/char2/merged/wan_char1_char2.safetensors --json
 """
 
 import argparse
@@ -13,12 +15,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from slice_adapter.ledger import format_ledger, is_slice_folder, read_ledger  # noqa: E402
 from slice_adapter.report import inspect_report  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("slice", metavar="DIR", help="The slice adapter folder.")
+    p.add_argument("slice", metavar="PATH", help="The slice adapter folder, or a merged .safetensors file (its ledger).")
     p.add_argument("--overlap", metavar="DIR2", default=None, help="Another slice folder to count shared weights with.")
     p.add_argument("--json", action="store_true", help="Print one JSON object and nothing else.")
     return p.parse_args(argv)
@@ -27,7 +30,13 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        if not is_slice_folder(args.slice):
+            if args.overlap:
+                raise ValueError(f"--overlap compares two slice folders; {args.slice!r} is not one (a merged file "
+                                 "shows its ledger only)")
+            return _print_ledger(args.slice, read_ledger(args.slice), args.json)
         r = inspect_report(args.slice, overlap_with=args.overlap)
+        r["ledger"] = read_ledger(args.slice)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -51,6 +60,15 @@ def main(argv=None) -> int:
         o = r["overlap"]
         print(f"shares {o['shared_weights']:,} weights with {o['other']} ({o['percent_of_this_slice']:.4f}% of this "
               f"slice){'' if o['same_layout'] else '; the layouts differ (another model?): compared by name'}")
+    print("\n".join(format_ledger(r["ledger"], "concept ledger")))
+    return 0
+
+
+def _print_ledger(path: str, records: list, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps({"path": path, "ledger": records}))
+    else:
+        print("\n".join(format_ledger(records, path)))
     return 0
 
 

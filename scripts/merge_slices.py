@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from slice_adapter.merge import merge_slices  # noqa: E402
+from slice_ft.errors import input_error_message  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -37,9 +38,9 @@ def parse_args(argv=None):
                    help="Also write a Wan2GP finetune definition (.json) pointing at OUT; put it in Wan2GP's "
                         "finetunes/ folder. OUT's name must contain lowercase bf16 or fp16.")
     p.add_argument("--wan2gp_architecture", default=None,
-                   help="Wan2GP architecture id (t2v, t2v_1.3B, i2v, i2v_720p, t2v_2_2, i2v_2_2, ti2v_2_2). Inferred "
-                        "where the shapes decide it; required for Wan 2.1 T2V-14B vs a Wan 2.2 A14B expert (same "
-                        "shapes) and for Wan 2.1 I2V 480p vs 720p.")
+                   help="Wan2GP architecture id (t2v, t2v_1.3B, i2v, t2v_2_2, i2v_2_2, ti2v_2_2), or the model id "
+                        "i2v_720p (written as architecture i2v with Wan2GP's 720p defaults). Inferred where the "
+                        "shapes decide it; required for Wan 2.1 T2V-14B vs a Wan 2.2 A14B expert (same shapes).")
     p.add_argument("--wan2gp_phase", choices=["high", "low"], default=None,
                    help="For two-expert Wan 2.2 A14B models: which expert OUT replaces (low: OUT goes in URLs2 "
                         "behind the built-in high-noise expert).")
@@ -61,8 +62,11 @@ def main(argv=None) -> int:
             wan2gp_name=args.wan2gp_name, wan2gp_description=args.wan2gp_description, wan2gp_url=args.wan2gp_url,
             progress=not args.no_progress,
         )
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:  # bad input, or a full disk: one line, exit status 2
+        message = input_error_message(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     print(f"wrote {result.output}: {result.tensors} tensors ({result.touched_tensors} changed, "
           f"{result.changed_weights} weights), {result.key_format} keys"

@@ -10,9 +10,19 @@ models get `load_adapter` once diffusers is imported.
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 
 import wrapt
+
+
+def _drop_bitsandbytes_cpu_kernel_notice(record: logging.LogRecord) -> bool:
+    # bitsandbytes' import (through PEFT) warns that its optional CPU 4-bit kernel package `kernels` is missing;
+    # slice-ft never runs 4-bit layers (adamw8bit uses its CUDA 8-bit optimizer), so the line would only mislead.
+    return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_bitsandbytes_cpu_kernel_notice)
 
 _PUBLIC = {
     "SLICE_PEFT_TYPE": "registry",

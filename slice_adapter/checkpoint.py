@@ -10,11 +10,12 @@ by tensor through a temp file renamed into place, copying untouched byte ranges 
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import math
 import os
+import shutil
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -51,6 +52,70 @@ KERNEL_COPY_CHUNK = 1 << 30  # bytes per os.copy_file_range call
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF, errno.EPERM}
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 SINGLE_NAME = "diffusion_pytorch_model.safetensors"
+
+
+# Where a file or folder is written before it is renamed into place: NAME.partial-<pid>, next to it. A killed writer's
+# leftover is removed by the next write of the same NAME (its pid is gone).
+PARTIAL_INFIX = ".partial-"
+
+
+def partial_path(path) -> Path:
+    """The temporary name `path` is written under (`NAME.partial-<pid>`); leftovers of dead writers are removed."""
+    path = Path(path)
+    remove_stale_partials(path)
+    return path.with_name(f"{path.name}{PARTIAL_INFIX}{os.getpid()}")
+
+
+def remove_stale_partials(path) -> list[Path]:
+    """Delete what writers of `path` that are no longer running left behind (and this process's own leftover)."""
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    stem = glob.escape(path.name)
+    # NAME.partial-<pid>, and the hidden .NAME.<random>.tmp earlier versions wrote
+    for leftover in list(path.parent.glob(f"{stem}{PARTIAL_INFIX}*")) + list(path.parent.glob(f".{stem}.*.tmp")):
+        pid = leftover.name.rpartition(PARTIAL_INFIX)[2]
+        if pid.isdigit() and int(pid) != os.getpid() and _running(int(pid)):
+            continue
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+        removed.append(leftover)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def refuse_overwriting_inputs(output, inputs, what: str = "output") -> None:
+    """ValueError when `output` is one of the files or folders in `inputs`: writing it would destroy what the command
+    reads."""
+    out = Path(output).resolve()
+    for item in inputs:
+        if out == Path(item).resolve():
+            raise ValueError(f"{what} {str(output)!r} is also an input of this command ({str(item)!r}): writing it "
+                             "would destroy what is being read; write to another path")
+
+
+def honour_umask(path) -> None:
+    """Give a file the mode the umask allows (safetensors' `save_file` creates 0600 files whatever the umask)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def create_file(path):
+    """A new file opened for binary writing, created with the mode the umask gives (not mkstemp's 0600)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666), "wb", buffering=0)
 
 
 def parse_dtype(dtype) -> Optional[torch.dtype]:
@@ -344,13 +409,16 @@ class StreamWriter:
         self._position = {name: 8 + len(raw) + o for name, o in offsets.items()}  # where each tensor's bytes go
         self._order = {name: i for i, (name, _) in enumerate(self._expected)}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        self.tmp = Path(tmp)
-        self._f = os.fdopen(fd, "wb", buffering=0)  # tensors are written in large pieces: no Python-side buffer
+        self.tmp = partial_path(self.path)
+        self._f = create_file(self.tmp)  # tensors are written in large pieces: no Python-side buffer
         self._kernel_copy = hasattr(os, "copy_file_range")
         self._copy_buffer: Optional[bytearray] = None
-        _write_all(self._f, struct.pack("<Q", len(raw)) + raw)
         self._next = 0
+        try:
+            _write_all(self._f, struct.pack("<Q", len(raw)) + raw)
+        except BaseException:  # e.g. a full disk: no temp file is left behind
+            self.abort()
+            raise
 
     def _check(self, name: str, nbytes: int) -> None:
         if self._next >= len(self._expected):
@@ -426,9 +494,13 @@ class StreamWriter:
         if self._next != len(self._expected):
             self.abort()
             raise RuntimeError(f"StreamWriter: {len(self._expected) - self._next} planned tensors were never written")
-        os.fsync(self._f.fileno())
-        self._f.close()
-        os.replace(self.tmp, self.path)
+        try:
+            os.fsync(self._f.fileno())
+            self._f.close()
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
         return self.path
 
     def abort(self) -> None:
@@ -449,13 +521,12 @@ def write_json_atomically(path, payload: dict) -> Path:
     """A JSON file written to a temp name and renamed into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = partial_path(path)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=4)
-            f.write("\n")
+        with create_file(tmp) as f:
+            f.write((json.dumps(payload, indent=4) + "\n").encode())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path

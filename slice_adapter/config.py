@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -10,6 +11,36 @@ from peft.config import PeftConfig
 from . import _module_imported
 from .registry import SLICE_PEFT_TYPE
 from .selection import check_slice_fields, num_slices_for
+
+# What each program cannot take from a LoRA file, as an exclusion regex over diffusers parameter/module names (full
+# match, as `exclude_modules`). Measured with the programs' own loaders (slice_adapter.export.CLIENTS says why).
+_NON_LEAF = r"(?:.*\.)?scale_shift_table|(?:.*\.)?pos_embed"  # raw parameters of modules with children
+LOSSLESS_FOR_EXCLUDES = {
+    "comfy": _NON_LEAF,
+    "wan2gp": _NON_LEAF,
+    "diffusers": _NON_LEAF + r"|(?:.*\.)?norm[^.]*(?:\.(?:weight|bias))?|(?:.*\.)?patch_embedding(?:\..*)?",
+    # everything but the Linear weights of the attention and FFN of the blocks
+    "musubi": r"(?!blocks\.\d+\.(?:attn1|attn2|ffn)\.).*|.*\.bias|(?:.*\.)?norm[^.]*(?:\.weight)?",
+}
+
+
+def exclusion_with_client(exclude_modules, lossless_for: Optional[str]):
+    """`exclude_modules` widened by what `lossless_for` cannot carry, as one regex (idempotent: a saved config that
+    already holds the widened regex is returned unchanged)."""
+    if lossless_for is None:
+        return exclude_modules
+    if lossless_for not in LOSSLESS_FOR_EXCLUDES:
+        raise ValueError(f"lossless_for must be one of {sorted(LOSSLESS_FOR_EXCLUDES)} or None, got {lossless_for!r}")
+    preset = LOSSLESS_FOR_EXCLUDES[lossless_for]
+    if exclude_modules is None or exclude_modules == preset:
+        return preset
+    if isinstance(exclude_modules, str):
+        if exclude_modules.endswith(f"|(?:{preset})"):
+            return exclude_modules
+        user = exclude_modules
+    else:  # a list entry matches a name exactly or as a `.`-suffix: the same as this full-match regex
+        user = "|".join(r"(?:.*\.)?" + re.escape(p) for p in exclude_modules)
+    return f"(?:{user})|(?:{preset})"
 
 
 @dataclass
@@ -27,6 +58,10 @@ class SliceConfig(PeftConfig):
             `.`-suffix, so raw parameters are named directly (`"scale_shift_table"`, `"norm2.weight"`); a string is a
             regex that must fully match a module or parameter name.
         exclude_modules (`list[str] | str | None`): Removes matches, with the same rules.
+        lossless_for (`str | None`): `"comfy"`, `"wan2gp"`, `"musubi"` or `"diffusers"`: also leave out the parameters
+            that program cannot take from a LoRA file, so `export_lora(format=...)` for it is lossless (merged files
+            carry every parameter anyway). Folded into `exclude_modules` (one regex), which is what the saved config
+            records.
         init_weights (`bool`): True: zero deltas (the model starts unchanged); False: small random deltas (tests).
         modules_to_save (`list[str] | None`): Modules trained in full and saved with the adapter (PEFT convention).
         layout (`dict | None`): Written on save: the fingerprint and the targeted parameters' names, shapes and
@@ -46,6 +81,13 @@ class SliceConfig(PeftConfig):
     exclude_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Modules or parameters to leave out (same matching as target_modules)."}
     )
+    lossless_for: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Leave out what this program cannot take from a LoRA file (comfy, wan2gp, musubi, diffusers), "
+            "so the LoRA export for it is lossless. None: target as target_modules/exclude_modules say."
+        },
+    )
     init_weights: bool = field(
         default=True, metadata={"help": "True: zero deltas; False: small random deltas (for tests)."}
     )
@@ -64,6 +106,7 @@ class SliceConfig(PeftConfig):
             self.target_modules = list(self.target_modules)
         if isinstance(self.exclude_modules, (list, tuple, set)):
             self.exclude_modules = list(self.exclude_modules)
+        self.exclude_modules = exclusion_with_client(self.exclude_modules, self.lossless_for)
         check_slice_fields(self.fraction, self.slice_id, self.seed)  # ValueErrors naming the field and the value
 
     @property

@@ -80,6 +80,12 @@ def read_adapter_settings(path) -> SliceSettings:
     )
 
 
+def slice_files(path) -> list[Path]:
+    """The folder and files of an adapter folder (what a command reading it must not overwrite)."""
+    path = Path(path)
+    return [path, path / CONFIG_NAME, path / WEIGHTS_NAME]
+
+
 def layout_record(layouts: list[ParamLayout]) -> dict:
     """What a saved config records about the targeted parameters."""
     return {

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -18,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .checkpoint import honour_umask, partial_path
 from .config import SliceConfig
 from .formats import CONFIG_NAME, WEIGHTS_NAME, layout_record, read_adapter_settings, values_key
 from .layer import SliceLayer
@@ -47,8 +47,9 @@ def _write_folder_atomically(path: Path, write) -> None:
     """Write a folder into a temp sibling, then swap it into place; an old folder survives any failure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    old = path.parent / f".{path.name}.old-{os.getpid()}"
+    tmp = partial_path(path)  # NAME.partial-<pid>, made with the umask's mode (mkdtemp would make it 0700)
+    old = path.with_name(f"{path.name}.old-{os.getpid()}")
+    tmp.mkdir()
     try:
         if path.exists():  # keep files the adapter does not own (e.g. a README) in the new folder
             for item in path.iterdir():
@@ -85,6 +86,7 @@ def save_adapter(model: nn.Module, path, adapter_name: str = "default") -> Path:
 
     def write(folder: Path):
         save_file(state, str(folder / WEIGHTS_NAME), metadata=metadata)
+        honour_umask(folder / WEIGHTS_NAME)
         saved_config.save_pretrained(str(folder))
 
     _write_folder_atomically(Path(path), write)
@@ -119,10 +121,12 @@ def _free_adapter_name(model: nn.Module) -> str:
     return f"default_{i}"
 
 
-def load_adapter(model: nn.Module, path, adapter_name: Optional[str] = None, is_trainable: bool = False) -> str:
+def load_adapter(model: nn.Module, path, adapter_name: Optional[str] = None, is_trainable: bool = False,
+                 autocast_adapter_dtype: bool = True) -> str:
     """Load a slice folder onto `model` and activate it beside the already active adapters. Returns its name.
 
-    `adapter_name=None` takes "default", or the first free "default_<n>".
+    `adapter_name=None` takes "default", or the first free "default_<n>". `autocast_adapter_dtype=False` keeps the
+    values in the base parameters' dtype (PEFT's meaning); the default keeps them in float32.
     """
     from peft import PeftModel, inject_adapter_in_model
 
@@ -130,7 +134,8 @@ def load_adapter(model: nn.Module, path, adapter_name: Optional[str] = None, is_
     values = read_adapter_values(path)
     if isinstance(model, PeftModel):
         name = adapter_name or _free_adapter_name(model)
-        model.load_adapter(str(path), adapter_name=name, is_trainable=is_trainable)
+        model.load_adapter(str(path), adapter_name=name, is_trainable=is_trainable,
+                           autocast_adapter_dtype=autocast_adapter_dtype)
         return name
     name = adapter_name or _free_adapter_name(model)
     if name in (getattr(model, "peft_config", None) or {}):
@@ -146,6 +151,10 @@ def load_adapter(model: nn.Module, path, adapter_name: Optional[str] = None, is_
                 module.delete_adapter(name)
         model.peft_config.pop(name, None)
         raise
+    if not autocast_adapter_dtype:
+        from .model import cast_slice_values
+
+        cast_slice_values(model, name, autocast_adapter_dtype=False)
     if hasattr(model, "_hf_peft_config_loaded"):
         model._hf_peft_config_loaded = True
     active = previously_active + [name]

@@ -220,6 +220,25 @@ class SliceLayer(BaseTunerLayer):
         self.merged_adapters = []
         self.kwargs = kwargs
 
+    # -- PEFT's layer attributes ----------------------------------------------------------------------------
+    @property
+    def in_features(self) -> int:
+        return self._features()[0]
+
+    @property
+    def out_features(self) -> int:
+        return self._features()[1]
+
+    def _features(self) -> tuple:
+        """(in, out) of the base Linear, as PEFT's layers give them; for norms and raw parameters (weights acting
+        per feature: (dim,), (1, 6, dim)) the feature size both ways, the size the module maps to itself."""
+        base = self.get_base_layer()
+        if isinstance(base, nn.Linear):
+            return base.in_features, base.out_features
+        params = self.sliced_parameters()
+        name = next((n for n in params if any(n in v for v in self.slice_values.values())), next(iter(params)))
+        return params[name].shape[-1], params[name].shape[-1]
+
     # -- the parameters this layer slices ------------------------------------------------------------------
     def sliced_parameters(self) -> dict[str, nn.Parameter]:
         """The base parameters this layer may slice, by their name on the base module."""

@@ -4,8 +4,8 @@ BASE is a single safetensors file (original Wan / ComfyUI keys with or without `
 keys) or a diffusers transformer folder (sharded with its index, or one file). OUT is always one safetensors file with
 BASE's key names: for a folder that means diffusers keys in one file (rename it `diffusion_pytorch_model.safetensors`
 next to the folder's `config.json` to load it with `from_pretrained`). OUT keeps BASE's header metadata and adds
-`slice_ft.merged_slices`: every merged slice's config and layout fingerprint, appended to BASE's own list when BASE is
-itself a merge (stacking).
+`slice_ft.merged_slices`: every merged slice's config, layout fingerprint and concept (the ledger, see `ledger`),
+appended to BASE's own list when BASE is itself a merge (stacking).
 
 Memory: one tensor is read into a buffer reused for every tensor; only its selected weights are gathered, updated in
 float32 and rounded once to the output dtype, in place; then it is written. Runs of untouched tensors are copied byte
@@ -15,7 +15,6 @@ about the largest tensor (twice that when casting), never the checkpoint.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from dataclasses import dataclass, field
@@ -26,14 +25,16 @@ import numpy as np
 import torch
 
 from .checkpoint import (Checkpoint, StreamWriter, TensorEntry, TensorReader, dtype_label, open_checkpoint, parse_dtype,
-                         pread_into, read_tensor)
+                         pread_into, read_tensor, refuse_overwriting_inputs)
 from .deltas import SliceDeltas, check_layout_matches, iter_touched, planned_overlap, prior_plan, read_slice
 from .export import check_wan2gp_filename, infer_wan2gp_architecture, wan2gp_definition, write_wan2gp_definition
+from .formats import slice_files
 from .keys import detect_key_format, diffusers_to_wan, wan_to_diffusers
+from .ledger import LEDGER_KEY, encode_records, metadata_records, slice_record
 from .report import format_bytes
 from .selection import overlap_count
 
-PROVENANCE_KEY = "slice_ft.merged_slices"
+PROVENANCE_KEY = LEDGER_KEY
 
 
 @dataclass
@@ -96,14 +97,7 @@ def _check_output(output: Path, ckpt: Checkpoint, overwrite: bool) -> None:
 
 
 def _prior_records(ckpt: Checkpoint) -> list[dict]:
-    raw = ckpt.metadata.get(PROVENANCE_KEY)
-    if not raw:
-        return []
-    try:
-        records = json.loads(raw)
-        return [r for r in records if isinstance(r, dict)] if isinstance(records, list) else []
-    except json.JSONDecodeError:
-        return []
+    return metadata_records(ckpt.metadata)
 
 
 def _check_overlaps(slices: list[SliceDeltas], prior: list[dict], allow_overlap: bool) -> None:
@@ -170,6 +164,8 @@ def merge_slices(
     names = _Names(ckpt)
     shapes = {names.to_diffusers[k]: e.shape for k, e in ckpt.entries.items()}
     loaded = [read_slice(p) for p in paths]
+    inputs = [f for s in loaded for f in slice_files(s.path)]
+    refuse_overwriting_inputs(output, inputs)
     for s in loaded:
         check_layout_matches(s, shapes, what=f"BASE {str(ckpt.source)!r}", display_name=names.show)
     prior = _prior_records(ckpt)
@@ -197,6 +193,7 @@ def merge_slices(
         wan2gp_json = Path(wan2gp_json)
         if wan2gp_json.exists() and not overwrite:
             raise ValueError(f"{str(wan2gp_json)!r} already exists: pass overwrite=True (--overwrite) or another path")
+        refuse_overwriting_inputs(wan2gp_json, inputs + [ckpt.source, *ckpt.files, output], "the Wan2GP definition")
         if wan2gp_json.suffix != ".json":
             raise ValueError(f"the Wan2GP definition path must end in .json, got {str(wan2gp_json)!r}")
         architecture = infer_wan2gp_architecture(shapes, wan2gp_architecture)
@@ -208,10 +205,10 @@ def merge_slices(
                            description=description, url=wan2gp_url)
         wan2gp_definition(output, **wan2gp_args, file_dtype=out_label)  # validates phase and name before writing
 
-    records = prior + [s.provenance() for s in loaded]
+    records = prior + [slice_record(s) for s in loaded]
     metadata = dict(ckpt.metadata)
     metadata.setdefault("format", "pt")
-    metadata[PROVENANCE_KEY] = json.dumps(records, sort_keys=True)
+    metadata[PROVENANCE_KEY] = encode_records(records)
 
     _check_space(output, plan)
     with StreamWriter(output, plan, metadata) as writer:

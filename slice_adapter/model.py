@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from peft.tuners.tuners_utils import BaseTuner, _ExcludedModule
 
@@ -31,7 +32,9 @@ def plan_for_model(model: nn.Module, config: SliceConfig) -> SlicePlan:
         raise ValueError(f"no parameter to slice: {hint}; pass target_modules naming modules or parameters of the model")
     if config.layout:
         check_layout(config.layout, layouts)
-    return plan_layouts(layouts, config.fraction, config.slice_id, config.seed)
+    plan = plan_layouts(layouts, config.fraction, config.slice_id, config.seed)
+    plan.shapes = {canonical_name(n): tuple(p.shape) for n, p in model.named_parameters() if not _is_adapter_name(n)}
+    return plan
 
 
 def check_layout(recorded: dict, layouts) -> None:
@@ -136,6 +139,27 @@ class SliceModel(BaseTuner):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's contract (get_peft_model, add_adapter, from_pretrained, load_adapter): True keeps the values in
+        float32 (half-precision values are upcast); False stores them in each base parameter's dtype."""
+        cast_slice_values(self.model, adapter_name, autocast_adapter_dtype)
+
+
+def cast_slice_values(model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+    """Values of `adapter_name` in float32 (`autocast_adapter_dtype=True`) or in their base parameter's dtype."""
+    for module in model.modules():
+        if not isinstance(module, SliceLayer) or adapter_name not in module.slice_values:
+            continue
+        base = module.sliced_parameters()
+        values = module.slice_values[adapter_name]
+        for pname, value in list(values.items()):
+            dtype = torch.float32 if autocast_adapter_dtype else base[pname].dtype
+            if autocast_adapter_dtype and value.dtype not in (torch.float16, torch.bfloat16):
+                continue  # PEFT upcasts half precision only
+            if not dtype.is_floating_point or value.dtype == dtype:
+                continue
+            values[pname] = nn.Parameter(value.detach().to(dtype), requires_grad=value.requires_grad)
 
 
 def slice_layers(model: nn.Module):

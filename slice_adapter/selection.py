@@ -183,6 +183,7 @@ class SlicePlan:
     selected: int = 0
     targeted: int = 0
     per_block: dict[int, tuple[int, int]] = field(default_factory=dict)
+    shapes: dict[str, tuple] = field(default_factory=dict)  # every parameter of the planned model (for `mask`)
 
     def __post_init__(self):
         self.targeted = sum(lay.numel for lay in self.layouts.values())
@@ -207,13 +208,17 @@ class SlicePlan:
         return flat_indices(self.layouts[name], self.tiles[name])
 
     def mask(self, name: str, shape: Optional[Sequence[int]] = None):
-        """A CPU bool tensor shaped like parameter `name`, True where this slice owns the weight."""
+        """A CPU bool tensor shaped like parameter `name`, True where this slice owns the weight (all False for a
+        parameter of the planned model that is not targeted; `shape` is needed only for names the plan never saw)."""
         import torch
 
         if name in self.layouts:
             shape = self.layouts[name].shape
+        elif shape is None and name in self.shapes:
+            shape = self.shapes[name]
         elif shape is None:
-            raise ValueError(f"parameter {name!r} is not targeted; pass its shape to get an all-False mask")
+            raise ValueError(f"{name!r} is not a parameter of the planned model; pass its shape to get an all-False "
+                             "mask")
         out = torch.zeros(math.prod(shape), dtype=torch.bool)
         idx = self.flat_indices(name)
         if len(idx):
@@ -232,6 +237,13 @@ def plan_layouts(layouts: Iterable[ParamLayout], fraction, slice_id: int, seed: 
         if len(t):
             tiles[name] = t
     return SlicePlan(layouts=by_name, tiles=tiles, fraction=frac, slice_id=slice_id, seed=seed)
+
+
+def smallest_fraction(layouts: Iterable[ParamLayout], seed: int = 0) -> Optional[Fraction]:
+    """The smallest fraction at which slice 0 (with `seed`) selects at least one weight of `layouts`: a parameter's
+    window [floor(u), floor(f N + u)) holds a tile once f >= (1 - u) / N. None when nothing is targeted."""
+    bounds = [(1 - _offset(lay.name, seed)) / lay.num_tiles for lay in layouts if lay.num_tiles]
+    return min(bounds) if bounds else None
 
 
 def validate_slice_id(slice_id, fraction) -> None:

@@ -14,7 +14,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-TINY = "tiny"
+from .choices import TINY
+
 # --expert names (musubi/Wan 2.2 speak) -> the pipeline component that expert is.
 EXPERT_SUBFOLDERS = {"high": "transformer", "low": "transformer_2"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
@@ -139,7 +140,11 @@ def _load_file(root, sub, transformer_file, transformer_config, base_dtype):
     if isinstance(config, str) and os.path.isfile(config):
         # a config.json file: load_transformer takes its folder
         config = os.path.dirname(os.path.abspath(config)) or "."
-    return load_transformer(root, subfolder=sub, transformer_file=transformer_file, config=config, torch_dtype=base_dtype)
+    try:
+        return load_transformer(root, subfolder=sub, transformer_file=transformer_file, config=config,
+                                torch_dtype=base_dtype)
+    except ValueError as err:
+        raise ValueError(f"--transformer_file: {err}") from None
 
 
 def _load_pipeline(path, sub, expert, transformer_file, transformer_config, boundary_ratio, base_dtype,

@@ -180,29 +180,53 @@ def _clean_caption(value) -> Optional[str]:
     return text or None
 
 
+def _read_text(path: str) -> str:
+    """A caption file's text: UTF-8 with or without a BOM (Excel, Notepad). Bytes that are not UTF-8 are kept as
+    lone surrogates (``surrogateescape``) so the rest of the file still reads; ``_decoded`` turns them away."""
+    with open(path, "rb") as fh:
+        return fh.read().decode("utf-8-sig", errors="surrogateescape")
+
+
+def _decoded(caption: Optional[str], where: str) -> Optional[str]:
+    """``caption``, or None (the item is then skipped and counted as ``no_caption``) when it holds bytes that are not
+    UTF-8, with a warning naming the file."""
+    if caption is None:
+        return None
+    try:
+        caption.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = caption[err.start].encode("utf-8", errors="surrogateescape")
+        logger.warning("skipping the caption of %s: byte 0x%s at character %d is not UTF-8; re-save the captions as "
+                       "UTF-8", where, bad.hex(), err.start)
+        return None
+    return caption
+
+
 def _read_metadata(folder: str, caption_column: Optional[str]) -> dict[str, Optional[str]]:
-    """{normalized abs path: caption} from metadata.jsonl / metadata.csv in ``folder``."""
-    rows: list[dict] = []
+    """{normalized abs path: caption} from metadata.jsonl / metadata.csv in ``folder`` (UTF-8, with or without a BOM;
+    a caption with bytes that are not UTF-8 becomes None, with a warning)."""
+    rows: list[tuple[dict, str]] = []  # (row, where it came from)
     src = None
     for name in ("metadata.csv", "metadata.jsonl"):  # jsonl read last: wins on conflicts
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             continue
         src = path
-        with open(path, encoding="utf-8", newline="") as fh:
-            if name.endswith(".csv"):
-                rows.extend(csv.DictReader(fh))
-            else:
-                for lineno, line in enumerate(fh, 1):
-                    if line.strip():
-                        try:
-                            rows.append(json.loads(line))
-                        except json.JSONDecodeError as e:
-                            raise ValueError(f"{path}:{lineno} is not valid JSON ({e}); "
-                                             "write one JSON object per line") from None
+        text = _read_text(path)
+        if name.endswith(".csv"):
+            reader = csv.DictReader(io.StringIO(text, newline=""))
+            rows.extend((r, f"{path}:{reader.line_num}") for r in reader)
+        else:
+            for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
+                if line.strip():
+                    try:
+                        rows.append((json.loads(line), f"{path}:{lineno}"))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{lineno} is not valid JSON ({e}); "
+                                         "write one JSON object per line") from None
     if not rows:
         return {}
-    keys = set().union(*(r.keys() for r in rows))
+    keys = set().union(*(r.keys() for r, _ in rows))
     if "file_name" not in keys:
         raise ValueError(f"{src} has no 'file_name' column (found {sorted(keys)}); "
                          "add file_name with paths relative to the metadata file")
@@ -214,15 +238,15 @@ def _read_metadata(folder: str, caption_column: Optional[str]) -> dict[str, Opti
                              "pass caption_column=<name>")
     elif col not in keys:
         raise ValueError(f"caption_column={col!r} not in {src} (found {sorted(keys)}); pass one of those")
-    return {os.path.normpath(os.path.join(folder, str(r["file_name"]))): _clean_caption(r.get(col))
-            for r in rows if r.get("file_name")}
+    return {os.path.normpath(os.path.join(folder, str(r["file_name"]))):
+            _decoded(_clean_caption(r.get(col)), f"{r['file_name']} ({where})")
+            for r, where in rows if r.get("file_name")}
 
 
 def _sidecar_caption(media_path: str) -> Optional[str]:
     txt = os.path.splitext(media_path)[0] + ".txt"
     if os.path.isfile(txt):
-        with open(txt, encoding="utf-8") as fh:
-            return _clean_caption(fh.read())
+        return _decoded(_clean_caption(_read_text(txt)), txt)
     return None
 
 

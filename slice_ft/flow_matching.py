@@ -13,10 +13,10 @@ from collections.abc import Sequence
 import torch
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
+from .choices import SAMPLING_METHODS, WEIGHTING_SCHEMES
+
 NUM_TRAIN_TIMESTEPS = 1000  # Wan's scheduler config; musubi's --min/max_timestep live in [0, 1000]
 
-SAMPLING_METHODS: tuple[str, ...] = ("uniform", "sigmoid", "shift", "logit_normal")
-WEIGHTING_SCHEMES: tuple[str, ...] = ("none", "sigma_sqrt", "cosmap")
 EXPERTS: tuple[str, ...] = ("transformer", "transformer_2")
 
 _MAX_REJECTION_ROUNDS = 1000  # as musubi's --preserve_distribution_shape loop

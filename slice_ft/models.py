@@ -30,13 +30,17 @@ def _config_location(root: str, subfolder: str | None) -> tuple[str, str | None]
 def _checkpoint_keys(path: str) -> tuple[list[str], dict | None, dict | None]:
     """(keys, safetensors metadata, loaded state dict or None); safetensors keys come from the header alone."""
     if path.endswith(".safetensors"):
-        from safetensors import safe_open
+        from slice_adapter.checkpoint import read_header
 
-        with safe_open(path, framework="pt") as f:
-            return list(f.keys()), f.metadata(), None
+        entries, metadata = read_header(path)  # names the file when it is truncated or damaged
+        return list(entries), metadata, None
     from diffusers.loaders.single_file_utils import load_single_file_checkpoint
 
-    sd = load_single_file_checkpoint(path, local_files_only=True)
+    try:
+        sd = load_single_file_checkpoint(path, local_files_only=True)
+    except Exception as err:  # torch.load's errors name neither the file nor the cause
+        raise ValueError(f"{path!r} cannot be read as a checkpoint ({type(err).__name__}: {err}): it is truncated or "
+                         "not a transformer checkpoint; re-download or re-save it") from None
     return list(sd.keys()), None, sd
 
 
@@ -189,12 +193,14 @@ def save_transformer_state_dict(
             raise ValueError(f"state dict entry {k!r} is a {type(v).__name__}, not a tensor; pass tensors only")
         tensors[k] = v.detach().to("cpu").contiguous()
 
+    from slice_adapter.checkpoint import honour_umask, partial_path
+
     path = os.path.abspath(os.fspath(path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path))
-    os.close(fd)
+    tmp = partial_path(path)
     try:
         save_file(tensors, tmp, metadata=meta)
+        honour_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

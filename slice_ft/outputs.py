@@ -13,7 +13,6 @@ it one tensor at a time; without a base file (`tiny`), the base is rebuilt in me
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -22,15 +21,23 @@ from typing import Callable, Optional
 import torch
 
 import slice_adapter
+from slice_adapter import ledger
 
 SLICE_SUBDIR = "slice"
 MERGED_SUBDIR = "merged"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-def save_slice(transformer: torch.nn.Module, output_dir: str | os.PathLike) -> Path:
-    """`output_dir/slice/`: the adapter folder (`adapter_config.json` + `adapter_model.safetensors`)."""
-    return slice_adapter.save_adapter(transformer, Path(output_dir) / SLICE_SUBDIR)
+def save_slice(transformer: torch.nn.Module, output_dir: str | os.PathLike, concept: Optional[dict] = None) -> Path:
+    """`output_dir/slice/`: the adapter folder (`adapter_config.json` + `adapter_model.safetensors`) and, given a
+    concept (`slice_adapter.ledger.concept_record`), its ledger record `concept.json`."""
+    folder = slice_adapter.save_adapter(transformer, Path(output_dir) / SLICE_SUBDIR)
+    if concept is None:  # an earlier run's record in the same folder does not describe this slice
+        (folder / ledger.CONCEPT_FILE).unlink(missing_ok=True)
+        return folder
+    cfg = transformer.peft_config["default"]  # the adapter save_adapter wrote
+    ledger.write_concept(folder, concept, fraction=cfg.fraction, slice_id=cfg.slice_id, seed=cfg.seed)
+    return folder
 
 
 def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -60,6 +67,28 @@ def merged_output_path(source: dict, output_dir: str | os.PathLike) -> Path:
     if source.get("kind") == "single_file":
         return merged / Path(source["transformer_file"]).name
     return merged / DIFFUSERS_WEIGHTS
+
+
+def check_merged_space(source: dict, output_dir: str | os.PathLike, model: Optional[torch.nn.Module] = None) -> int:
+    """--save_merged, checked before training: the merged file needs about the base's size free on OUTPUT_DIR's disk
+    (the merge writes it next to any earlier one, which stays until the new one is complete). Returns the bytes."""
+    from slice_adapter.checkpoint import open_checkpoint
+    from slice_adapter.report import format_bytes
+
+    base = merge_base_path(source)
+    if base is not None:
+        need = sum(e.nbytes for e in open_checkpoint(base).entries.values())
+    else:  # tiny: rebuilt in memory and written in float32
+        need = sum(p.numel() * 4 for p in (model.parameters() if model is not None else ()))
+    probe = Path(output_dir).resolve()
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if need > free:
+        raise ValueError(f"--save_merged needs {format_bytes(need)} free in {str(output_dir)!r} for "
+                         f"{MERGED_SUBDIR}/ and {format_bytes(free)} are free: free space, pass another --output_dir, "
+                         "or drop --save_merged and merge later with scripts/merge_slices.py")
+    return need
 
 
 def save_merged(
@@ -119,13 +148,9 @@ def _merge_in_memory(source: dict, model: torch.nn.Module, slice_dir, out: Path)
     dtypes = _stored_dtypes(source)
     state = {k: (v.to(dtypes[k]) if dtypes.get(k) else v) for k, v in merged_state_dict(model).items()}
     meta = {k: v for k, v in (source.get("metadata") or {}).items() if k != "format"}
-    try:  # the provenance record the streaming merge writes, so stacking on this output sees the slice
-        from slice_adapter.deltas import read_slice
-        from slice_adapter.merge import PROVENANCE_KEY
-
-        meta[PROVENANCE_KEY] = json.dumps([read_slice(slice_dir).provenance()], sort_keys=True)
-    except ImportError:
-        pass
+    # the ledger the streaming merge writes (the base's records, then this slice's), so stacking on this output
+    # sees every slice and concept in it
+    meta[ledger.LEDGER_KEY] = ledger.encode_records(ledger.merged_records(source.get("metadata"), [slice_dir]))
     save_transformer_state_dict(state, out, source.get("key_format", "diffusers"), source.get("prefix", ""), meta)
     if source.get("kind") != "single_file":
         model.save_config(out.parent)

@@ -8,6 +8,8 @@ import tempfile
 
 import torch
 
+from .choices import TINY_MAX_SEQUENCE_LENGTH  # noqa: F401 (tiny's text length, re-exported)
+
 # Special tokens follow T5/UMT5 ids: pad=0, eos=1, unk=2.
 PAD_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "</s>", "<unk>"
 
@@ -30,7 +32,6 @@ TINY_VOCAB_WORDS: tuple[str, ...] = tuple(
 )
 
 TINY_TEXT_DIM = 32
-TINY_MAX_SEQUENCE_LENGTH = 16  # pass as `max_sequence_length` to the pipeline; UMT5 has relative positions, any works
 TINY_Z_DIM = 4
 
 TINY_TRANSFORMER_CONFIG: dict = dict(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -11,9 +10,9 @@ from typing import Any, Optional
 import torch
 
 from . import flow_matching as fm
+from .arguments import parse_optimizer_args  # noqa: F401 (a flag parser; re-exported where it was)
+from .choices import OPTIMIZERS
 from .encoding import LatentCache, encode_prompts, encode_videos
-
-OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw8bit", "adafactor")
 
 
 # --- optimizer --------------------------------------------------------------------------------------------------
@@ -26,26 +25,6 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
         raise ValueError("the model has no trainable parameter: add the slice with transformer.add_adapter(SliceConfig(...)) "
                          "before building the optimizer")
     return params
-
-
-def parse_optimizer_args(items: Sequence[str]) -> dict[str, Any]:
-    """``["key=value", ...]`` (musubi-tuner's --optimizer_args) -> keyword arguments; values are Python literals,
-    anything else is kept as a string. Mappings (from a YAML config) are taken as they are."""
-    kwargs: dict[str, Any] = {}
-    for item in items or ():
-        if isinstance(item, Mapping):  # a YAML config may give a mapping
-            kwargs.update(item)
-            continue
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key.isidentifier():
-            raise ValueError(f"--optimizer_args item {item!r} is not key=value; write e.g. --optimizer_args "
-                             "min_8bit_size=0 \"betas=(0.9,0.99)\"")
-        try:
-            kwargs[key] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            kwargs[key] = value.strip()
-    return kwargs
 
 
 def build_optimizer(

@@ -1,5 +1,6 @@
 """The benchmark scripts must not rot: their seconds-long smoke run renders every table of BENCHMARKS.md."""
 
+import json
 import re
 import subprocess
 import sys
@@ -16,7 +17,7 @@ EXPECTED_ROWS = {
     "## 2. Inference": ["base", "unmerged slice 0.001", "merged slice 0.001"],
     "## 3. Merge": ["plain copy", "Python streaming copy", "merge CLI, end to end", "merge alone"],
     "## 4. Planning": ["build meta model", "plan 0.001", "build + add_adapter 0.001"],
-    "## Quality study": ["slice", "lora", "full"],
+    "## Quality study": ["slice", "lora"],
 }
 RATIO = re.compile(r"^\d+\.\d+× \(\d+\.\d+–\d+\.\d+\)$")  # median (min–max)
 
@@ -58,8 +59,16 @@ def test_smoke_run_writes_every_table_with_a_row_per_configuration(smoke_report)
             assert name.startswith(want), (title, names)
     assert "## Targets (issue 5)" in report and "## GPU (issue 6)" in report
     quality = section(report, "## Quality study")
-    remedies = first_table(quality[quality.index("Forgetting remedies"):])
-    assert [row[0] for row in remedies] == ["slice", "lora", "full"] and all(len(row) == 7 for row in remedies)
+    ways = first_table(quality[quality.index("Ways of training B"):])
+    assert [row[0] for row in ways] == ["plain", "replay", "real 8", "distill 8", "distill 2", "flow 8", "flow 2"]
+    assert all(len(row) == 10 and row[7] in ("slice", "lora", "tie") for row in ways)
+    targets = first_table(quality[quality.index("| run | A change after B"):])
+    assert [row[0] for row in targets] == ["slice, distill 8", "slice, distill 2", "slice, flow 8", "slice, flow 2"]
+    assert all(re.search(r"\*\*(met|missed)\*\*", cell) for row in targets for cell in row[1:])
+    chain = first_table(quality[quality.index("Chain of three concepts"):])
+    assert [row[:2] for row in chain] == [["slice", "plain"], ["slice", "distill 8"], ["lora", "plain"],
+                                          ["lora", "distill 8"]]
+    assert "At 14B" in quality and "One-off generation" in quality
     gpu = first_table(section(report, "## GPU (issue 6)"))
     assert [row[0] for row in gpu][:3] == ["slice", "slice + block swap", "slice + block swap (all) + activation offload"]
     assert all(row[6] == row[7] == "not yet measured" and row[-1].startswith("`python benchmarks/gpu_lowvram.py")
@@ -161,3 +170,148 @@ def test_lora_initialisation_does_not_depend_on_the_global_rng():
     before = torch.random.get_rng_state()
     common.apply_method(model, "lora", rank=2, seed=5)
     assert torch.equal(before, torch.random.get_rng_state())  # and the caller's RNG stream is left as it was
+
+
+def test_quality_concepts_are_one_member_of_a_class_the_base_is_pretrained_on():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import numpy as np
+    import quality
+
+    world = quality.LatentWorld((16, 3, 8, 8), text_dim=8)
+
+    def colours(clips, cls):
+        """Per clip: the unit colour direction in the class's colour plane, and the share of energy outside
+        the class's three latent directions (colour plane + background)."""
+        planes = world.planes[cls] / np.sqrt(16)  # orthonormal rows
+        out = []
+        for lat in clips.latents.numpy().reshape(len(clips), 16, -1):
+            inside = planes @ lat
+            outside = np.linalg.norm(lat - planes.T @ inside) / np.linalg.norm(lat)
+            u, _, _ = np.linalg.svd(inside[:2])
+            out.append((u[:, 0] * np.sign(u[0, 0]), outside))
+        return out
+
+    for concept, (trigger, cls) in quality.CONCEPTS.items():
+        members, family = colours(world.draw(concept, 6, 0), cls), colours(world.draw(cls, 6, 0), cls)
+        assert all(outside < 0.2 for _, outside in members + family)  # the class's own channels, plus a little noise
+        spread = lambda cs: max(1 - abs(float(a @ b)) for a, _ in cs for b, _ in cs)  # noqa: E731
+        assert spread(members) < 0.01 < spread(family)  # one colour for the concept, many for its class
+        text = world.draw(concept, 2, 0).text.numpy()
+        assert np.array_equal(text[0, 0], world.embedding[trigger]) and np.array_equal(text[0, 1], world.embedding[cls])
+        assert np.array_equal(world.draw(cls, 1, 0).text.numpy()[0, 0], world.embedding[cls])
+
+
+# --- the GPU check (issue 14): dry run on CPU, and its results rendered into the report ----------------------------
+
+OUT_NAME = re.compile(r"^[A-Za-z0-9._-]+$")  # what the device's $OUT brings back
+
+
+def test_gpu_check_dry_run_runs_every_row_on_cpu(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--dry-run", "--out", str(out),
+                           "--lowvram_rows", "3", "--budget_s", "400"],
+                          capture_output=True, text=True, timeout=420, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "gpu_check.json").read_text())
+    assert result["mode"] == "dry-run"
+    rows = {r["name"]: r for r in result["rows"]}
+    assert list(rows) == ["env", "cuda_tests", "lowvram_14b", "train_step", "fsdp2"]  # most valuable first
+    assert rows["env"]["status"] == "passed" and not result["env"]["missing"]
+    assert {"diffusers", "bitsandbytes", "av", "datasets", "peft"} <= set(result["env"]["packages"])
+
+    tests = rows["cuda_tests"]["summary"]["tests"]
+    skipped = [t for t in tests if t["outcome"] == "skipped"]
+    assert rows["cuda_tests"]["status"] == "skipped" and "no CUDA" in rows["cuda_tests"]["reason"]
+    assert len(skipped) >= 7 and all("needs a CUDA device" in t["message"] for t in skipped)
+    assert all(t["outcome"] in ("passed", "skipped") for t in tests)
+    assert sum(t["outcome"] == "passed" for t in tests) >= 3  # the CPU variants ran
+
+    lowvram = rows["lowvram_14b"]
+    assert lowvram["status"] == "passed" and lowvram["reason"] == "1 of 1 rows measured"
+    (row,) = lowvram["summary"]["rows"]
+    assert row["run"] == "slice + block swap (all) + activation offload" and float(row["s/step"]) > 0
+    for name in ("train_step", "fsdp2"):  # other issues add them: absent, or present and needing CUDA
+        assert rows[name]["status"] in ("not available", "skipped"), rows[name]
+        assert rows[name]["reason"] in ("no CUDA",) or "not available in this checkout" in rows[name]["reason"]
+    # What comes back from the device: at most 8 files, in one folder, with plain names; the log holds every row.
+    files = list(out.iterdir())
+    assert len(files) <= 8 and all(f.is_file() and OUT_NAME.match(f.name) for f in files), files
+    log = (out / "gpu_check.log").read_text()
+    assert "tests/test_cuda.py" in log and "gpu_lowvram.py" in log and "--probe" in log
+
+
+def fake_gpu_results(folder, peaks_steps: dict, date="2026-12-01 10:00:00 UTC"):
+    """A GPU check's files as the device brings them back: gpu_check.json and lowvram_14b.md from an 'H200'."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_lowvram
+
+    folder.mkdir(parents=True, exist_ok=True)
+    plan = folder / "plan.md"
+    gpu_lowvram.main(["--plan_only", "--output", str(plan)])
+    lines = []
+    for line in plan.read_text().splitlines():
+        if line.startswith("- GPU: "):
+            line = "- GPU: NVIDIA H200"
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("| ") and "---" not in line \
+            else None
+        if cells and cells[0] in peaks_steps:
+            peak, step = peaks_steps[cells[0]]
+            cells[6:9] = [f"{peak}", f"{step}", ""]
+            line = "| " + " | ".join(cells) + " |"
+        elif cells and cells[0] != "run":
+            cells[6:9] = ["not run", "not run", "not reached: the run ended before this row"]
+            line = "| " + " | ".join(cells) + " |"
+        lines.append(line)
+    plan.unlink()
+    (folder / "lowvram_14b.md").write_text("\n".join(lines) + "\n")
+    (folder / "gpu_check.json").write_text(json.dumps({
+        "benchmark": "gpu_check", "mode": "gpu", "date": date, "command": "python benchmarks/gpu_check.py --out /out",
+        "wall_s": 431.0, "env": {"python": "3.12.3", "torch_cuda": "13.0",
+                                 "gpu": {"name": "NVIDIA H200", "memory_gib": 139.8},
+                                 "packages": {"torch": {"version": "2.11.0"}}},
+        "rows": [{"name": "cuda_tests", "status": "passed", "reason": "10 tests passed", "wall_s": 80.0,
+                  "summary": {"tests": [{"test": "tests.test_cuda::test_x", "outcome": "passed", "seconds": 1.0,
+                                         "message": ""}]}},
+                 {"name": "lowvram_14b", "status": "passed", "reason": "", "wall_s": 250.0}]}))
+
+
+def test_gpu_results_render_into_the_report_with_targets_judged(smoke_report, tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_report
+    import run_all
+
+    monkeypatch.setattr(gpu_report, "GPU_RESULTS_DIR", tmp_path / "results_gpu")
+    first = tmp_path / "call1"
+    fake_gpu_results(first, {"slice + block swap (all) + activation offload": (9.87, 31.5), "slice": (41.2, 20.0),
+                             "slice + block swap": (23.0, 27.0), "LoRA baseline (equal trainable weights)": (40.9, 19.0)})
+    report = run_all.main(["--gpu-results", str(first), "--from-json", str(smoke_report / "json"),
+                           "--output", str(tmp_path / "r1")]).read_text()
+    gpu = section(report, "## GPU (issue 6)")
+    targets = {row[0]: row for row in first_table(gpu[gpu.index("Targets (issue 14)"):])}
+    assert targets["all 40 blocks swapped (39 of 40 streamed) with activation offload: peak < 12 GiB"][1:] == [
+        "9.87 GiB", "met"]
+    assert targets["20 blocks swapped: step ≤ 1.3× the no-swap step"][1:] == ["1.35× (27.00 s vs 20.00 s)",
+        "missed — 1.35× > 1.3×: the copies of 20 blocks do not hide behind their compute"]
+    assert targets["slice peak memory ≤ LoRA's at equal trainable weights"][2].startswith("missed — +0.30 GiB")
+    assert targets["slice step ≤ 1.02× the frozen base at 14B width, 32,760 tokens"][1].startswith("not measured")
+    assert "| 9.87 | 31.5 |" in gpu and "NVIDIA H200" in gpu and "**Not yet measured**" not in gpu
+    assert "| cuda_tests | passed |" in gpu and "bash benchmarks/gpu_check.sh" in gpu
+
+    # A second call that measured only the rows the first did not reach completes the table instead of replacing it.
+    second = tmp_path / "call2"
+    fake_gpu_results(second, {"slice + fp8 base": (27.5, 18.0)}, date="2026-12-01 11:00:00 UTC")
+    report = run_all.main(["--gpu-results", str(second), "--from-json", str(smoke_report / "json"),
+                           "--output", str(tmp_path / "r2")]).read_text()
+    gpu = section(report, "## GPU (issue 6)")
+    assert "| 9.87 | 31.5 |" in gpu and "| 27.5 | 18.0 |" in gpu
+    assert "| slice + block swap (all), activations on the GPU |" in gpu and "not run" in gpu
+
+    # A dry run's files are toy sizes: refused with the fix named.
+    dry = tmp_path / "dry"
+    fake_gpu_results(dry, {})
+    result = json.loads((dry / "gpu_check.json").read_text())
+    (dry / "gpu_check.json").write_text(json.dumps(dict(result, mode="dry-run")))
+    with pytest.raises(SystemExit):
+        run_all.main(["--gpu-results", str(dry), "--output", str(tmp_path / "r3")])
+    with pytest.raises(ValueError, match="not a GPU run"):
+        gpu_report.import_gpu_results(dry, tmp_path / "elsewhere")

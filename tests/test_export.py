@@ -105,7 +105,7 @@ def test_i2v_lora_loads_even_with_only_one_image_projection(tmp_path, fraction, 
 
 
 def test_comfy_keys_hold_every_delta_exactly_under_comfyui_arithmetic(tmp_path):
-    folder = make_slice(tmp_path / "s", 0.1, 2)  # default targets: norms, biases and modulation too
+    folder = make_slice(tmp_path / "s", 0.1, 2, lossless_for="comfy")  # norms and biases, no modulation
     state = tiny_state(0)
     base = save_base(state, tmp_path / "base.safetensors", "wan", "model.diffusion_model.")
     merged = load(merge_slices(base, folder, tmp_path / "merged.safetensors", progress=False).output)
@@ -125,17 +125,18 @@ def test_comfy_keys_hold_every_delta_exactly_under_comfyui_arithmetic(tmp_path):
         elif kind == "diff_b":
             patched[f"{stem}.bias"] += value
     assert all(torch.equal(patched[k.removeprefix("model.")], v) for k, v in merged.items())
-    assert "diffusion_model.blocks.0.modulation.diff" in lora and "diffusion_model.blocks.1.norm3.diff_b" in lora
-    assert "diffusion_model.blocks.0.self_attn.norm_q.diff" in lora
+    assert "diffusion_model.blocks.1.norm3.diff_b" in lora and "diffusion_model.blocks.0.self_attn.norm_q.diff" in lora
+    assert not any("modulation" in k for k in lora)  # ComfyUI would never apply it: refused, see test_export_clients
 
 
 def test_diffusers_keeps_linear_deltas_and_drops_norm_and_modulation_deltas(tmp_path, inputs):
     folder = make_slice(tmp_path / "s", 0.25, 0)  # default targets
-    comfy = export_lora(folder, tmp_path / "comfy.safetensors", "comfy")
-    diffusers = export_lora(folder, tmp_path / "diffusers.safetensors", "diffusers")
-    non_linear = sorted(n for n in comfy["ignored_by_diffusers"])
+    comfy = export_lora(folder, tmp_path / "comfy.safetensors", "comfy", allow_lossy=True)
+    diffusers = export_lora(folder, tmp_path / "diffusers.safetensors", "diffusers", allow_lossy=True)
+    non_linear = sorted(comfy["ignored_by_diffusers"] + comfy["dropped"])
     # per block: norm_q and norm_k of both attentions, norm2 weight and bias, scale_shift_table
     assert non_linear == sorted(diffusers["dropped"]) and len(non_linear) == 2 * 7
+    assert comfy["dropped"] == ["blocks.0.scale_shift_table", "blocks.1.scale_shift_table"]
     assert all(any(z in n for z in NON_LINEAR) for n in non_linear)
     want = slice_output(folder, inputs, zero=NON_LINEAR)  # what diffusers can apply
     full = slice_output(folder, inputs)
@@ -163,7 +164,7 @@ def test_any_bias_delta_pads_every_lora_module_with_a_pair_and_a_bias(tmp_path):
 
 
 def test_diffusers_format_writes_save_lora_weights_keys_and_config(tmp_path):
-    folder = make_slice(tmp_path / "s", 0.25, 1)
+    folder = make_slice(tmp_path / "s", 0.25, 1, lossless_for="diffusers")
     export_lora(folder, tmp_path / "lora.safetensors", "diffusers")
     with safe_open(str(tmp_path / "lora.safetensors"), "pt") as f:
         keys, meta = set(f.keys()), f.metadata()
@@ -176,7 +177,7 @@ def test_diffusers_format_writes_save_lora_weights_keys_and_config(tmp_path):
 
 
 def test_comfy_format_uses_original_wan_names(tmp_path):
-    folder = make_slice(tmp_path / "s", 0.25, 1)
+    folder = make_slice(tmp_path / "s", 0.25, 1, lossless_for="comfy")
     lora = load(export_lora(folder, tmp_path / "lora.safetensors")["output"])
     assert {"diffusion_model.blocks.0.self_attn.q.lora_A.weight", "diffusion_model.blocks.0.self_attn.q.lora_B.weight",
             "diffusion_model.blocks.0.self_attn.q.alpha", "diffusion_model.blocks.1.cross_attn.o.diff_b",
@@ -185,7 +186,7 @@ def test_comfy_format_uses_original_wan_names(tmp_path):
 
 
 def test_bf16_export_keeps_exact_selectors_and_rounds_values_once(tmp_path):
-    folder = make_slice(tmp_path / "s", 0.25, 1)
+    folder = make_slice(tmp_path / "s", 0.25, 1, lossless_for="comfy")
     full = load(export_lora(folder, tmp_path / "a.safetensors")["output"])
     half = load(export_lora(folder, tmp_path / "b.safetensors", dtype="bf16")["output"])
     for k, v in full.items():
@@ -203,8 +204,13 @@ def test_export_refusals_and_cli(tmp_path, capsys):
     with pytest.raises(ValueError, match="does not exist"):
         export_lora(tmp_path / "nope", out)
     main = cli("export_lora.py").main
-    assert main(["--slice", str(folder), "--output", str(out), "--format", "diffusers"]) == 0
-    assert "LoRA modules" in capsys.readouterr().out
+    assert main(["--slice", str(folder), "--output", str(out), "--format", "diffusers"]) == 2  # norms, modulation
+    err = capsys.readouterr().err
+    assert err.startswith("error: --format diffusers: diffusers would not apply 14 of") and "--allow_lossy" in err
+    assert not out.exists()
+    assert main(["--slice", str(folder), "--output", str(out), "--format", "diffusers", "--allow_lossy"]) == 0
+    captured = capsys.readouterr()
+    assert "LoRA modules" in captured.out and "left out 14 deltas" in captured.err
     first = out.read_bytes()
     assert main(["--slice", str(folder), "--output", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err and out.read_bytes() == first
@@ -279,3 +285,28 @@ def test_wan2gp_file_names_must_carry_their_dtype(tmp_path):
     with pytest.raises(ValueError, match="this one is fp32"):
         write_wan2gp_definition(tmp_path / "d.json", fp32, architecture="t2v", name="T")
     assert not (tmp_path / "d.json").exists()
+
+
+def test_wan2gp_definitions_use_architecture_ids_wan2gp_accepts_and_its_defaults(tmp_path, published_shapes):
+    merged = tmp_path / "wan_i2v_bf16.safetensors"
+    # i2v_720p is Wan2GP's model id (defaults/i2v_720p.json), not an architecture: written as i2v + 720p defaults
+    hd = write_wan2gp_definition(tmp_path / "hd.json", merged, architecture="i2v_720p", name="HD")
+    assert hd["model"]["architecture"] == "i2v" and hd["resolution"] == "1280x720"
+    assert write_wan2gp_definition(tmp_path / "sd.json", merged, architecture="i2v", name="SD") == {
+        "model": {"name": "SD", "architecture": "i2v", "description": "", "URLs": [str(merged.resolve())],
+                  "auto_quantize": True}}
+    # every setting of Wan2GP's defaults/i2v_2_2.json and ti2v_2_2.json
+    i2v22 = write_wan2gp_definition(tmp_path / "i.json", merged, architecture="i2v_2_2", phase="low", name="I")
+    assert {k: v for k, v in i2v22.items() if k != "model"} == {
+        "guidance_phases": 2, "switch_threshold": 900, "guidance_scale": 3.5, "guidance2_scale": 3.5,
+        "masking_strength": 0.1, "denoising_strength": 0.9, "flow_shift": 5}
+    ti2v = write_wan2gp_definition(tmp_path / "t.json", merged, architecture="ti2v_2_2", name="T")
+    assert {k: v for k, v in ti2v.items() if k != "model"} == {
+        "video_length": 121, "guidance_scale": 5, "flow_shift": 5, "num_inference_steps": 50, "resolution": "1280x720"}
+    from slice_adapter.wan_configs import wan_config
+
+    i2v = synthetic_shapes(wan_config("wan2.1-i2v-14b"))
+    assert infer_wan2gp_architecture(i2v) == "i2v"  # 480p and 720p have the same shapes: the architecture is i2v
+    assert infer_wan2gp_architecture(i2v, "i2v_720p") == "i2v_720p"
+    with pytest.raises(ValueError, match="unknown Wan2GP architecture 'i2v_480p'.*i2v_720p"):
+        write_wan2gp_definition(tmp_path / "x.json", merged, architecture="i2v_480p", name="X")

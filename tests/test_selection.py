@@ -101,6 +101,11 @@ def test_mask_outside_targets_is_all_false_and_shaped_like_the_parameter(wan):
     plan = slice_adapter.plan(wan, SliceConfig(fraction=0.5, slice_id=0))
     mask = plan.mask("proj_out.weight", wan.proj_out.weight.shape)
     assert mask.shape == wan.proj_out.weight.shape and mask.dtype == torch.bool and not mask.any()
+    for name, param in wan.named_parameters():  # no shape needed for any parameter of the planned model
+        assert plan.mask(name).shape == param.shape
+    assert not plan.mask("proj_out.weight").any() and not plan.mask("condition_embedder.time_proj.bias").any()
+    with pytest.raises(ValueError, match="not a parameter of the planned model"):
+        plan.mask("blocks.99.attn1.to_q.weight")
     mask = plan.mask("blocks.0.scale_shift_table")
     assert mask.shape == (1, 6, 32) and 0 < int(mask.sum()) < mask.numel()
 
