@@ -42,6 +42,7 @@ from slice_ft.concepts import base_checkpoint, concept_of_run, describe_auto_id
 from slice_ft.checkpointing import (
     TrainingProgress, claim_output_dir, list_checkpoints, register_slice_hooks, resolve_resume, save_checkpoint,
 )
+from slice_ft.compile import check_compile_works, compile_blocks
 from slice_ft.components import DTYPES, load_components, spatial_multiple
 from slice_ft.data import BucketConfig, BucketedLoader, build_dataset
 from slice_ft.encoding import LatentCache, free_encoders
@@ -106,6 +107,8 @@ def main(args: argparse.Namespace) -> dict:
         raise ValueError(f"--blocks_to_swap {args.blocks_to_swap} runs in one process only (got "
                          f"{accelerator.num_processes}); drop it, or drop it and shard the base with FSDP "
                          "(configs/accelerate/fsdp.yaml)")
+    if args.compile:  # before loading anything: a machine that cannot compile says so now
+        check_compile_works(accelerator.device, args.compile_backend)
     set_seed(args.seed)
     run = run_settings(args)  # recorded in each checkpoint: another run's checkpoints are never resumed by mistake
     resume = resolve_resume(output_dir, args.resume_from_checkpoint, run, force=args.force_resume, logger=logger)
@@ -163,6 +166,9 @@ def main(args: argparse.Namespace) -> dict:
         from slice_ft.offload import enable_block_swap
 
         enable_block_swap(transformer, args.blocks_to_swap, accelerator.device)
+    if args.compile:
+        logger.info(f"compiled {compile_blocks(transformer, mode=args.compile_mode, backend=args.compile_backend)} "
+                    "transformer blocks (torch.compile; kernels build during the first steps)")
     transformer.train()
 
     # --- optimizer ---------------------------------------------------------------------------------------------
@@ -186,7 +192,7 @@ def main(args: argparse.Namespace) -> dict:
                             shuffle=args.shuffle_buffer_size > 0, shuffle_buffer=max(1, args.shuffle_buffer_size),
                             rank=accelerator.process_index, world_size=accelerator.num_processes,
                             frame_stride=args.frame_stride, decode_threads=args.decode_threads,
-                            skip_decode=cached_latents(cache))
+                            skip_decode=cached_latents(cache), num_workers=args.dataloader_num_workers)
     encoder = BatchEncoder(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
                            max_sequence_length=args.max_sequence_length, cache=cache, device=accelerator.device)
 
@@ -392,8 +398,6 @@ def summarize_data(loader) -> dict:
 def run_validation(accelerator, transformer, comps, args, settings, step) -> list[str]:
     """Render the validation prompts with the current slice; log them as videos when W&B is the tracker."""
     model = accelerator.unwrap_model(transformer)
-    comps.vae.to(accelerator.device)
-    comps.text_encoder.to(accelerator.device)
     paths = render_validation(model, vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
                               scheduler=comps.scheduler, prompts=args.validation_prompts, output_dir=args.output_dir,
                               step=step, settings=settings, device=accelerator.device,

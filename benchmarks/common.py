@@ -116,13 +116,42 @@ def _timed(step, n: int) -> list[tuple[float, float]]:
 def _prepare(setup: Callable, spec: dict):
     rss_start = rss_mb()
     step, info = setup(spec)
-    return step, {"rss_start_mb": rss_start, "rss_ready_mb": rss_mb(), **(info or {})}
+    info = {"rss_start_mb": rss_start, "rss_ready_mb": rss_mb(), **(info or {})}
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        info["cuda_ready_mb"] = torch.cuda.memory_allocated() / MB
+    return step, info
 
 
-def _warm(step, n: int) -> None:
-    for _ in range(n):
+def _warm(step, n: int) -> dict:
+    """Warm-up calls; returns the first call's rise of the resident high-water mark over the RSS before it: in a
+    fresh process (nothing freed yet for the allocator to reuse) that is the call's peak of new memory, i.e. a
+    training step's activations, gradients and first optimizer state."""
+    rss0 = rss_mb()
+    reset_peak_rss()
+    first_rise = None
+    for k in range(n):
         step()
+        if k == 0:
+            first_rise = peak_rss_mb() - rss0
     reset_peak_rss()  # the peak is over timed calls only; setup's transient copies are not the step's cost
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+    return {"first_call_rss_rise_mb": first_rise}
+
+
+def _memory() -> dict:
+    """This process's peak and current RSS, and where CUDA is in use its peak and current allocated memory."""
+    import torch
+
+    out = {"peak_rss_mb": peak_rss_mb(), "rss_mb": rss_mb()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / MB
+        out["cuda_mb"] = torch.cuda.memory_allocated() / MB
+    return out
 
 
 def _profile(step, n: int) -> dict:
@@ -169,7 +198,7 @@ def _worker_main(conn, setup: Callable, spec: dict, threads: int):
             elif cmd == "profile":
                 conn.send(("profile", _profile(step, arg)))
             elif cmd == "memory":
-                conn.send(("memory", {"peak_rss_mb": peak_rss_mb(), "rss_mb": rss_mb()}))
+                conn.send(("memory", _memory()))
             else:
                 conn.send(("bye", None))
                 return
@@ -239,7 +268,7 @@ class _InlineWorker:
         return _profile(self.step, n)
 
     def memory(self) -> dict:
-        return {"peak_rss_mb": peak_rss_mb(), "rss_mb": rss_mb()}
+        return _memory()
 
     def close(self):
         self.step = None
@@ -283,8 +312,8 @@ def run_interleaved(setup: Callable, specs: dict[str, dict], *, repeats: int, ca
                              else _ProcessWorker(ctx, name, setup, spec, threads))
         for name, worker in workers.items():
             results[name].info = worker.ready()
-        for worker in workers.values():  # one at a time: warm-up steps must not fight each other for the cores
-            worker.warmup(warmup)
+        for name, worker in workers.items():  # one at a time: warm-up steps must not fight each other for the cores
+            results[name].info.update(worker.warmup(warmup) or {})
         log(f"  ready: {', '.join(workers)}")
         names = list(specs)
         for r in range(repeats):
@@ -481,11 +510,11 @@ def equal_rank(model, trainable: int) -> int:
 
 
 def apply_method(model, method: str, *, fraction: float = 1e-3, rank: int = 1, slice_id: int = 0,
-                 adapter_name: str = "default", seed: int = 0) -> list:
+                 adapter_name: str = "default", seed: int = 0, target_modules=None) -> list:
     """Make `model` trainable the way `method` does; returns the trainable parameters.
 
     frozen: nothing trainable (the caller asks for input gradients); slice: a SliceConfig over every block
-    parameter; lora/shira: PEFT on the block Linears with rank `rank` (LoRA alpha = rank, so scale 1); full: every
+    parameter (or `target_modules`); lora/shira: PEFT on the block Linears with rank `rank` (LoRA alpha = rank, so scale 1); full: every
     block parameter.
     """
     import peft
@@ -495,7 +524,8 @@ def apply_method(model, method: str, *, fraction: float = 1e-3, rank: int = 1, s
 
     model.requires_grad_(False)
     if method == "slice":
-        model.add_adapter(SliceConfig(fraction=fraction, slice_id=slice_id), adapter_name=adapter_name)
+        model.add_adapter(SliceConfig(fraction=fraction, slice_id=slice_id, target_modules=target_modules),
+                          adapter_name=adapter_name)
     elif method == "lora":
         import torch
 

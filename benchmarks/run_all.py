@@ -30,6 +30,7 @@ SCRIPTS = {"train_step": "bench_train_step.py", "inference": "bench_inference.py
 RESULTS_DIR = HERE / "results" / "cpu"  # the JSON behind BENCHMARKS.md
 QUALITY_PLOT = "quality_loss_curves.png"
 TRAIN_PLOT = "train_step.png"
+SWEEP_PLOT = "train_step_sweep.png"
 
 
 def have_matplotlib() -> bool:
@@ -121,7 +122,146 @@ def _profile_note(data: dict) -> tuple[str, str]:
     return cause, table
 
 
+SWEEP_WHY = {
+    "step ≤ 1.05× frozen": "the slice's gathers, small bmm and index_add per Linear, plus the gradient reductions "
+                           "over tokens x width that training norm weights and scale_shift_table adds (compare the "
+                           "Linear-only row)",
+    "step ≤ LoRA's": "LoRA's two thin matmuls per Linear cost less here than the slice's gather/bmm/index_add",
+    "activation memory ≤ 1.1× frozen": "the slice's per-layer temporaries (gathered inputs, its output part, "
+                                       "the norm and modulation gradients' tokens x width temporaries)",
+    "unmerged ≤ 1.03× base": "per Linear one gather, one bmm and one index_add over the tokens, plus the norms run "
+                             "with W + delta",
+}
+
+
+def section_train_sweep(sweep: dict, plots_rel: str | None) -> tuple[str, list]:
+    """The token sweep: per token count and eager/compiled, each row's ratio to its baseline in the same rounds."""
+    lay = sweep["layout"]
+    summary, rows = [], []
+    for r in sweep["rows"]:
+        mode = "compiled" if r["compiled"] else "eager"
+        label = r["name"] + (f" (r={r['rank']})" if r.get("rank") else "")
+        if r["mode"] != "infer":
+            for t in r["targets"]:
+                summary.append((f"Training step sweep ({mode})", f"{label} @ {r['tokens']:,} tokens", *t,
+                                SWEEP_WHY.get(t[0], "")))
+        else:
+            for t in r["targets"]:
+                summary.append(("Inference sweep", f"{label} @ {r['tokens']:,} tokens", *t, SWEEP_WHY.get(t[0], "")))
+        act = r.get("activation_mb")
+        ax = r.get("activation_x_frozen")
+        rows.append([f"{r['tokens']:,}", mode, label, _n(r["trainable"]) if r["mode"] != "infer" else "—",
+                     _s(r["wall_s"]), _x(r["x_base_wall"]), _x(r["x_base_cpu"]),
+                     _x(r["x_lora_wall"]) if r.get("x_lora_wall") else "—",
+                     "—" if act is None else f"{act:.0f} MB", "—" if ax is None else f"{ax:.2f}×",
+                     _verdicts(r["targets"], SWEEP_WHY)])
+    device = sweep.get("device", "cpu")
+    text = [
+        f"### Training step and inference against clip size ({device.upper()})",
+        "",
+        f"Wan layout {lay['num_attention_heads']} heads × {lay['attention_head_dim']}, ffn {lay['ffn_dim']}, "
+        f"{lay['num_layers']} block(s), text {sweep['text_len']} tokens; slices at fraction {sweep['fraction']:g} "
+        "(*slice*: every block parameter, norms and `scale_shift_table` included; *slice Linear-only*: the block "
+        "Linears only); LoRA and SHiRA at the rank of equal trainable weights. Per token count the eager rows run "
+        "interleaved with their own frozen base (and the two inference rows with each other), the compiled rows "
+        "(each block's forward under torch.compile, as `--compile`) with their own compiled frozen base, "
+        f"{sweep['repeats']} rounds after {sweep['warmup']} warm-up call(s), {sweep['threads']} thread(s). "
+        "*× baseline*: the frozen step (training rows) or the base forward (inference rows). *activation*: the "
+        "first call's rise of the resident high-water mark in the row's fresh process (activations, gradients, "
+        "first optimizer state; compiled rows built their kernels first, so theirs is not comparable: —)"
+        + ("; on a GPU: peak allocated minus allocated before the step." if device != "cpu" else ".")
+        + " Wall ratios swing with the machine's other load (see the min–max ranges and the load average in the "
+        "header); the CPU-time column is steadier.",
+        "",
+        common.md_table(["tokens", "mode", "configuration", "trainable", "time", "× baseline (wall)",
+                         "× baseline (CPU)", "× LoRA (wall)", "activation", "activation × frozen", "targets"], rows),
+    ]
+    if plots_rel:
+        text += ["", f"![ratio to the frozen base against tokens]({plots_rel}/{SWEEP_PLOT})"]
+    text += ["", "Commands: `python benchmarks/bench_train_step.py --sweep-only --output /tmp/train_step.json` "
+             "(`--tokens 192,768,3072`, `--no-compile`); with a GPU lent: `python benchmarks/bench_train_step.py "
+             "--gpu --output /tmp/train_step_gpu.json` (14B width, one block, bf16 autocast, up to 32,760 tokens)."]
+    return "\n".join(text), summary
+
+
+def plot_train_sweep(sweep: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    series: dict = {}
+    for r in sweep["rows"]:
+        if r["name"] in ("frozen", "infer base"):
+            continue
+        key = r["name"] + (" (compiled)" if r["compiled"] else "")
+        series.setdefault(key, []).append((r["tokens"], r["x_base_wall"]["median"]))
+    for key, pts in series.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ls="--" if "compiled" in key else "-",
+                label=key)
+    ax.axhline(1.05, color="tab:red", lw=0.8, ls=":", label="1.05× target")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("tokens per sample")
+    ax.set_ylabel("× frozen step (inference rows: × base forward)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def section_loader(loader: dict, sweep: dict | None) -> str:
+    """The input pipeline's clips per second for one Wan 14B-sized clip, beside the training step's consumption."""
+    frames, height, width = loader["clip"]
+    rows = [[r["num_workers"], "spread over the clip" if r["frame_stride"] is None else
+             f"--frame_stride {r['frame_stride']} (mid-clip, " + ("seek)" if r.get("seek", True) else
+                                                                 "decoded from frame 0)"),
+             f"{r['clips_per_s']:.2f}", f"{1 / r['clips_per_s']:.2f} s"] for r in loader["rows"]]
+    step = None
+    if sweep:
+        eager = [r for r in sweep["rows"] if r["name"] == "slice" and not r["compiled"]]
+        if eager:
+            big = max(eager, key=lambda r: r["tokens"])
+            step = (big["tokens"], big["wall_s"]["median"])
+    text = [
+        f"### Input pipeline: {width}x{height}x{frames} clips",
+        "",
+        f"`BucketedLoader` decoding mp4s of {loader['source_frames']} frames to {frames} frames at {width}x{height} "
+        "(PyAV; batch size 1; `num_workers` DataLoader workers decode ahead, 0 = in the training process).",
+        "",
+        common.md_table(["num_workers", "frames taken", "clips/s", "s per clip"], rows),
+        "",
+        "Workers overlap decoding with the training step; they do not make one decode faster, so where every core "
+        "is busy (as on this shared 2-core machine) they cannot raise clips/s. The seek skips decoding up to the "
+        "keyframe before a clip's first frame: it saves most on long videos, and nothing on a clip shorter than "
+        "the encoder's keyframe interval (libx264: 250 frames), whose only keyframe is frame 0.",
+    ]
+    if step:
+        text += ["", f"The training step consumes one clip per step: on this CPU a slice step at {step[0]:,} tokens "
+                 f"took {step[1]:.1f} s (sweep above), so the loader keeps up where s per clip is below that; a "
+                 "Wan 14B step at 32,760 tokens on a GPU takes seconds to tens of seconds (not measured here: run "
+                 "the `--gpu` sweep), against which the in-process decode time above is what the GPU would wait "
+                 "for per step without workers."]
+    return "\n".join(text)
+
+
 def section_train_step(data: dict, plots_rel: str | None) -> tuple[str, list]:
+    sweep_text, sweep_summary = ("", [])
+    if data.get("sweep"):
+        sweep_text, sweep_summary = section_train_sweep(data["sweep"], plots_rel)
+    if data.get("loader"):
+        sweep_text += ("\n\n" if sweep_text else "") + section_loader(data["loader"], data.get("sweep"))
+    if "setup" not in data:  # a sweep-only run
+        return "## 1. Training step\n\n" + sweep_text, sweep_summary
+    text, summary = _section_train_fixed(data, plots_rel)
+    return text + ("\n\n" + sweep_text if sweep_text else ""), summary + sweep_summary
+
+
+def _section_train_fixed(data: dict, plots_rel: str | None) -> tuple[str, list]:
     st = data["setup"]
     lay = st["layout"]
     rows_by = {r["name"]: r for r in data["rows"]}
@@ -540,8 +680,10 @@ def render(results: dict, output: Path, plots_dir: Path, wall_s: float | None, a
     sections, summary = [], []
     if "train_step" in results:
         plotted = have_matplotlib()
-        if plotted:
+        if plotted and "rows" in results["train_step"]:
             plot_train_step(results["train_step"], plots_dir / TRAIN_PLOT)
+        if plotted and results["train_step"].get("sweep"):
+            plot_train_sweep(results["train_step"]["sweep"], plots_dir / SWEEP_PLOT)
         text, s = section_train_step(results["train_step"], plots_rel if plotted else None)
         sections.append(text)
         summary += s

@@ -62,34 +62,78 @@ class TileIndex:
         return (self.num_tiles, self.tile_width) if self.layout.tiled_rows else (self.num_tiles,)
 
 
-class _SliceLinearDelta(torch.autograd.Function):
-    """Adds a Linear's slice to its base output in place: tiles `out[:, row] += x[:, seg] @ tile` and bias elements.
+def _padded_deltas(w_values, slot, groups, nmax, dtype, scale):
+    """The tiles as (groups, nmax, width) in `dtype`, scaled; padding slots are zero."""
+    width = w_values.shape[1]
+    deltas = w_values.new_zeros(groups * nmax, width).index_copy_(0, slot, w_values).view(groups, nmax, width)
+    return (deltas * scale).to(dtype) if scale != 1.0 else deltas.to(dtype)
 
-    Tiles are batched per segment (one gather, one bmm, one `index_add_`). The base output is written in place (the
-    base Linear does not save it, and it is not a view, so autograd adds no copy), and x is saved, not copied: the
-    gather is redone in backward.
+
+def _gather(x2d, seg_ids, width, dtype):
+    """(groups, T, width) view of x's columns in the slice's segments, in `dtype`.
+
+    bmm takes this transposed layout as a strided view, so no copy is made unless a segment is missing (one
+    `index_select` of the held segments only) or the dtype differs.
     """
+    xs = x2d.reshape(x2d.shape[0], -1, width)
+    if seg_ids.numel() != xs.shape[1]:  # every segment holds a tile: no gather needed
+        xs = xs.index_select(1, seg_ids)
+    return xs.transpose(0, 1).to(dtype)
 
-    @staticmethod
-    def _gather(x2d, seg_ids, width, dtype):
-        xs = x2d.reshape(x2d.shape[0], -1, width)
-        if seg_ids.numel() != xs.shape[1]:  # every segment holds a tile: no gather needed
-            xs = xs.index_select(1, seg_ids)
-        return xs.transpose(0, 1).to(dtype)  # (groups, T, w)
+
+def _add_slice_forward(out2d, x_src, w_values, b_values, seg_ids, slot, rows_padded, bias_idx, nmax, dtype, scale):
+    """`out[:, row] += x[:, seg] @ tile` for every tile (one gather, one bmm, one index_add), plus bias elements."""
+    if w_values is not None:
+        tokens, width, groups = x_src.shape[0], w_values.shape[1], seg_ids.numel()
+        xs = _gather(x_src, seg_ids, width, dtype)
+        part = torch.bmm(xs, _padded_deltas(w_values, slot, groups, nmax, dtype, scale).transpose(1, 2))
+        out2d.index_add_(1, rows_padded, part.transpose(0, 1).reshape(tokens, groups * nmax).to(out2d.dtype))
+    if b_values is not None:
+        out2d.index_add_(1, bias_idx, (b_values * scale).to(out2d.dtype).expand(out2d.shape[0], -1))
+
+
+def _slice_backward(grad_out, x_src, x_dtype, w_values, seg_ids, slot, rows_padded, bias_idx, nmax, dtype, scale,
+                    need_x, need_w, need_b, grad_x=None):
+    """Gradients of the slice: (grad_x, grad_w, grad_b). The slice's input gradient is added in place into
+    `grad_x` when given (the base's input gradient), else into a new zeroed tensor."""
+    grad_w = grad_b = None
+    if w_values is not None and (need_x or need_w):
+        tokens, in_features, width = x_src.shape[0], x_src.shape[1], w_values.shape[1]
+        groups = seg_ids.numel()
+        grad_part = grad_out.to(dtype).index_select(1, rows_padded).view(tokens, groups, nmax).transpose(0, 1)
+        if scale != 1.0:
+            grad_part = grad_part * scale
+        if need_w:
+            xs = _gather(x_src, seg_ids, width, dtype)
+            grad_deltas = torch.bmm(grad_part.transpose(1, 2), xs).reshape(groups * nmax, width)
+            grad_w = grad_deltas.index_select(0, slot).to(w_values.dtype)
+        if need_x:
+            deltas = _padded_deltas(w_values, slot, groups, nmax, dtype, 1.0)
+            grad_xs = torch.bmm(grad_part, deltas).transpose(0, 1).to(x_dtype)  # (T, groups, w)
+            if grad_x is None:
+                if groups == in_features // width:
+                    grad_x = grad_xs.reshape(tokens, in_features)
+                else:
+                    grad_x = torch.zeros(tokens, in_features, dtype=x_dtype, device=grad_out.device)
+                    grad_x.view(tokens, -1, width).index_add_(1, seg_ids, grad_xs)
+            else:
+                grad_x.view(tokens, -1, width).index_add_(1, seg_ids, grad_xs)
+    if need_b and bias_idx is not None:
+        grad_b = grad_out.index_select(1, bias_idx).float().sum(0) * scale
+    return grad_x, grad_w, grad_b
+
+
+class _SliceLinearDelta(torch.autograd.Function):
+    """Adds a Linear's slice to an output computed elsewhere, in place (a second active adapter).
+
+    The output is not a view and the producer does not save it, so autograd adds no copy; x is saved, not copied:
+    the gather is redone in backward.
+    """
 
     @staticmethod
     def forward(ctx, result, x2d, w_values, b_values, seg_ids, slot, rows_padded, bias_idx, nmax, dtype, scale):
         out2d = result.view(-1, result.shape[-1])
-        if w_values is not None:
-            tokens, width = x2d.shape[0], w_values.shape[1]
-            groups = seg_ids.numel()
-            deltas = w_values.new_zeros(groups * nmax, width).index_copy_(0, slot, w_values).view(groups, nmax, width)
-            xs = _SliceLinearDelta._gather(x2d, seg_ids, width, dtype)
-            part = torch.bmm(xs, (deltas * scale).to(dtype).transpose(1, 2))  # (groups, T, nmax)
-            out2d.index_add_(1, rows_padded, part.transpose(0, 1).reshape(tokens, groups * nmax).to(out2d.dtype))
-        if b_values is not None:
-            bias = (b_values * scale).to(out2d.dtype)
-            out2d.index_add_(1, bias_idx, bias.expand(out2d.shape[0], -1))
+        _add_slice_forward(out2d, x2d, w_values, b_values, seg_ids, slot, rows_padded, bias_idx, nmax, dtype, scale)
         ctx.mark_dirty(result)
         ctx.save_for_backward(x2d, w_values, seg_ids, slot, rows_padded, bias_idx)
         ctx.nmax, ctx.dtype, ctx.scale = nmax, dtype, scale
@@ -98,30 +142,58 @@ class _SliceLinearDelta(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_result):
         x2d, w_values, seg_ids, slot, rows_padded, bias_idx = ctx.saved_tensors
-        nmax, dtype, scale = ctx.nmax, ctx.dtype, ctx.scale
         grad_out = grad_result.reshape(-1, grad_result.shape[-1])
-        grad_x = grad_w = grad_b = None
-        if w_values is not None and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
-            tokens, width = x2d.shape[0], w_values.shape[1]
-            groups, segments = seg_ids.numel(), x2d.shape[1] // width
-            grad_part = grad_out.to(dtype).index_select(1, rows_padded).view(tokens, groups, nmax).transpose(0, 1)
-            if scale != 1.0:
-                grad_part = grad_part * scale
-            if ctx.needs_input_grad[2]:
-                xs = _SliceLinearDelta._gather(x2d, seg_ids, width, dtype)
-                grad_deltas = torch.bmm(grad_part.transpose(1, 2), xs).reshape(groups * nmax, width)
-                grad_w = grad_deltas.index_select(0, slot).to(w_values.dtype)
-            if ctx.needs_input_grad[1]:
-                deltas = w_values.new_zeros(groups * nmax, width).index_copy_(0, slot, w_values).view(groups, nmax, width)
-                grad_xs = torch.bmm(grad_part, deltas.to(dtype)).transpose(0, 1).to(x2d.dtype)  # (T, groups, w)
-                if groups == segments:
-                    grad_x = grad_xs.reshape(tokens, x2d.shape[1])
-                else:
-                    grad_x = torch.zeros(tokens, segments, width, dtype=x2d.dtype, device=x2d.device)
-                    grad_x = grad_x.index_add_(1, seg_ids, grad_xs).view(tokens, x2d.shape[1])
-        if ctx.needs_input_grad[3]:
-            grad_b = grad_out.index_select(1, bias_idx).float().sum(0) * scale
+        grad_x, grad_w, grad_b = _slice_backward(
+            grad_out, x2d, x2d.dtype, w_values, seg_ids, slot, rows_padded, bias_idx, ctx.nmax, ctx.dtype, ctx.scale,
+            ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
         return grad_result, grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+class _LinearWithSlice(torch.autograd.Function):
+    """A frozen Linear's output and its slice in one function: `x @ W.T + b`, then the tiles added in place.
+
+    Why one function (measured in benchmarks/bench_train_step.py): the slice's input gradient is added in place
+    into the base's (no zeroed tokens x in_features buffer, no extra add by autograd), and under autocast x is cast
+    once and that cast serves the base matmul, the slice's gather and backward (autocast's linear would save its own).
+    The base matmul and its input gradient are exactly what autocast's `F.linear` computes (same dtypes, same ops).
+    """
+
+    @staticmethod
+    def forward(ctx, x2d, weight, bias, w_values, b_values, seg_ids, slot, rows_padded, bias_idx, nmax, base_dtype,
+                dtype, scale):
+        x_base = x2d.to(base_dtype)
+        w_base = weight.to(base_dtype)
+        out2d = torch.nn.functional.linear(x_base, w_base, None if bias is None else bias.to(base_dtype))
+        x_src = x_base if base_dtype == dtype else x2d  # the slice reads the cast input when its dtype matches
+        _add_slice_forward(out2d, x_src, w_values, b_values, seg_ids, slot, rows_padded, bias_idx, nmax, dtype, scale)
+        ctx.save_for_backward(x_src, w_base, w_values, seg_ids, slot, rows_padded, bias_idx)
+        ctx.nmax, ctx.dtype, ctx.scale, ctx.x_dtype = nmax, dtype, scale, x2d.dtype
+        return out2d
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_src, w_base, w_values, seg_ids, slot, rows_padded, bias_idx = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out.to(w_base.dtype).mm(w_base).to(ctx.x_dtype)  # the base's input gradient
+        grad_x, grad_w, grad_b = _slice_backward(
+            grad_out, x_src, ctx.x_dtype, w_values, seg_ids, slot, rows_padded, bias_idx, ctx.nmax, ctx.dtype,
+            ctx.scale, ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4], grad_x=grad_x)
+        return grad_x, None, None, grad_w, grad_b, None, None, None, None, None, None, None, None
+
+
+def _frozen_linear_weight(base: nn.Module) -> Optional[torch.Tensor]:
+    """The weight `_LinearWithSlice` may compute the base with: a frozen plain `nn.Linear`'s, or what a Linear
+    subclass returns from `frozen_linear_weight()` (fp8 storage dequantized); None: call the base layer itself."""
+    if type(base) is nn.Linear:
+        weight = base.weight
+    elif callable(getattr(base, "frozen_linear_weight", None)):
+        weight = base.frozen_linear_weight()
+    else:
+        return None
+    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad) or "forward" in base.__dict__:
+        return None
+    return weight
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -306,19 +378,30 @@ class Linear(nn.Module, SliceLayer):
             return self.base_layer(x, *args, **kwargs)
         dtype = _compute_dtype(x)
         x2d = x.reshape(-1, x.shape[-1])
-        result = self.base_layer(x2d, *args, **kwargs)  # 2-D in: the output is not a view, so it can take the slice in place
-        if result._base is not None or not result.is_contiguous():
-            result = result.clone()
+        base = self.base_layer
+        weight = _frozen_linear_weight(base) if not args and not kwargs else None
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if weight is not None and not autocast and weight.dtype != x.dtype:
+            weight = None  # the base layer raises its own dtype error (or casts, for subclasses that do)
+        result = None
+        if weight is None:
+            result = base(x2d, *args, **kwargs)  # 2-D in: the output is not a view, so it can take the slice in place
+            if result._base is not None or not result.is_contiguous():
+                result = result.clone()
         for adapter in adapters:
             values, index = self.slice_values[adapter], self.slice_index[adapter]
             w_values, b_values = values["weight"] if "weight" in values else None, values["bias"] if "bias" in values else None
             w_index = index["weight"].on(x.device) if w_values is not None else {}
             nmax = index["weight"].nmax if w_values is not None else 0
             bias_idx = index["bias"].on(x.device)["flat"] if b_values is not None else None
-            result = _SliceLinearDelta.apply(
-                result, x2d, w_values, b_values, w_index.get("seg_ids"), w_index.get("slot"),
-                w_index.get("rows_padded"), bias_idx, nmax, dtype, self.slice_scale[adapter],
-            )
+            slice_args = (w_values, b_values, w_index.get("seg_ids"), w_index.get("slot"), w_index.get("rows_padded"),
+                          bias_idx, nmax)
+            if result is None:
+                base_dtype = dtype if autocast else weight.dtype
+                result = _LinearWithSlice.apply(x2d, weight, base.bias, *slice_args, base_dtype, dtype,
+                                                self.slice_scale[adapter])
+            else:
+                result = _SliceLinearDelta.apply(result, x2d, *slice_args, dtype, self.slice_scale[adapter])
         return result.view(*x.shape[:-1], result.shape[-1])
 
     def __repr__(self) -> str:

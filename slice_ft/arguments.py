@@ -14,6 +14,7 @@ from typing import Any
 
 from .choices import (LR_SCHEDULERS, OPTIMIZERS, PRESERVATION_LOSSES, SAMPLING_METHODS, TINY, TINY_MAX_SEQUENCE_LENGTH,
                       WEIGHTING_SCHEMES)
+from .compile import COMPILE_MODES
 from .concepts import check_concept_args, slice_id_arg
 from .config import parse_args_with_config
 
@@ -61,6 +62,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Also keep the activations saved between forward and backward (each block's input) in "
                         "pinned CPU memory until backward (musubi-tuner's flag; needs --gradient_checkpointing). "
                         "On Wan 14B at 480x832x81 they are 12.5 GiB per sample.")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer block's forward (musubi-tuner's flag); the first steps "
+                        "are slow while kernels build. Checked up front: a machine that cannot compile (no C++ "
+                        "compiler on CPU, no triton on GPU) stops with a message. Default: eager.")
+    g.add_argument("--compile_backend", type=str, default="inductor", help="torch.compile backend (with --compile).")
+    g.add_argument("--compile_mode", type=str, default=None, choices=list(COMPILE_MODES),
+                   help="torch.compile mode (with --compile); default: torch's default.")
     g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                    help="Autocast dtype for the forward pass (the slice values stay float32). Default: the accelerate "
                         "config's mixed_precision (accelerate launch), else no.")
@@ -101,6 +109,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--shuffle_buffer_size", type=int, default=1000,
                    help="Streaming shuffle buffer; 0 keeps the dataset order.")
     g.add_argument("--decode_threads", type=int, default=0, help="Threads decoding the items of a batch.")
+    g.add_argument("--dataloader_num_workers", type=int, default=0,
+                   help="DataLoader worker processes decoding batches ahead of the training step (diffusers' "
+                        "flag); resume stays exact. 0: decode in the training process.")
     g.add_argument("--cache_dir", type=str, default=None,
                    help="Precompute VAE latents and text embeddings once into this folder (reused across runs), "
                         "then free the VAE and text encoder; cached media are hashed, not decoded.")
@@ -263,6 +274,7 @@ def check_args(args: argparse.Namespace) -> None:
 # checkpoint's run identity is every other flag, so a new flag counts as part of it unless it is listed here.
 NOT_RUN_IDENTITY = frozenset({
     "config", "blocks_to_swap", "gradient_checkpointing", "gradient_checkpointing_cpu_offload", "decode_threads",
+    "dataloader_num_workers", "compile", "compile_backend", "compile_mode",
     "cache_dir", "output_dir", "max_train_steps", "num_train_epochs", "checkpointing_steps", "checkpoints_total_limit",
     "resume_from_checkpoint", "force_resume", "save_merged", "report_to", "tracker_project_name", "tracker_run_name",
     "wandb_mode", "logging_dir", "validation_prompts", "validation_steps", "validation_num_frames",

@@ -445,6 +445,29 @@ def _resize_crop(img: Image.Image, width: int, height: int) -> np.ndarray:
     return np.asarray(img.crop((left, top, left + width, top + height)), dtype=np.uint8)
 
 
+def _frames_from(container, stream, first: int) -> Iterator[tuple[int, "av.VideoFrame"]]:
+    """(index, frame) from the keyframe at or before frame `first` on: a seek instead of decoding every frame
+    from 0 (a --frame_stride clip from the middle of a long video). A frame's index is its position in decode
+    order, as a full decode counts; it is derived from the keyframe's timestamp at the stream's constant frame rate,
+    and where the stream cannot vouch for that (no rate or start time, a timestamp off the frame grid, a seek that
+    overshoots) the file is decoded from frame 0 instead."""
+    rate, base, start = stream.average_rate, stream.time_base, stream.start_time
+    if first > 0 and rate and base and start is not None:
+        container.seek(start + int(first / (rate * base)), stream=stream, backward=True, any_frame=False)
+        decoded = container.decode(stream)
+        head = next(decoded, None)
+        if head is not None and head.pts is not None:
+            position = float((head.pts - start) * base * rate)
+            index = round(position)
+            if abs(position - index) < 1e-3 and 0 <= index <= first:
+                yield index, head
+                for k, frame in enumerate(decoded, start=index + 1):
+                    yield k, frame
+                return
+        container.seek(start, stream=stream, backward=True, any_frame=False)  # fall back: decode from frame 0
+    yield from enumerate(container.decode(stream))
+
+
 def load_clip(path: Optional[str], data: Optional[bytes], media_type: str, bucket: Bucket, *,
               available_frames: Optional[int] = None, frame_stride: Optional[int] = None) -> torch.Tensor:
     """Decode, sample ``bucket.num_frames`` frames, resize/center-crop to the bucket size.
@@ -461,15 +484,15 @@ def load_clip(path: Optional[str], data: Optional[bytes], media_type: str, bucke
             src = _open_source(path, data)
         wanted = frame_indices(available_frames, bucket.num_frames, frame_stride)
         need = Counter(wanted)  # even spreading of short clips may repeat an index
-        frames, last = [], wanted[-1]
+        frames = []
         with av.open(src) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            for i, frame in enumerate(container.decode(stream)):
+            for i, frame in _frames_from(container, stream, wanted[0]):
                 if i in need:
                     arr = _resize_crop(frame.to_image(), bucket.width, bucket.height)
                     frames.extend([arr] * need[i])
-                if i >= last:
+                if i >= wanted[-1]:
                     break
         if len(frames) != bucket.num_frames:
             raise ValueError(f"decoded {len(frames)} of {bucket.num_frames} frames "
@@ -559,6 +582,8 @@ class BucketedLoader:
         drop_last: bool = False,
         decode_threads: int = 0,
         skip_decode: Optional[Callable[[str, Bucket], bool]] = None,
+        num_workers: int = 0,
+        prefetch_factor: int = 2,
     ):
         if not isinstance(buckets, BucketConfig):
             raise ValueError(f"buckets must be a BucketConfig, got {type(buckets).__name__}; "
@@ -569,6 +594,10 @@ class BucketedLoader:
             raise ValueError(f"frame_stride={frame_stride!r} must be None (spread evenly) or an int >= 1")
         if not (_is_int(world_size) and world_size >= 1 and _is_int(rank) and 0 <= rank < world_size):
             raise ValueError(f"rank={rank!r}, world_size={world_size!r}: need 0 <= rank < world_size")
+        if not _is_int(num_workers) or num_workers < 0:
+            raise ValueError(f"num_workers={num_workers!r} must be an int >= 0 (0: decode in this process)")
+        if not _is_int(prefetch_factor) or prefetch_factor < 1:
+            raise ValueError(f"prefetch_factor={prefetch_factor!r} must be an int >= 1")
         if shuffle and shuffle_buffer < 1:
             raise ValueError(f"shuffle_buffer={shuffle_buffer} must be >= 1 (or shuffle=False)")
         self.buckets = buckets
@@ -581,6 +610,8 @@ class BucketedLoader:
         self.drop_last = bool(drop_last)
         self.decode_threads = int(decode_threads)
         self.skip_decode = skip_decode
+        self.num_workers = int(num_workers)
+        self.prefetch_factor = int(prefetch_factor)
         ds = dataset.shuffle(seed=self.seed, buffer_size=shuffle_buffer) if self.shuffle else dataset
         if self.world_size > 1:
             ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world_size)
@@ -713,11 +744,35 @@ class BucketedLoader:
     def __iter__(self) -> Iterator[dict]:
         skip, self._skip = self._skip, 0
         self._batches_yielded = 0
+        if self.num_workers:
+            yield from self._iter_with_workers(skip)
+            return
         for bucket, group in self._positions():
             self._batches_yielded += 1  # before yield: a checkpoint taken after this batch skips it
             if self._batches_yielded <= skip:
                 continue
             batch = self._make_batch(bucket, group)
+            if batch is not None:
+                self.stats.yielded_batches += 1
+                self.stats.yielded_items += len(batch["captions"])
+                yield batch
+
+    def _iter_with_workers(self, skip: int) -> Iterator[dict]:
+        """Positions are probed here, in order; `num_workers` DataLoader workers decode them ahead (up to
+        `num_workers * prefetch_factor` batches in flight) and the DataLoader hands them back in order.
+
+        Why a plain torch DataLoader is enough for exact resume: all state (epoch, batch positions consumed) lives
+        in this process and is counted when a batch is handed out, not when it is decoded; a decode is a pure
+        function of its position, so a worker holds nothing a checkpoint would need.
+        """
+        from torch.utils.data import DataLoader
+
+        jobs = ((n, bucket, group) for n, (bucket, group) in enumerate(self._positions(), start=1) if n > skip)
+        loader = DataLoader(_DecodeJobs(self), sampler=jobs, batch_size=None, num_workers=self.num_workers,
+                            prefetch_factor=self.prefetch_factor, collate_fn=_identity)
+        for position, batch, skipped in loader:
+            self._batches_yielded = position  # a checkpoint taken after this batch skips it
+            self.stats.skipped.update(skipped)  # decode failures counted in the worker
             if batch is not None:
                 self.stats.yielded_batches += 1
                 self.stats.yielded_items += len(batch["captions"])
@@ -730,6 +785,24 @@ class BucketedLoader:
             for i in range(len(batch["captions"])):
                 yield Item(None if pixels is None else pixels[i], batch["captions"][i], batch["ids"][i],
                            batch["sources"][i], batch["media_types"][i], batch["bucket"])
+
+
+class _DecodeJobs(torch.utils.data.Dataset):
+    """A DataLoader dataset whose "index" is a whole job, (position, bucket, members): workers decode it with the
+    loader's own `_make_batch` and return (position, batch, skip counts of this decode)."""
+
+    def __init__(self, loader: "BucketedLoader"):
+        self.loader = loader
+
+    def __getitem__(self, job):
+        position, bucket, group = job
+        before = Counter(self.loader.stats.skipped)
+        batch = self.loader._make_batch(bucket, group)
+        return position, batch, self.loader.stats.skipped - before
+
+
+def _identity(x):
+    return x
 
 
 def _jsonish(v):

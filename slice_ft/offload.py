@@ -559,6 +559,10 @@ class Fp8Linear(nn.Linear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.linear(input, dequantize_weight(self), self.bias)
 
+    def frozen_linear_weight(self) -> torch.Tensor:
+        """The weight a slice layer's fused base-plus-slice function computes with (slice_adapter.layer)."""
+        return dequantize_weight(self)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         key = prefix + "weight"
         w = state_dict.get(key)

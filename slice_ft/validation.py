@@ -56,9 +56,13 @@ def render_validation(
 ) -> list[Path]:
     """Render every prompt with the transformer as it is now (slice active, unmerged); returns the mp4 paths.
 
-    The transformer comes back in training mode; a dedicated generator keeps the training RNG untouched.
+    The VAE and text encoder are moved to `device` for the rendering and back to wherever they were (a run that
+    parked them on the CPU after caching keeps its GPU memory); the transformer is left where it is (block swap
+    manages its own placement). The transformer comes back in training mode; a dedicated generator keeps the
+    training RNG untouched.
     """
     from diffusers import WanPipeline
+    from diffusers.training_utils import offload_models
 
     from .corpus import write_video
 
@@ -71,18 +75,19 @@ def render_validation(
     pipe.set_progress_bar_config(disable=True)
     paths = []
     try:
-        for k, prompt in enumerate(prompts):
-            generator = torch.Generator(device="cpu").manual_seed(settings.seed + k)
-            with torch.no_grad(), (autocast() if autocast is not None else contextlib.nullcontext()):
-                out = pipe(
-                    prompt=prompt, num_frames=settings.num_frames, height=settings.height, width=settings.width,
-                    num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
-                    max_sequence_length=settings.max_sequence_length, generator=generator, output_type="np",
-                )
-            path = sample_path(output_dir, step, k)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_video(path, frames_to_uint8(out.frames[0]), fps=settings.fps)
-            paths.append(path)
+        with offload_models(vae, text_encoder, device=device):
+            for k, prompt in enumerate(prompts):
+                generator = torch.Generator(device="cpu").manual_seed(settings.seed + k)
+                with torch.no_grad(), (autocast() if autocast is not None else contextlib.nullcontext()):
+                    out = pipe(
+                        prompt=prompt, num_frames=settings.num_frames, height=settings.height, width=settings.width,
+                        num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
+                        max_sequence_length=settings.max_sequence_length, generator=generator, output_type="np",
+                    )
+                path = sample_path(output_dir, step, k)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_video(path, frames_to_uint8(out.frames[0]), fps=settings.fps)
+                paths.append(path)
     finally:
         if was_training:
             transformer.train()

@@ -44,7 +44,7 @@ def section(report: str, title: str) -> str:
 def smoke_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run_all.py"), "--smoke", "--output", str(out),
-                           "--json-dir", str(out / "json")], capture_output=True, text=True, timeout=170, cwd=REPO)
+                           "--json-dir", str(out / "json")], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 

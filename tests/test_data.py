@@ -212,21 +212,24 @@ def test_split_by_node_gives_disjoint_covering_shards(corpus, num_shards):
     assert sorted(parts[0] + parts[1]) == sorted(r["file_name"] for r in records)
 
 
-def test_resume_yields_identical_batches(corpus):
+@pytest.mark.parametrize("workers", [0, 2], ids=["in-process", "2-decode-workers"])
+def test_resume_yields_identical_batches(corpus, workers):
+    """Also with DataLoader workers decoding ahead: the checkpoint counts the batches handed out, not the ones
+    the workers have prefetched, so the resumed run continues exactly where the interrupted one stopped."""
     root, _ = corpus
-    full = _loader(root, seed=5)
+    full = _loader(root, seed=5, num_workers=workers)
     full.set_epoch(2)
     ref = list(full)
     assert len(ref) >= 6
 
-    first = _loader(root, seed=5)  # interrupted run: 3 batches, then checkpoint
+    first = _loader(root, seed=5, num_workers=workers)  # interrupted run: 3 batches, then checkpoint
     first.set_epoch(2)
     it = iter(first)
     seen = [next(it) for _ in range(3)]
     state = json.loads(json.dumps(first.state_dict()))  # checkpoints round-trip through JSON
     assert state["epoch"] == 2 and state["batches_yielded"] == 3
 
-    resumed = _loader(root, seed=5)
+    resumed = _loader(root, seed=5, num_workers=workers)
     resumed.load_state_dict(state)
     resumed.set_epoch(2)  # the training loop calls this again: must keep the skip
     rest = list(resumed)
@@ -357,3 +360,47 @@ def test_several_datasets_are_used_together(tmp_path, corpus):
     assert sum(1 for _ in alone) == len(records)  # a one-item list is that dataset
     with pytest.raises(ValueError, match="empty list"):
         build_dataset([])
+
+
+def _numbered_video(path, num_frames=40, gop=4, size=(32, 48)):
+    """A video whose frame k is a flat gray level 6k (tells frames apart after lossy coding), a keyframe every
+    `gop` frames so that a seek lands mid-clip."""
+    import av
+
+    from slice_ft.corpus import pick_video_codec
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(pick_video_codec(), rate=8)
+        stream.height, stream.width = size
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.gop_size = gop
+        for k in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(np.full((*size, 3), 6 * k, np.uint8), format="rgb24")
+            frame.pts = k
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return str(path)
+
+
+def test_seeking_decodes_the_same_frames_as_decoding_from_frame_0(tmp_path, monkeypatch):
+    import av
+
+    from slice_ft import data as data_mod
+    from slice_ft.data import Bucket, _frames_from, load_clip
+
+    path = _numbered_video(tmp_path / "numbered.mp4")
+    with av.open(path) as container:
+        every = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    with av.open(path) as container:  # the seek lands on a keyframe after frame 0, at or before the wanted frame
+        index, frame = next(_frames_from(container, container.streams.video[0], 29))
+    assert 0 < index <= 29 and np.array_equal(frame.to_ndarray(format="rgb24"), every[index])
+
+    bucket = Bucket(48, 32, 5)
+    seeking = load_clip(path, None, "video", bucket, frame_stride=3)  # frames 14, 17, ..., 26: mid-clip
+    full_decode = lambda container, stream, first: enumerate(container.decode(stream))  # noqa: E731
+    monkeypatch.setattr(data_mod, "_frames_from", full_decode)
+    assert torch.equal(seeking, load_clip(path, None, "video", bucket, frame_stride=3))
+    levels = seeking.mean(dim=(0, 2, 3))
+    assert torch.all(levels[1:] > levels[:-1] + 0.05)  # five different frames, in order

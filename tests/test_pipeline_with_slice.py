@@ -43,3 +43,35 @@ def test_wan_pipeline_runs_with_an_unmerged_slice(tmp_path):
     slice_adapter.unmerge_adapters(pipe.transformer)
     pipe.transformer.disable_adapters()
     np.testing.assert_allclose(render(pipe), base, atol=0)
+
+
+def test_validation_returns_the_vae_and_text_encoder_to_where_they_were(tmp_path, monkeypatch):
+    """A run that parked the encoders on the CPU after caching must get them back there after each validation."""
+    from slice_ft.tiny import build_tiny_components
+    from slice_ft.validation import ValidationSettings, render_validation
+
+    comps = build_tiny_components(0)
+    moves = {"vae": [], "text_encoder": [], "transformer": []}
+    for name, log in moves.items():
+        module, real_to = comps[name], comps[name].to
+
+        # Device-recording stand-in for a GPU: a move to "cuda" is logged and leaves the weights in CPU memory (so
+        # the pipeline still runs here); every other move is logged and done for real.
+        def to(*args, _module=module, _real=real_to, _log=log, **kwargs):
+            target = args[0] if args else kwargs.get("device")
+            if isinstance(target, (str, torch.device)):
+                _log.append(torch.device(target).type)
+                if torch.device(target).type == "cuda":
+                    return _module
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, "to", to)
+    settings = ValidationSettings(num_frames=5, height=32, width=32, num_inference_steps=1,
+                                  max_sequence_length=TINY_MAX_SEQUENCE_LENGTH)
+    paths = render_validation(comps["transformer"], vae=comps["vae"], text_encoder=comps["text_encoder"],
+                              tokenizer=comps["tokenizer"], scheduler=comps["scheduler"], prompts=["a red circle"],
+                              output_dir=tmp_path, step=1, settings=settings, device="cuda")
+    assert [p.exists() for p in paths] == [True]
+    # each encoder went to the rendering device, then back to the CPU it came from; the transformer stayed put
+    assert moves == {"vae": ["cuda", "cpu"], "text_encoder": ["cuda", "cpu"], "transformer": []}
+    assert all(p.device.type == "cpu" for name in ("vae", "text_encoder") for p in comps[name].parameters())

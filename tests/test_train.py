@@ -35,7 +35,7 @@ ISSUE_FLAGS = (
     "--slice_fraction --slice_id --slice_seed --timestep_sampling --discrete_flow_shift --min_timestep --max_timestep "
     "--config --transformer_file --expert --save_merged --cache_dir --optimizer --weighting_scheme --blocks_to_swap "
     "--base_dtype --dataset_name --image_column --video_column --caption_column --bucket_resolutions "
-    "--bucket_frame_counts --boundary_ratio"
+    "--bucket_frame_counts --boundary_ratio --compile --dataloader_num_workers"
 ).split()
 
 
@@ -238,7 +238,7 @@ class _Stop(Exception):
     pass
 
 
-@pytest.mark.parametrize("low_memory", [[], [
+@pytest.mark.parametrize("low_memory", [["--dataloader_num_workers", "2"], [
     "--gradient_checkpointing", "--blocks_to_swap", "1", "--gradient_checkpointing_cpu_offload", "--base_dtype", "fp8",
     "--optimizer", "adamw8bit", "--optimizer_args", "min_8bit_size=0"]], ids=["plain", "swapped-fp8-adamw8bit"])
 def test_resume_from_latest_ends_bit_identical_to_an_uninterrupted_run(tmp_path, corpus, monkeypatch, low_memory):
@@ -540,3 +540,37 @@ def test_wan22_expert_trains_its_transformer_on_its_side_of_the_boundary(tmp_pat
     same_as_other = sum(int((other[k] == merged[k]).sum()) for k in other)
     assert total > same_as_base > 0.7 * total  # a quarter of the block weights moved, nothing else
     assert same_as_other < 0.1 * total
+
+
+# --- --compile ----------------------------------------------------------------------------------------------------
+
+
+def test_compiled_blocks_train_like_eager_and_resume_exactly(tmp_path, corpus):
+    """--compile with gradient checkpointing: the slice ends as the eager run's (within float tolerance), and a
+    compiled run resumed from its checkpoint ends bit-identical to the uninterrupted compiled run."""
+    flags = ["--max_train_steps", "3", "--checkpointing_steps", "2", "--gradient_checkpointing", "--ff", "0.1",
+             "--bucket_frame_counts", "1"]
+    train(tmp_path / "eager", *flags, dataset=corpus)
+    compiled = train(tmp_path / "compiled", *flags, "--compile", dataset=corpus)
+    eager_values, compiled_values = slice_values(tmp_path / "eager"), slice_values(tmp_path / "compiled")
+    assert eager_values.keys() == compiled_values.keys()
+    for k in eager_values:
+        torch.testing.assert_close(compiled_values[k], eager_values[k], atol=1e-4, rtol=1e-3)
+    assert any(v.abs().sum() > 0 for v in compiled_values.values())
+
+    resumed = train(tmp_path / "resumed", *flags, "--compile", "--resume_from_checkpoint",
+                    tmp_path / "compiled" / "checkpoint-2", dataset=corpus)
+    assert len(resumed["losses"]) == 1 and resumed["losses"][0] == compiled["losses"][-1]
+    resumed_values = slice_values(tmp_path / "resumed")
+    assert all(torch.equal(resumed_values[k], compiled_values[k]) for k in compiled_values)
+
+
+def test_a_machine_that_cannot_compile_is_told_so_before_anything_loads(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    from slice_ft.compile import CompileUnavailable, check_compile_works
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-c++-compiler",))
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # a cached kernel would need no compiler
+    with pytest.raises(CompileUnavailable, match=r"--compile: .*C\+\+ compiler.*without --compile"):
+        check_compile_works("cpu")
