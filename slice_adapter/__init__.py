@@ -10,6 +10,8 @@ models get `load_adapter` once diffusers is imported.
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
 import logging
 import sys
 
@@ -28,8 +30,8 @@ _PUBLIC = {
     "SLICE_PEFT_TYPE": "registry",
     "SliceConfig": "config",
     "SliceModel": "model",
-    "load_adapter": "io",
-    "save_adapter": "io",
+    "load_adapter": "files.io",
+    "save_adapter": "files.io",
     "merge_adapters": "api",
     "overlap": "api",
     "plan": "api",
@@ -49,6 +51,41 @@ def __getattr__(name: str):
 
 def __dir__():
     return sorted(set(globals()) | set(_PUBLIC))
+
+
+# Modules that moved into `files/`, importable by their old names: the same module object, so monkeypatching either
+# name patches both.
+_MOVED = {
+    "checkpoint": "files.safetensors_stream",
+    "deltas": "files.deltas",
+    "export": "files.export",
+    "formats": "files.adapter_folder",
+    "io": "files.io",
+    "keys": "files.keys",
+    "merge": "files.merge",
+    "report": "files.report",
+}
+
+
+class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """`import slice_adapter.merge` -> `slice_adapter.files.merge`, imported only when asked for."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        package, _, old = fullname.rpartition(".")
+        if package != __name__ or old not in _MOVED:
+            return None
+        return importlib.util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec):
+        module = importlib.import_module(f"{__name__}.{_MOVED[spec.name.rpartition('.')[2]]}")
+        spec.loader_state = module.__spec__
+        return module
+
+    def exec_module(self, module):
+        module.__spec__ = module.__spec__.loader_state  # the import system gave it the old name's spec: undo that
+
+
+sys.meta_path.insert(0, _MovedModuleFinder())
 
 
 _PEFT_MODULES = ("registry", "config", "layer", "model")  # the package's modules that import PEFT

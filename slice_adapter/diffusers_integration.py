@@ -13,7 +13,7 @@ def install_diffusers_integration() -> None:
 
     def load_adapter(self, path, adapter_name=None, is_trainable=False):
         """Load a slice adapter folder (slice_adapter.load_adapter); returns the adapter name."""
-        from .io import load_adapter as _load
+        from .files.io import load_adapter as _load
 
         return _load(self, path, adapter_name=adapter_name, is_trainable=is_trainable)
 

@@ -17,12 +17,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checkpoint import honour_umask, partial_path
-from .config import SliceConfig
-from .formats import CONFIG_NAME, WEIGHTS_NAME, layout_record, read_adapter_settings, values_key
-from .layer import SliceLayer
-from .registry import SLICE_PEFT_TYPE
-from .selection import model_layouts
+from .safetensors_stream import honour_umask, partial_path
+from ..config import SliceConfig
+from .adapter_folder import CONFIG_NAME, WEIGHTS_NAME, layout_record, read_adapter_settings, values_key
+from ..layer import SliceLayer
+from ..registry import SLICE_PEFT_TYPE
+from ..selection import model_layouts
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -152,7 +152,7 @@ def load_adapter(model: nn.Module, path, adapter_name: Optional[str] = None, is_
         model.peft_config.pop(name, None)
         raise
     if not autocast_adapter_dtype:
-        from .model import cast_slice_values
+        from ..model import cast_slice_values
 
         cast_slice_values(model, name, autocast_adapter_dtype=False)
     if hasattr(model, "_hf_peft_config_loaded"):

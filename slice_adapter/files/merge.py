@@ -25,14 +25,14 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .checkpoint import (Checkpoint, StreamWriter, TensorEntry, TensorReader, dtype_label, open_checkpoint, parse_dtype,
+from .safetensors_stream import (Checkpoint, StreamWriter, TensorEntry, TensorReader, dtype_label, open_checkpoint, parse_dtype,
                          pread_into, read_tensor, refuse_overwriting_inputs)
 from .deltas import SliceDeltas, check_layout_matches, iter_touched, planned_overlap, prior_plan, read_slice
 from .export import check_wan2gp_filename, infer_wan2gp_architecture, wan2gp_definition, write_wan2gp_definition
-from .formats import slice_files
+from .adapter_folder import slice_files
 from .keys import detect_key_format, diffusers_to_wan, wan_to_diffusers
 from .report import format_bytes
-from .selection import overlap_count
+from ..selection import overlap_count
 
 PROVENANCE_KEY = "slice_ft.merged_slices"
 

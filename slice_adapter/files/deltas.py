@@ -14,9 +14,9 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
-from .checkpoint import TensorEntry, read_header, read_tensor
-from .formats import WEIGHTS_NAME, SliceSettings, param_name_for_key, read_adapter_settings, recorded_layouts
-from .selection import ParamLayout, SlicePlan, is_targeted, layout_fingerprint, plan_layouts
+from .safetensors_stream import TensorEntry, read_header, read_tensor
+from .adapter_folder import WEIGHTS_NAME, SliceSettings, param_name_for_key, read_adapter_settings, recorded_layouts
+from ..selection import ParamLayout, SlicePlan, is_targeted, layout_fingerprint, plan_layouts
 
 _BLOCK_NUM = re.compile(r"(^|\.)blocks\.\d+\.")
 
@@ -177,7 +177,7 @@ def check_layout_matches(slice_: SliceDeltas, shapes: dict, what: str = "BASE",
 
 def planned_overlap(a: SliceDeltas, b: SliceDeltas) -> int:
     """Exact number of weights two slices both own (by parameter name)."""
-    from .selection import overlap_count
+    from ..selection import overlap_count
 
     return overlap_count(a.plan, b.plan)
 
