@@ -27,15 +27,15 @@ def _drop_bitsandbytes_cpu_kernel_notice(record: logging.LogRecord) -> bool:
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_bitsandbytes_cpu_kernel_notice)
 
 _PUBLIC = {
-    "SLICE_PEFT_TYPE": "registry",
+    "SLICE_PEFT_TYPE": "config",
     "SliceConfig": "config",
     "SliceModel": "model",
     "load_adapter": "files.io",
     "save_adapter": "files.io",
-    "merge_adapters": "api",
-    "overlap": "api",
-    "plan": "api",
-    "unmerge_adapters": "api",
+    "merge_adapters": "model",
+    "overlap": "model",
+    "plan": "model",
+    "unmerge_adapters": "model",
 }
 __all__ = sorted(_PUBLIC)
 
@@ -53,9 +53,10 @@ def __dir__():
     return sorted(set(globals()) | set(_PUBLIC))
 
 
-# Modules that moved into `files/`, importable by their old names: the same module object, so monkeypatching either
-# name patches both.
+# Modules that moved (the file formats into `files/`), importable by their old names: the same module object, so
+# monkeypatching either name patches both.
 _MOVED = {
+    "api": "model",
     "checkpoint": "files.safetensors_stream",
     "deltas": "files.deltas",
     "export": "files.export",
@@ -110,9 +111,19 @@ def _ensure_registered(*_) -> None:
 
 
 def _extend_diffusers(_diffusers) -> None:
-    from .diffusers_integration import install_diffusers_integration
+    """Make slices first-class on diffusers models: `model.load_adapter(path)` where diffusers defines none."""
+    from diffusers.models.modeling_utils import ModelMixin
 
-    install_diffusers_integration()
+    if hasattr(ModelMixin, "load_adapter"):
+        return
+
+    def load_adapter(self, path, adapter_name=None, is_trainable=False):
+        """Load a slice adapter folder (slice_adapter.load_adapter); returns the adapter name."""
+        from .files.io import load_adapter as _load
+
+        return _load(self, path, adapter_name=adapter_name, is_trainable=is_trainable)
+
+    ModelMixin.load_adapter = load_adapter
 
 
 # A post-import hook runs right after the module is imported, or now if it already is.

@@ -18,10 +18,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .safetensors_stream import honour_umask, partial_path
-from ..config import SliceConfig
+from ..config import SLICE_PEFT_TYPE, SliceConfig
 from .adapter_folder import CONFIG_NAME, WEIGHTS_NAME, layout_record, read_adapter_settings, values_key
 from ..layer import SliceLayer
-from ..registry import SLICE_PEFT_TYPE
+from ..model import cast_slice_values
 from ..selection import model_layouts
 
 
@@ -152,8 +152,6 @@ def load_adapter(model: nn.Module, path, adapter_name: Optional[str] = None, is_
         model.peft_config.pop(name, None)
         raise
     if not autocast_adapter_dtype:
-        from ..model import cast_slice_values
-
         cast_slice_values(model, name, autocast_adapter_dtype=False)
     if hasattr(model, "_hf_peft_config_loaded"):
         model._hf_peft_config_loaded = True
