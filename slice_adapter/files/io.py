@@ -1,4 +1,5 @@
-"""The adapter folder: PEFT's layout (`adapter_config.json` + `adapter_model.safetensors`) holding slice values only.
+"""Saving and loading slice adapter folders on models (the PEFT side of `adapter_folder`): PEFT's layout
+(`adapter_config.json` + `adapter_model.safetensors`) holding slice values only.
 
 Indices are not stored: they are regenerated from the config, which records the layout fingerprint and the targeted
 parameters' names, shapes and tilings (so a folder can be checked, merged or exported without the model).
