@@ -7,10 +7,12 @@ next to the folder's `config.json` to load it with `from_pretrained`). OUT keeps
 `slice_ft.merged_slices`: every merged slice's config and layout fingerprint, appended to BASE's own list when BASE is
 itself a merge (stacking).
 
+The one merge path of the project: `scripts/merge_slices.py` and the trainer's `--save_merged` both end here.
+
 Memory: one tensor is read into a buffer reused for every tensor; only its selected weights are gathered, updated in
 float32 and rounded once to the output dtype, in place; then it is written. Runs of untouched tensors are copied byte
 for byte inside the kernel (`os.copy_file_range`; through a fixed buffer where that is not possible). Peak memory is
-about the largest tensor (twice that when casting), never the checkpoint.
+about the largest tensor (twice that when casting), never the checkpoint. The output is fsynced once, at the end.
 """
 
 from __future__ import annotations
@@ -368,8 +370,7 @@ def _patch_tensor(reader: TensorReader, writer: StreamWriter, key: str, entry: T
     packed = buf.view(entry.torch_dtype)
     parts = [(patch.remap(tiles), s.values(name, handles[id(s)])) for s, tiles in zip(slices, patch.tiles)]
     changed = _apply(packed, packed, entry.torch_dtype, parts, disjoint)
-    for at, lo, hi in spans:
-        writer.patch(key, at, view[lo:hi])
+    writer.patch(key, spans, view)  # every range in one call
     return changed
 
 
@@ -411,17 +412,7 @@ def _check_space(output: Path, plan) -> None:
                          "are free; free space or write elsewhere")
 
 
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _progress(total: int, enabled: bool, output: Path):
-    if not enabled:
-        return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=f"merging into {output.name}", unit="tensor")
+    return tqdm(total=total, desc=f"merging into {output.name}", unit="tensor", disable=not enabled)
