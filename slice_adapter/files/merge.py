@@ -392,15 +392,16 @@ def _apply(flat: torch.Tensor, out: torch.Tensor, dtype: torch.dtype, parts, dis
     if len(parts) == 1 or disjoint:
         # each weight gets one slice's delta: gather, add, round once, scatter, slice by slice (no weight is read
         # after another slice wrote it, so the order does not matter)
+        # (index_select/index_copy_: many times faster than advanced indexing for the many small calls of a merge)
         for idx, v in parts:
-            out[idx] = (flat[idx].to(acc_dtype) + v.to(acc_dtype)).to(dtype)
+            out.index_copy_(0, idx, flat.index_select(0, idx).to(acc_dtype).add_(v.to(acc_dtype)).to(dtype))
         return sum(len(idx) for idx, _ in parts)
     # Overlapping slices: one accumulator slot per distinct weight.
     idx = torch.unique(torch.cat([i for i, _ in parts]))
-    acc = flat[idx].to(acc_dtype)
+    acc = flat.index_select(0, idx).to(acc_dtype)
     for i, v in parts:  # in slice order: ((BASE + d1) + d2) where slices overlap
-        acc[torch.searchsorted(idx, i)] += v.to(acc_dtype)
-    out[idx] = acc.to(dtype)
+        acc.index_add_(0, torch.searchsorted(idx, i), v.to(acc_dtype))
+    out.index_copy_(0, idx, acc.to(dtype))
     return len(idx)
 
 
