@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 import torch
 
 import slice_adapter
-from slice_adapter.checkpoint import write_json_atomically
+from slice_adapter.files.safetensors_stream import write_json_atomically
 from slice_adapter.files.io import read_adapter_values, set_adapter_values, values_mismatch
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
