@@ -18,6 +18,7 @@ about the largest tensor (twice that when casting), never the checkpoint. The ou
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 import math
 import shutil
 from dataclasses import dataclass, field
@@ -304,11 +305,12 @@ def _stream(ckpt: Checkpoint, names: _Names, plan, touched, loaded, writer: Stre
     capacity = max((e.nbytes for (_, e), r in zip(items, raw) if not r), default=0)
     changed = 0
     value_handles = {}
+    stack = ExitStack()  # the slices' open values files
     bar = _progress(len(items), progress, writer.path)
     try:
         with TensorReader(ckpt.files, capacity) as reader:
             for s in loaded:
-                value_handles[id(s)] = s.open_values()
+                value_handles[id(s)] = stack.enter_context(s.open_values())
             i, n = 0, len(items)
             while i < n:
                 key, entry = items[i]
@@ -349,8 +351,7 @@ def _stream(ckpt: Checkpoint, names: _Names, plan, touched, loaded, writer: Stre
                 i += 1
     finally:
         bar.close()
-        for h in value_handles.values():
-            h.close()
+        stack.close()
     return changed
 
 
