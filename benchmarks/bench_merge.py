@@ -51,11 +51,13 @@ print("BENCH " + json.dumps(dict(import_s=t_import, import_peak_mb=import_peak, 
 
 
 _PYCOPY = r"""
-import sys
+import os, sys
 with open(sys.argv[1], "rb") as src, open(sys.argv[2], "wb") as dst:
     buf = memoryview(bytearray(1 << 20))
     while n := src.readinto(buf):
         dst.write(buf[:n])
+    dst.flush()
+    os.fsync(dst.fileno())
 """
 
 
@@ -138,7 +140,8 @@ def main(argv=None):
         cli = [str(common.REPO / "scripts" / "merge_slices.py"), "--base", str(base),
                *[a for s in slices for a in ("--slice", str(s))], "--output", str(out_merge), "--no_progress"]
         child = _CHILD.format(bench=str(Path(__file__).resolve().parent), argv=cli, script=cli[0])
-        copy_cmd = ["cp", "--reflink=never", str(base), str(out_copy)]
+        # the merge ends with one fsync (a finished merge is on disk): the copies end with one too
+        copy_cmd = ["sh", "-c", 'cp --reflink=never "$0" "$1" && sync "$1"', str(base), str(out_copy)]
         # the floor of any merge that streams bytes through user space, as the merge does (cp copies in the kernel)
         pycopy_cmd = [sys.executable, "-c", _PYCOPY, str(base), str(out_copy)]
         samples = {"copy": [], "pycopy": [], "merge_cli": [], "merge_call": [], "peak_mb": [], "merge_peak_mb": [],
@@ -199,13 +202,13 @@ def main(argv=None):
     common.write_result(
         args.output, "merge", args.smoke,
         setup={"checkpoint": ckpt, "fraction": size["fraction"], "slice_ids": list(size["slices"]),
-               "repeats": repeats, "copy_command": "cp --reflink=never BASE OUT",
+               "repeats": repeats, "copy_command": "cp --reflink=never BASE OUT && sync OUT",
                "merge_command": "python scripts/merge_slices.py --base BASE --slice S0 --slice S1 --output OUT "
                                 "--no_progress"},
         copy={"wall_s": copy.as_dict(), "gb_per_s": gb / copy.median},
         pycopy={"wall_s": common.Summary.of(samples["pycopy"]).as_dict(),
                 "gb_per_s": gb / common.Summary.of(samples["pycopy"]).median,
-                "what": "Python readinto/write loop, 1 MiB buffer"},
+                "what": "Python readinto/write loop, 1 MiB buffer, then fsync"},
         imports={"peak_rss_mb": imports.as_dict(), "seconds": common.Summary.of(samples["import_s"]).as_dict(),
                  "modules": modules},
         largest_tensor_mb=largest_mb,

@@ -55,7 +55,7 @@ NEEDS_CUDA_REASON = "needs a CUDA device"  # tests/test_cuda.py's one allowed sk
 # 1.3x and LoRA targets compare against, half swapped (1.3x), LoRA (memory), then the two rows that only inform.
 LOWVRAM_ORDER = "3,1,2,6,5,4"
 CARRIED = ("diffusers", "bitsandbytes", "av", "datasets", "peft", "ftfy")  # what gpu_wheels.sh carries
-PRESENT = ("torch", "accelerate", "transformers", "safetensors", "numpy", "PIL", "imageio", "pyarrow", "yaml")
+PRESENT = ("torch", "accelerate", "transformers", "safetensors", "numpy", "PIL", "pyarrow", "yaml")
 
 
 @dataclass(frozen=True)

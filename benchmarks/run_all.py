@@ -393,10 +393,9 @@ def section_merge(data: dict) -> tuple[str, list]:
     summary, rows = [], []
     cli, call = data["rows"][0], data["rows"][1]
     startup = cli["wall_s"]["median"] - call["wall_s"]["median"]
-    streaming = ("untouched tensors are copied in the kernel (`copy_file_range`) like `cp`, but the merge also ends "
-                 "with one fsync for durability (`cp` does none; about 0.8 s here), reads and plans the slices, and "
-                 "patches the selected weights of nearly every tensor in place (at this fraction almost every "
-                 "tensor holds a few)")
+    streaming = ("untouched tensors are copied in the kernel (`copy_file_range`) like `cp`; beyond the copy the "
+                 "merge reads and plans the slices and patches the selected weights of nearly every tensor in place "
+                 "(at this fraction almost every tensor holds a few)")
     loaded = imports.get("modules")
     why_cli = (f"{startup:.1f} s of the CLI's {cli['wall_s']['median']:.1f} s are interpreter start and imports"
                + (f" ({', '.join(loaded)})" if loaded else "") + "; the merge alone runs at "
@@ -430,8 +429,9 @@ def section_merge(data: dict) -> tuple[str, list]:
         f"{', '.join(map(str, st['slice_ids']))}, random values) into a synthetic checkpoint with the "
         f"{ck['layout']} layout in bf16 (diffusers keys, {ck['tensors']} tensors, {ck['bytes'] / 1e9:.2f} GB, "
         f"largest tensor `{ck['largest_tensor']}` {ck['largest_tensor_bytes'] / common.MB:.1f} MB), written to "
-        f"/tmp. Baseline: `{st['copy_command']}` of the same file (which copies inside the kernel and, unlike the "
-        "merge, does not fsync); for context, a Python loop copying it through a 1 MiB buffer. "
+        f"/tmp. Baseline: `{st['copy_command']}` of the same file (which copies inside the kernel, then fsyncs the copy "
+        "once, as the merge fsyncs its output once); for context, a Python loop copying it through a 1 MiB buffer "
+        "(also fsynced). "
         f"{st['repeats']} rounds, the order alternating; every run reads the base from the page cache. Peak: the "
         "merge process's own resident high-water mark (VmHWM; not wait4's ru_maxrss, which starts from the "
         "parent's high-water mark when the child is exec'd from its forked memory). "

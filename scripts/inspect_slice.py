@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from slice_adapter.ledger import format_ledger, is_slice_folder, read_ledger  # noqa: E402
+from slice_adapter.files.ledger import format_ledger, is_slice_folder, read_ledger  # noqa: E402
 from slice_adapter.report import inspect_report  # noqa: E402
 
 

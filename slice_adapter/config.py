@@ -7,13 +7,34 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from peft.config import PeftConfig
+from peft.utils.peft_types import PeftType
 
 from . import _module_imported
-from .registry import SLICE_PEFT_TYPE
 from .selection import check_slice_fields, num_slices_for
 
+SLICE_NAME = "slice"  # the method's name in PEFT; its type (`peft_type`) is defined here, registered in registry.py
+
+
+def _add_peft_type_member(name: str) -> PeftType:
+    # PEFT only registers methods listed in its PeftType enum and offers no way to extend it, so add the member by hand.
+    if name in PeftType.__members__:
+        return PeftType[name]
+    member = str.__new__(PeftType, name)
+    member._name_ = name
+    member._value_ = name
+    member.__objclass__ = PeftType
+    member._sort_order_ = len(PeftType._member_names_)
+    type.__setattr__(PeftType, name, member)
+    PeftType._member_map_[name] = member
+    PeftType._value2member_map_[name] = member
+    PeftType._member_names_.append(name)
+    return member
+
+
+SLICE_PEFT_TYPE = _add_peft_type_member(SLICE_NAME.upper())
+
 # What each program cannot take from a LoRA file, as an exclusion regex over diffusers parameter/module names (full
-# match, as `exclude_modules`). Measured with the programs' own loaders (slice_adapter.export.CLIENTS says why).
+# match, as `exclude_modules`). Measured with the programs' own loaders (slice_adapter.files.export.CLIENTS says why).
 _NON_LEAF = r"(?:.*\.)?scale_shift_table|(?:.*\.)?pos_embed"  # raw parameters of modules with children
 LOSSLESS_FOR_EXCLUDES = {
     "comfy": _NON_LEAF,

@@ -1,6 +1,9 @@
-"""`SliceModel`: the PEFT tuner that injects slice layers into a model."""
+"""`SliceModel`: the PEFT tuner that injects slice layers into a model, and the model-level functions of the public
+API (`plan`, `overlap`, `merge_adapters`, `unmerge_adapters`)."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
@@ -16,6 +19,7 @@ from .selection import (
     canonical_name,
     layout_fingerprint,
     model_layouts,
+    overlap_count,
     plan_layouts,
 )
 
@@ -165,6 +169,31 @@ def cast_slice_values(model: nn.Module, adapter_name: str, autocast_adapter_dtyp
 def slice_layers(model: nn.Module):
     """(name, layer) of every slice layer of `model`."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, SliceLayer)]
+
+
+def plan(model: nn.Module, config: SliceConfig) -> SlicePlan:
+    """The weights `config` selects in `model` (works on meta-device models; adapters already injected are ignored)."""
+    return plan_for_model(model, config)
+
+
+def overlap(model: nn.Module, config_a: SliceConfig, config_b: SliceConfig) -> int:
+    """Exact number of weights of `model` that both slices select."""
+    return overlap_count(plan(model, config_a), plan(model, config_b))
+
+
+def merge_adapters(model: nn.Module, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+    """Bake the active (or named) slices into the base weights; `unmerge_adapters` restores them exactly."""
+    layers = [layer for _, layer in slice_layers(model)]
+    if not layers:
+        raise ValueError("the model has no slice adapter to merge: add one with add_adapter or load_adapter first")
+    for layer in layers:
+        layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    """Restore the base weights exactly as they were before `merge_adapters`."""
+    for _, layer in slice_layers(model):
+        layer.unmerge()
 
 
 _module_imported(__name__)  # SliceConfig and SliceModel exist now: PEFT can build and load slices

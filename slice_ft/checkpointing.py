@@ -17,9 +17,8 @@ from typing import Any, Callable, Optional
 import torch
 
 import slice_adapter
-from slice_adapter.formats import values_key
-from slice_adapter.checkpoint import write_json_atomically
-from slice_adapter.io import read_adapter_values
+from slice_adapter.files.safetensors_stream import write_json_atomically
+from slice_adapter.files.io import read_adapter_values, set_adapter_values, values_mismatch
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 SLICE_SUBDIR = "slice"
@@ -28,33 +27,20 @@ SLICE_SUBDIR = "slice"
 # --- slice values -----------------------------------------------------------------------------------------------
 
 
-def _value_params(model: torch.nn.Module, adapter_name: str) -> dict[str, torch.nn.Parameter]:
-    """{key in the adapter file: the live parameter} for every slice value of `adapter_name`."""
-    marker = f".slice_values.{adapter_name}."
-    out = {}
-    for name, param in model.named_parameters():
-        if marker in name:
-            module, _, pname = name.partition(marker)
-            out[values_key(module, pname)] = param
-    return out
-
-
 def load_slice_values(model: torch.nn.Module, folder: str | os.PathLike, adapter_name: str = "default") -> None:
     """Copy the values of an adapter folder into the slice already on `model` (same slice, exact values)."""
     values = read_adapter_values(folder)
-    params = _value_params(model, adapter_name)
-    missing, unexpected = sorted(set(params) - set(values)), sorted(set(values) - set(params))
-    if missing or unexpected:
-        first = missing[0] if missing else unexpected[0]
-        raise ValueError(f"the slice in {str(folder)!r} is not the slice being trained ({len(missing)} missing, "
-                         f"{len(unexpected)} unexpected, e.g. {first!r}): resume with the same --slice_fraction, "
+    bad = values_mismatch(model, adapter_name, values)
+    if bad is not None and bad.shape is None:
+        first = bad.missing[0] if bad.missing else bad.unexpected[0]
+        raise ValueError(f"the slice in {str(folder)!r} is not the slice being trained ({len(bad.missing)} missing, "
+                         f"{len(bad.unexpected)} unexpected, e.g. {first!r}): resume with the same --slice_fraction, "
                          "--slice_id, --slice_seed and model")
-    with torch.no_grad():
-        for key, param in params.items():
-            if tuple(values[key].shape) != tuple(param.shape):
-                raise ValueError(f"{key!r} has shape {tuple(values[key].shape)} in {str(folder)!r}, the slice being "
-                                 f"trained needs {tuple(param.shape)}: resume with the same slice flags")
-            param.copy_(values[key].to(param.device, param.dtype))
+    if bad is not None:
+        key, got, need = bad.shape
+        raise ValueError(f"{key!r} has shape {got} in {str(folder)!r}, the slice being trained needs {need}: resume "
+                         "with the same slice flags")
+    set_adapter_values(model, adapter_name, values)
 
 
 def register_slice_hooks(accelerator, model: torch.nn.Module) -> None:

@@ -35,7 +35,7 @@ class Components:
     expand_timesteps: bool = False
     source: dict = field(default_factory=dict)  # models.load_transformer's source_info, or {"kind": "tiny", ...}
     identity: dict = field(default_factory=dict)  # strings naming the VAE/text encoder weights (cache keys)
-    reload: Optional[Callable[[], torch.nn.Module]] = None  # the base transformer again, float32 (in-memory merge)
+    reload: Optional[Callable[[], torch.nn.Module]] = None  # the base transformer again, float32 (the merge base when none is on disk)
 
 
 def _model_index(path: str) -> dict:

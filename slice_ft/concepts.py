@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 from typing import Optional
 
-from slice_adapter import ledger
+from slice_adapter.files import ledger
 
 PROMPT_FILE_SUFFIXES = (".txt", ".prompts")
 

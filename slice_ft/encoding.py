@@ -7,7 +7,6 @@ length and zero-padded to `max_sequence_length`, and VAE latents normalised with
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import os
@@ -113,7 +112,8 @@ def encode_videos(vae, pixels: torch.Tensor, *, dtype: torch.dtype = torch.float
 
 
 def free_encoders(holder: MutableMapping | object, names: Iterable[str] = ("vae", "text_encoder", "tokenizer")):
-    """Drop `holder`'s references to the named models, then `gc.collect()` and empty the CUDA cache.
+    """Drop `holder`'s references to the named models, then diffusers' `free_memory()` (gc and the
+    accelerator's cache).
 
     `holder` is a dict (entries popped, e.g. `build_tiny_components()`'s) or an object such as a pipeline
     (attributes set to None). Memory only comes back once no other reference exists: `del` your own locals too.
@@ -127,9 +127,9 @@ def free_encoders(holder: MutableMapping | object, names: Iterable[str] = ("vae"
         elif getattr(holder, name, None) is not None:
             setattr(holder, name, None)
             dropped.append(name)
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    from diffusers.training_utils import free_memory
+
+    free_memory()  # gc, then the accelerator's cache (CUDA, XPU, MPS, ...)
     return dropped
 
 

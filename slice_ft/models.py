@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 import torch
 
-from slice_adapter.keys import KEY_FORMATS, PREFIXES, detect_key_format, from_diffusers_state_dict, wan_to_diffusers
+from slice_adapter.files.keys import KEY_FORMATS, PREFIXES, detect_key_format, from_diffusers_state_dict, wan_to_diffusers
 
 _CONFIG_NAME = "config.json"
 
@@ -30,7 +30,7 @@ def _config_location(root: str, subfolder: str | None) -> tuple[str, str | None]
 def _checkpoint_keys(path: str) -> tuple[list[str], dict | None, dict | None]:
     """(keys, safetensors metadata, loaded state dict or None); safetensors keys come from the header alone."""
     if path.endswith(".safetensors"):
-        from slice_adapter.checkpoint import read_header
+        from slice_adapter.files.safetensors_stream import read_header
 
         entries, metadata = read_header(path)  # names the file when it is truncated or damaged
         return list(entries), metadata, None
@@ -193,7 +193,7 @@ def save_transformer_state_dict(
             raise ValueError(f"state dict entry {k!r} is a {type(v).__name__}, not a tensor; pass tensors only")
         tensors[k] = v.detach().to("cpu").contiguous()
 
-    from slice_adapter.checkpoint import honour_umask, partial_path
+    from slice_adapter.files.safetensors_stream import honour_umask, partial_path
 
     path = os.path.abspath(os.fspath(path))
     os.makedirs(os.path.dirname(path), exist_ok=True)

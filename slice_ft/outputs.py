@@ -7,8 +7,9 @@
 - `--transformer_file X.safetensors` input: `merged/X.safetensors`, with X's own keys and prefix (original Wan /
   ComfyUI or diffusers) and X's per-tensor dtypes.
 
-The merge always starts from the base on disk (never from a bf16/fp8 training copy): `slice_adapter.merge` streams
-it one tensor at a time; without a base file (`tiny`), the base is rebuilt in memory and merged there.
+The merge always starts from the base on disk (never from a bf16/fp8 training copy): `slice_adapter.files.merge`
+streams it one tensor at a time; without a base file (`tiny`), the base is rebuilt, written to a temp file and streamed
+from there.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Callable, Optional
 import torch
 
 import slice_adapter
-from slice_adapter import ledger
+from slice_adapter.files import ledger
 
 SLICE_SUBDIR = "slice"
 MERGED_SUBDIR = "merged"
@@ -72,14 +73,14 @@ def merged_output_path(source: dict, output_dir: str | os.PathLike) -> Path:
 def check_merged_space(source: dict, output_dir: str | os.PathLike, model: Optional[torch.nn.Module] = None) -> int:
     """--save_merged, checked before training: the merged file needs about the base's size free on OUTPUT_DIR's disk
     (the merge writes it next to any earlier one, which stays until the new one is complete). Returns the bytes."""
-    from slice_adapter.checkpoint import open_checkpoint
-    from slice_adapter.report import format_bytes
+    from slice_adapter.files.report import format_bytes
+    from slice_adapter.files.safetensors_stream import open_checkpoint
 
     base = merge_base_path(source)
     if base is not None:
         need = sum(e.nbytes for e in open_checkpoint(base).entries.values())
-    else:  # tiny: rebuilt in memory and written in float32
-        need = sum(p.numel() * 4 for p in (model.parameters() if model is not None else ()))
+    else:  # tiny: rebuilt and written in float32 to a temp base file, then merged beside it
+        need = 2 * sum(p.numel() * 4 for p in (model.parameters() if model is not None else ()))
     probe = Path(output_dir).resolve()
     while not probe.exists():
         probe = probe.parent
@@ -99,59 +100,33 @@ def save_merged(
     rebuild_base: Optional[Callable[[], torch.nn.Module]] = None,
     progress: bool = True,
 ) -> Path:
-    """Write `output_dir/merged/` = base + slice in the base's key format; returns the weights file."""
+    """Write `output_dir/merged/` = base + slice in the base's key format; returns the weights file.
+
+    One merge path: the streaming merge of `slice_adapter.merge`. A base that exists only in memory (`tiny`) is
+    written to a temp file next to the output first (removed afterwards), and streamed from there."""
+    from slice_adapter.files.merge import merge_slices
+
     out = merged_output_path(source, output_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     base = merge_base_path(source)
-    merge_slices = _streaming_merge()
-    if base is not None and merge_slices is not None:
+    if base is not None:
         merge_slices(base, [Path(slice_dir)], out, overwrite=True, progress=progress)
         if base.is_dir():
             shutil.copy2(base / "config.json", out.parent / "config.json")
         return out
     if rebuild_base is None:
         raise ValueError("save_merged: no base checkpoint on disk and no rebuild_base; pass rebuild_base=")
-    return _merge_in_memory(source, rebuild_base(), slice_dir, out)
-
-
-def _streaming_merge():
-    try:
-        from slice_adapter.merge import merge_slices
-    except ImportError:  # the streaming merge is optional; the in-memory merge covers every input
-        return None
-    return merge_slices
-
-
-def _stored_dtypes(source: dict) -> dict[str, torch.dtype]:
-    """Per-tensor dtypes of the base file (keyed by diffusers name), to write merged tensors as the base stores them."""
-    base = merge_base_path(source)
-    if base is None or not base.is_file():
-        return {}
-    from safetensors import safe_open
-
-    from slice_adapter.keys import to_diffusers_state_dict
-
-    with safe_open(str(base), framework="pt") as f:
-        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
-    names = to_diffusers_state_dict(dict.fromkeys(dtypes))
-    st = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
-    return {d: st.get(dtypes[k], None) for k, d in zip(dtypes, names)}
-
-
-def _merge_in_memory(source: dict, model: torch.nn.Module, slice_dir, out: Path) -> Path:
     from .models import save_transformer_state_dict
 
-    if any(p.dtype != torch.float32 for p in model.parameters()):
-        model.to(torch.float32)  # base + delta in float32, rounded once below
-    slice_adapter.load_adapter(model, slice_dir)
-    slice_adapter.merge_adapters(model)
-    dtypes = _stored_dtypes(source)
-    state = {k: (v.to(dtypes[k]) if dtypes.get(k) else v) for k, v in merged_state_dict(model).items()}
+    model = rebuild_base()
+    temp_base = out.with_name(f".{out.stem}.base-{os.getpid()}.safetensors")
     meta = {k: v for k, v in (source.get("metadata") or {}).items() if k != "format"}
-    # the ledger the streaming merge writes (the base's records, then this slice's), so stacking on this output
-    # sees every slice and concept in it
-    meta[ledger.LEDGER_KEY] = ledger.encode_records(ledger.merged_records(source.get("metadata"), [slice_dir]))
-    save_transformer_state_dict(state, out, source.get("key_format", "diffusers"), source.get("prefix", ""), meta)
+    try:
+        save_transformer_state_dict(model.state_dict(), temp_base, source.get("key_format", "diffusers"),
+                                    source.get("prefix", ""), meta)
+        merge_slices(temp_base, [Path(slice_dir)], out, overwrite=True, progress=progress)
+    finally:
+        temp_base.unlink(missing_ok=True)
     if source.get("kind") != "single_file":
         model.save_config(out.parent)
     return out

@@ -242,7 +242,7 @@ def test_keys_module_needs_no_torch_or_diffusers():
     code = (
         "import sys, importlib.util\n"
         "for m in ('torch', 'diffusers', 'transformers', 'safetensors'): sys.modules[m] = None\n"
-        f"spec = importlib.util.spec_from_file_location('k', {os.path.join(REPO, 'slice_adapter', 'keys.py')!r})\n"
+        f"spec = importlib.util.spec_from_file_location('k', {os.path.join(REPO, 'slice_adapter', 'files', 'keys.py')!r})\n"
         "k = importlib.util.module_from_spec(spec); spec.loader.exec_module(k)\n"
         "print(k.diffusers_to_wan('blocks.0.norm2.weight'))\n"
     )

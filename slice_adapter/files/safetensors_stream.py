@@ -473,18 +473,20 @@ class StreamWriter:
                 _write_all(self._f, piece)
                 done += piece.nbytes
 
-    def patch(self, name: str, offset: int, data) -> None:
-        """Overwrite bytes of tensor `name`, already written, from byte `offset` within it (positional writes: the
-        stream goes on where it was)."""
+    def patch(self, name: str, spans, data) -> None:
+        """Overwrite byte ranges of tensor `name`, already written: `spans` lists (offset within the tensor, lo, hi),
+        the new bytes being `data[lo:hi]`. Positional writes: the stream goes on where it was. Checked once for all."""
         view = memoryview(data).cast("B")
         if self._order.get(name, len(self._expected)) >= self._next:
             raise RuntimeError(f"StreamWriter.patch: {name!r} has not been written yet")
-        if offset < 0 or offset + view.nbytes > self._expected[self._order[name]][1]:
-            raise RuntimeError(f"StreamWriter.patch: bytes [{offset}, {offset + view.nbytes}) lie outside {name!r}")
-        at = self._position[name] + offset
-        while view.nbytes:
-            n = os.pwrite(self._f.fileno(), view, at)
-            view, at = view[n:], at + n
+        size, base, fd = self._expected[self._order[name]][1], self._position[name], self._f.fileno()
+        for offset, lo, hi in spans:
+            if offset < 0 or offset + hi - lo > size:
+                raise RuntimeError(f"StreamWriter.patch: bytes [{offset}, {offset + hi - lo}) lie outside {name!r}")
+            piece, at = view[lo:hi], base + offset
+            while piece.nbytes:
+                n = os.pwrite(fd, piece, at)
+                piece, at = piece[n:], at + n
 
     @staticmethod
     def _entry_at(entries: list[TensorEntry], offset: int) -> TensorEntry:

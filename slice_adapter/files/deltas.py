@@ -13,10 +13,10 @@ from typing import Iterable, Optional
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 
-from .checkpoint import TensorEntry, read_header, read_tensor
-from .formats import WEIGHTS_NAME, SliceSettings, param_name_for_key, read_adapter_settings, recorded_layouts
-from .selection import ParamLayout, SlicePlan, is_targeted, layout_fingerprint, plan_layouts
+from .adapter_folder import WEIGHTS_NAME, SliceSettings, param_name_for_key, read_adapter_settings, recorded_layouts
+from ..selection import ParamLayout, SlicePlan, is_targeted, layout_fingerprint, plan_layouts
 
 _BLOCK_NUM = re.compile(r"(^|\.)blocks\.\d+\.")
 
@@ -49,7 +49,7 @@ class SliceDeltas:
     layouts: dict[str, ParamLayout]
     plan: SlicePlan
     values_file: Path
-    entries: dict[str, TensorEntry]  # parameter name -> its values tensor in the values file
+    keys: dict[str, str]  # parameter name -> the key of its values in the values file
 
     @property
     def fingerprint(self) -> str:
@@ -65,15 +65,15 @@ class SliceDeltas:
         return self.plan.flat_indices(name)
 
     def values(self, name: str, f=None) -> torch.Tensor:
-        """Parameter `name`'s delta values as a float32 1-D tensor (read now; pass an open values file to reuse it)."""
-        entry = self.entries[name]
+        """Parameter `name`'s delta values as a float32 1-D tensor (read now; pass `open_values()` to reuse it)."""
         if f is None:
-            with open(self.values_file, "rb") as fh:
-                return read_tensor(fh, entry).reshape(-1).to(torch.float32)
-        return read_tensor(f, entry).reshape(-1).to(torch.float32)
+            with self.open_values() as fh:
+                return fh.get_tensor(self.keys[name]).reshape(-1).to(torch.float32)
+        return f.get_tensor(self.keys[name]).reshape(-1).to(torch.float32)
 
     def open_values(self):
-        return open(self.values_file, "rb")
+        """The values file opened with safetensors' `safe_open` (a context manager)."""
+        return safe_open(str(self.values_file), framework="pt")
 
     def load_all(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """{parameter: (flat indices int64, values float32)} for every parameter the slice touches."""
@@ -111,15 +111,20 @@ def read_slice(path) -> SliceDeltas:
     values_file = path / WEIGHTS_NAME
     if not values_file.is_file():
         raise ValueError(f"{str(path)!r} has no {WEIGHTS_NAME}: the adapter folder is incomplete")
-    header, _ = read_header(values_file)
+    try:  # safetensors checks the header and that the file holds every byte it announces
+        with safe_open(str(values_file), framework="pt") as f:
+            header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{str(values_file)!r} is truncated or corrupted ({err}): re-save or re-download the "
+                         "slice") from None
     plan = plan_layouts(layouts, config.fraction, config.slice_id, config.seed)
-    by_param: dict[str, TensorEntry] = {}
-    for key, entry in header.items():
+    by_param: dict[str, tuple[str, tuple, str]] = {}  # parameter -> (key, shape, dtype)
+    for key, (shape, dtype) in header.items():
         try:
             name = param_name_for_key(key)
         except ValueError as err:
             raise ValueError(f"{str(values_file)!r}: {err}; the values file is not a slice's") from None
-        by_param[name] = entry
+        by_param[name] = (key, shape, dtype)
     missing = [n for n in plan.tiles if n not in by_param]
     unexpected = [n for n in by_param if n not in plan.tiles]
     if missing or unexpected:
@@ -130,13 +135,13 @@ def read_slice(path) -> SliceDeltas:
     for name, tiles in plan.tiles.items():
         lay = plan.layouts[name]
         want = (len(tiles), lay.tile_width) if lay.tiled_rows else (len(tiles),)
-        entry = by_param[name]
-        if tuple(entry.shape) != want:
-            raise ValueError(f"{str(values_file)!r}: values of {name!r} have shape {list(entry.shape)}, the slice "
+        _, shape, dtype = by_param[name]
+        if shape != want:
+            raise ValueError(f"{str(values_file)!r}: values of {name!r} have shape {list(shape)}, the slice "
                              f"needs {list(want)}: the values file belongs to another slice")
-        if not entry.torch_dtype.is_floating_point:
-            raise ValueError(f"{str(values_file)!r}: values of {name!r} are {entry.dtype}, not floating point")
-    ordered = {n: by_param[n] for n in plan.tiles}
+        if not dtype.startswith(("F", "BF")):  # F64/F32/F16/BF16/F8_*: safetensors' floating dtypes
+            raise ValueError(f"{str(values_file)!r}: values of {name!r} are {dtype}, not floating point")
+    ordered = {n: by_param[n][0] for n in plan.tiles}
     return SliceDeltas(path, config, dict(plan.layouts), plan, values_file, ordered)
 
 
@@ -177,7 +182,7 @@ def check_layout_matches(slice_: SliceDeltas, shapes: dict, what: str = "BASE",
 
 def planned_overlap(a: SliceDeltas, b: SliceDeltas) -> int:
     """Exact number of weights two slices both own (by parameter name)."""
-    from .selection import overlap_count
+    from ..selection import overlap_count
 
     return overlap_count(a.plan, b.plan)
 

@@ -93,7 +93,7 @@ def encode_records(records: list[dict]) -> str:
 
 
 def is_slice_folder(path) -> bool:
-    from .formats import CONFIG_NAME
+    from .adapter_folder import CONFIG_NAME
 
     return Path(path).is_dir() and (Path(path) / CONFIG_NAME).is_file()
 
@@ -107,7 +107,7 @@ def read_ledger(path) -> list[dict]:
         from .deltas import read_slice
 
         return [slice_record(read_slice(path))]
-    from .checkpoint import open_checkpoint
+    from .safetensors_stream import open_checkpoint
 
     return metadata_records(open_checkpoint(path).metadata)
 
@@ -151,9 +151,9 @@ def _diffusers_shapes(ckpt) -> dict:
 def free_slice_id(base, fraction, seed: int = 0, target_modules=None, exclude_modules=None) -> tuple[int, list[dict]]:
     """(the lowest slice id at `fraction`/`seed` sharing no weight with any slice the base's ledger records as
     merged, those records). Overlap is counted exactly on the base's layout (from its header; no model)."""
-    from .checkpoint import open_checkpoint
+    from .safetensors_stream import open_checkpoint
     from .deltas import layouts_from_shapes
-    from .selection import layout_fingerprint, num_slices_for, overlap_count, plan_layouts
+    from ..selection import layout_fingerprint, num_slices_for, overlap_count, plan_layouts
 
     ckpt = open_checkpoint(base)
     records = metadata_records(ckpt.metadata)

@@ -1,4 +1,5 @@
-"""The adapter folder: PEFT's layout (`adapter_config.json` + `adapter_model.safetensors`) holding slice values only.
+"""Saving and loading slice adapter folders on models (the PEFT side of `adapter_folder`): PEFT's layout
+(`adapter_config.json` + `adapter_model.safetensors`) holding slice values only.
 
 Indices are not stored: they are regenerated from the config, which records the layout fingerprint and the targeted
 parameters' names, shapes and tilings (so a folder can be checked, merged or exported without the model).
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -17,12 +19,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checkpoint import honour_umask, partial_path
-from .config import SliceConfig
-from .formats import CONFIG_NAME, WEIGHTS_NAME, layout_record, read_adapter_settings, values_key
-from .layer import SliceLayer
-from .registry import SLICE_PEFT_TYPE
-from .selection import model_layouts
+from .safetensors_stream import honour_umask, partial_path
+from ..config import SLICE_PEFT_TYPE, SliceConfig
+from .adapter_folder import CONFIG_NAME, PEFT_KEY_PREFIX, WEIGHTS_NAME, layout_record, read_adapter_settings
+from ..layer import SliceLayer
+from ..model import cast_slice_values
+from ..selection import model_layouts
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -34,13 +36,41 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter's values with the keys PEFT's `save_pretrained` writes (adapter name removed)."""
-    state = {}
-    for name, module in _unwrap(model).named_modules():
-        if isinstance(module, SliceLayer) and adapter_name in module.slice_values:
-            for pname, value in module.slice_values[adapter_name].items():
-                state[values_key(name, pname)] = value.detach().to("cpu", torch.float32).contiguous()
-    return state
+    """The adapter's values with the keys PEFT's `save_pretrained` writes (adapter name removed), float32 on the CPU."""
+    from peft import get_peft_model_state_dict
+
+    # on a bare model PEFT omits the prefix; no embedding layer is ever part of a slice
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
+    return {(k if k.startswith(PEFT_KEY_PREFIX) else PEFT_KEY_PREFIX + k): v.detach().to("cpu", torch.float32)
+            .contiguous() for k, v in state.items()}
+
+
+@dataclass
+class ValuesMismatch:
+    """How a values file differs from the slice on a model: keys missing or unexpected, or a key of another shape."""
+
+    missing: list[str]
+    unexpected: list[str]
+    shape: Optional[tuple[str, tuple, tuple]] = None  # (key, shape in the file, shape the slice needs)
+
+
+def values_mismatch(model: nn.Module, adapter_name: str, values: dict[str, torch.Tensor]) -> Optional[ValuesMismatch]:
+    """None when `values` (keys as PEFT writes them) are exactly `adapter_name`'s values on `model`."""
+    want = adapter_state_dict(model, adapter_name)
+    missing, unexpected = sorted(set(want) - set(values)), sorted(set(values) - set(want))
+    if missing or unexpected:
+        return ValuesMismatch(missing, unexpected)
+    for key, value in want.items():
+        if tuple(values[key].shape) != tuple(value.shape):
+            return ValuesMismatch([], [], (key, tuple(values[key].shape), tuple(value.shape)))
+    return None
+
+
+def set_adapter_values(model: nn.Module, adapter_name: str, values: dict[str, torch.Tensor]) -> None:
+    """Copy `values` (checked with `values_mismatch`) into `adapter_name`'s slice on `model` (PEFT's loader)."""
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(model, values, adapter_name=adapter_name)
 
 
 def _write_folder_atomically(path: Path, write) -> None:
@@ -152,8 +182,6 @@ def load_adapter(model: nn.Module, path, adapter_name: Optional[str] = None, is_
         model.peft_config.pop(name, None)
         raise
     if not autocast_adapter_dtype:
-        from .model import cast_slice_values
-
         cast_slice_values(model, name, autocast_adapter_dtype=False)
     if hasattr(model, "_hf_peft_config_loaded"):
         model._hf_peft_config_loaded = True
@@ -172,21 +200,14 @@ def _active_adapters(model: nn.Module) -> list[str]:
 
 
 def _assign_values(model: nn.Module, adapter_name: str, values: dict[str, torch.Tensor], path) -> None:
-    expected = {}
-    for name, module in model.named_modules():
-        if isinstance(module, SliceLayer) and adapter_name in module.slice_values:
-            for pname, param in module.slice_values[adapter_name].items():
-                expected[values_key(name, pname)] = param
-    missing = sorted(set(expected) - set(values))
-    unexpected = sorted(set(values) - set(expected))
-    if missing or unexpected:
-        what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+    bad = values_mismatch(model, adapter_name, values)
+    if bad is not None and bad.shape is None:
+        what = f"missing {bad.missing[0]!r}" if bad.missing else f"unexpected {bad.unexpected[0]!r}"
         raise ValueError(f"{str(path)!r} does not match the slice its config defines on this model ({what}; "
-                         f"{len(missing)} missing, {len(unexpected)} unexpected): the values file is corrupted or "
-                         "belongs to another slice")
-    for key, param in expected.items():
-        if tuple(values[key].shape) != tuple(param.shape):
-            raise ValueError(f"{key!r} in {str(path)!r} has shape {tuple(values[key].shape)}, the slice needs "
-                             f"{tuple(param.shape)}: the values file belongs to another slice")
-        with torch.no_grad():
-            param.copy_(values[key].to(param.device, param.dtype))
+                         f"{len(bad.missing)} missing, {len(bad.unexpected)} unexpected): the values file is corrupted "
+                         "or belongs to another slice")
+    if bad is not None:
+        key, got, need = bad.shape
+        raise ValueError(f"{key!r} in {str(path)!r} has shape {got}, the slice needs {need}: the values file belongs "
+                         "to another slice")
+    set_adapter_values(model, adapter_name, values)

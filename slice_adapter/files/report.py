@@ -17,7 +17,7 @@ from typing import Union
 import numpy as np
 
 from .deltas import layouts_from_shapes, parameter_kind, read_slice
-from .selection import (
+from ..selection import (
     ParamLayout,
     _offset,
     block_index,
@@ -50,7 +50,7 @@ def format_bytes(n: float) -> str:
 
 def _load_model_source(model: Union[str, dict, Path]):
     """(label, ("config", dict) or ("checkpoint", path)) for a model name, a config, or a path."""
-    from .wan_configs import WAN_CONFIGS, wan_config
+    from ..wan_configs import WAN_CONFIGS, wan_config
 
     if isinstance(model, dict):
         return "config", ("config", dict(model))
@@ -77,8 +77,8 @@ def _model_layouts(source, target_modules, exclude_modules):
     """(total parameters, targeted layouts) from a config (meta model) or a checkpoint's header."""
     kind, value = source
     if kind == "config":
-        from .selection import model_layouts
-        from .wan_configs import build_meta_transformer
+        from ..selection import model_layouts
+        from ..wan_configs import build_meta_transformer
 
         try:
             model = build_meta_transformer(value)
@@ -87,7 +87,7 @@ def _model_layouts(source, target_modules, exclude_modules):
                              "config.json") from None
         total = sum(p.numel() for p in model.parameters())
         return total, model_layouts(model, target_modules, exclude_modules)
-    from .checkpoint import open_checkpoint
+    from .safetensors_stream import open_checkpoint
     from .keys import detect_key_format, wan_to_diffusers
 
     ckpt = open_checkpoint(value)

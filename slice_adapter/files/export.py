@@ -42,10 +42,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .checkpoint import (StreamWriter, dtype_label, open_checkpoint, parse_dtype, refuse_overwriting_inputs,
+from .safetensors_stream import (StreamWriter, dtype_label, open_checkpoint, parse_dtype, refuse_overwriting_inputs,
                          write_json_atomically)
 from .deltas import SliceDeltas, read_slice
-from .formats import slice_files
+from .adapter_folder import slice_files
 from .keys import diffusers_to_wan
 
 COMFY_PREFIX = "diffusion_model."
@@ -436,7 +436,7 @@ def _config_signature(config: dict) -> tuple:
 
 def matching_models(shapes: dict) -> list[str]:
     """The published Wan models (wan_configs names) whose transformer has exactly these shapes' signature."""
-    from .wan_configs import WAN_CONFIGS
+    from ..wan_configs import WAN_CONFIGS
 
     sig = _signature(shapes)
     return [name for name, cfg in WAN_CONFIGS.items() if sig is not None and _config_signature(cfg) == sig]

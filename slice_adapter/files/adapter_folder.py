@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-from .selection import ADAPTER_CHILD, ParamLayout, check_slice_fields, layout_fingerprint, num_slices_for
+from ..selection import ADAPTER_CHILD, ParamLayout, check_slice_fields, layout_fingerprint, num_slices_for
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
