@@ -12,9 +12,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .choices import (LR_SCHEDULERS, OPTIMIZERS, PRESERVATION_LOSSES, SAMPLING_METHODS, TINY, TINY_MAX_SEQUENCE_LENGTH,
-                      WEIGHTING_SCHEMES)
-from .compile import COMPILE_MODES
+from .choices import (COMPILE_MODES, LR_SCHEDULERS, OPTIMIZERS, PRESERVATION_LOSSES, SAMPLING_METHODS, TINY,
+                      TINY_MAX_SEQUENCE_LENGTH, WEIGHTING_SCHEMES)
 from .concepts import check_concept_args, slice_id_arg
 from .config import parse_args_with_config
 

@@ -9,3 +9,4 @@ WEIGHTING_SCHEMES: tuple[str, ...] = ("none", "sigma_sqrt", "cosmap")
 LR_SCHEDULERS: tuple[str, ...] = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
                                   "polynomial")
 PRESERVATION_LOSSES: tuple[str, ...] = ("distill", "flow")  # slice_ft.preservation.LOSS_MODES
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's modes

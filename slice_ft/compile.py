@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+from .choices import COMPILE_MODES
+
 
 
 class CompileUnavailable(RuntimeError):

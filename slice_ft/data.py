@@ -338,7 +338,14 @@ def build_dataset(
         return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     if os.path.isdir(os.fspath(dataset_name)):
         return load_local_corpus(dataset_name, caption_column=caption_column, num_shards=num_shards)
-    ds = datasets.load_dataset(os.fspath(dataset_name), split=split, streaming=streaming, **load_kwargs)
+    try:
+        ds = datasets.load_dataset(os.fspath(dataset_name), split=split, streaming=streaming, **load_kwargs)
+    except (OSError, ValueError) as err:  # a mistyped local folder lands here too: say both what it is not
+        raise ValueError(
+            f"dataset {os.fspath(dataset_name)!r} is not a local folder (none at "
+            f"{os.path.abspath(os.fspath(dataset_name))!r}) and could not be loaded as a `datasets` Hub dataset "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no details'}); pass an existing "
+            "folder of captioned images/videos, or a Hub dataset name such as user/dataset") from err
     if not streaming:
         ds = ds.to_iterable_dataset(num_shards=max(1, min(len(ds), num_shards or 256)))
     feats = ds.features or {}

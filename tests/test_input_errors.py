@@ -125,6 +125,25 @@ def test_mistyped_local_paths_are_called_missing_not_unreachable_on_the_hub(tmp_
     check_inputs(args())  # the real folder passes
 
 
+def test_a_name_that_is_neither_a_local_folder_nor_a_hub_dataset_says_both(tmp_path, monkeypatch):
+    """`data/clipz` (no `data/` here either) cannot be told from a Hub name without the network: when the Hub load
+    fails, the error says it is no local folder as well, not only that the Hub could not be reached."""
+    import datasets
+
+    from slice_ft.data import build_dataset
+
+    monkeypatch.chdir(tmp_path)
+
+    def unreachable(name, **kwargs):
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    with pytest.raises(ValueError, match=r"dataset 'data/clipz' is not a local folder \(none at '.*data/clipz'\) "
+                                         r"and could not be loaded as a `datasets` Hub dataset \(ConnectionError: "
+                                         r"Couldn't reach 'data/clipz'.*pass an existing folder"):
+        build_dataset("data/clipz")
+
+
 def test_a_truncated_transformer_file_is_named(tmp_path):
     full = save_base(tiny_state(0), tmp_path / "wan.safetensors", fmt="wan")
     data = full.read_bytes()
