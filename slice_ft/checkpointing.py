@@ -18,7 +18,7 @@ import torch
 
 import slice_adapter
 from slice_adapter.files.safetensors_stream import write_json_atomically
-from slice_adapter.files.io import read_adapter_values, set_adapter_values, values_mismatch
+from slice_adapter.files.io import assign_values, read_adapter_values
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 SLICE_SUBDIR = "slice"
@@ -29,18 +29,8 @@ SLICE_SUBDIR = "slice"
 
 def load_slice_values(model: torch.nn.Module, folder: str | os.PathLike, adapter_name: str = "default") -> None:
     """Copy the values of an adapter folder into the slice already on `model` (same slice, exact values)."""
-    values = read_adapter_values(folder)
-    bad = values_mismatch(model, adapter_name, values)
-    if bad is not None and bad.shape is None:
-        first = bad.missing[0] if bad.missing else bad.unexpected[0]
-        raise ValueError(f"the slice in {str(folder)!r} is not the slice being trained ({len(bad.missing)} missing, "
-                         f"{len(bad.unexpected)} unexpected, e.g. {first!r}): resume with the same --slice_fraction, "
-                         "--slice_id, --slice_seed and model")
-    if bad is not None:
-        key, got, need = bad.shape
-        raise ValueError(f"{key!r} has shape {got} in {str(folder)!r}, the slice being trained needs {need}: resume "
-                         "with the same slice flags")
-    set_adapter_values(model, adapter_name, values)
+    assign_values(model, adapter_name, read_adapter_values(folder), folder,
+                  fix="it is not the slice being trained: resume with the same --ff, --ffid, --slice_seed and model")
 
 
 def register_slice_hooks(accelerator, model: torch.nn.Module) -> None:

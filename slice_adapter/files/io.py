@@ -174,7 +174,7 @@ def load_adapter(model: nn.Module, path, adapter_name: Optional[str] = None, is_
     previously_active = _active_adapters(model)
     inject_adapter_in_model(config, model, name)  # checks the recorded layout against the model
     try:
-        _assign_values(model, name, values, path)
+        assign_values(model, name, values, path)
     except ValueError:
         for module in model.modules():
             if isinstance(module, SliceLayer):
@@ -199,15 +199,16 @@ def _active_adapters(model: nn.Module) -> list[str]:
     return []
 
 
-def _assign_values(model: nn.Module, adapter_name: str, values: dict[str, torch.Tensor], path) -> None:
+def assign_values(model: nn.Module, adapter_name: str, values: dict[str, torch.Tensor], path, *,
+                  fix: str = "the values file is corrupted or belongs to another slice") -> None:
+    """Set the values of the slice `adapter_name` on `model` from `values` (read from `path`); a file that does not
+    fit the slice is refused with one message ending in `fix`."""
     bad = values_mismatch(model, adapter_name, values)
     if bad is not None and bad.shape is None:
-        what = f"missing {bad.missing[0]!r}" if bad.missing else f"unexpected {bad.unexpected[0]!r}"
-        raise ValueError(f"{str(path)!r} does not match the slice its config defines on this model ({what}; "
-                         f"{len(bad.missing)} missing, {len(bad.unexpected)} unexpected): the values file is corrupted "
-                         "or belongs to another slice")
+        first = bad.missing[0] if bad.missing else bad.unexpected[0]
+        raise ValueError(f"{str(path)!r} does not match the slice on this model ({len(bad.missing)} missing, "
+                         f"{len(bad.unexpected)} unexpected, e.g. {first!r}): {fix}")
     if bad is not None:
         key, got, need = bad.shape
-        raise ValueError(f"{key!r} in {str(path)!r} has shape {got}, the slice needs {need}: the values file belongs "
-                         "to another slice")
+        raise ValueError(f"{key!r} in {str(path)!r} has shape {got}, the slice needs {need}: {fix}")
     set_adapter_values(model, adapter_name, values)
