@@ -442,14 +442,8 @@ def frame_indices(available: int, num_frames: int, frame_stride: Optional[int] =
 
 
 def _resize_crop(img: Image.Image, width: int, height: int) -> np.ndarray:
-    """Resize so the image covers width x height (shorter side fits), then center-crop."""
-    w, h = img.size
-    scale = max(width / w, height / h)
-    nw, nh = max(width, round(w * scale)), max(height, round(h * scale))
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=None)
-    left, top = (nw - width) // 2, (nh - height) // 2
-    return np.asarray(img.crop((left, top, left + width, top + height)), dtype=np.uint8)
+    """Resize so the image covers width x height (shorter side fits), then center-crop (PIL's ImageOps.fit)."""
+    return np.asarray(ImageOps.fit(img, (width, height), Image.BICUBIC, centering=(0.5, 0.5)), dtype=np.uint8)
 
 
 def _frames_from(container, stream, first: int) -> Iterator[tuple[int, "av.VideoFrame"]]:

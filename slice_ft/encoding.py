@@ -22,7 +22,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 from tqdm.auto import tqdm
 
-CACHE_FORMAT_VERSION = 1  # bump when what is stored (or how it is computed) changes: old files then miss
+CACHE_FORMAT_VERSION = 2  # 2: frames resized by ImageOps.fit. Bump when what is stored (or how it is computed)
+# changes: old files then miss
 REQUIRED_SETTINGS: tuple[str, ...] = ("vae", "text_encoder", "max_sequence_length", "dtype")
 _TEXT_SETTINGS = ("text_encoder", "max_sequence_length")  # the rest of the global settings go to the latents key
 
