@@ -111,32 +111,6 @@ def test_without_kernel_copy(tmp_path, monkeypatch, shapes):
         assert torch.equal(merged[k].view(torch.uint8), v.view(torch.uint8)), k
 
 
-@pytest.mark.parametrize("path", ["patch", "dense"])
-def test_patches_queued_behind_a_slow_background_copy(tmp_path, monkeypatch, shapes, path):
-    """The copy runs in small pieces and takes one queued patch at a time: patches wait for it, still bit exact."""
-    state, base = make_base(tmp_path / "base.safetensors", shapes, torch.bfloat16)
-    s0 = synthetic_slice(tmp_path / "s0", shapes, 0.02, 0, value_seed=1)
-    s1 = synthetic_slice(tmp_path / "s1", shapes, 0.02, 1, value_seed=2)
-    force(monkeypatch, path)
-    monkeypatch.setattr(checkpoint_module, "BACKGROUND_COPY_CHUNK", 4096)
-    monkeypatch.setattr(checkpoint_module, "PATCH_QUEUE_BYTES", 1)
-    real = checkpoint_module.StreamWriter._write_patches
-    written = {"n": 0}
-
-    def counting(self, dst, final=False):
-        written["n"] += len(self._patches)
-        return real(self, dst, final)
-
-    monkeypatch.setattr(checkpoint_module.StreamWriter, "_write_patches", counting)
-    out = tmp_path / "out.safetensors"
-    merge_slices(base, [s0, s1], out, progress=False)
-    want = reference_merge(state, [s0, s1])
-    merged = load(out)
-    for k, v in want.items():
-        assert torch.equal(merged[k].view(torch.uint8), v.view(torch.uint8)), k
-    assert written["n"] > 0  # some patches went through the copying thread's queue
-
-
 def test_failure_while_patching_leaves_outputs_intact(tmp_path, monkeypatch, shapes):
     state, base = make_base(tmp_path / "base.safetensors", shapes, torch.bfloat16)
     s0 = synthetic_slice(tmp_path / "s0", shapes, 0.01, 0, value_seed=1)

@@ -10,10 +10,8 @@ appended to BASE's own list when BASE is itself a merge (stacking).
 The one merge path of the project: `scripts/merge_slices.py` and the trainer's `--save_merged` both end here.
 
 Memory: one tensor is read into a buffer reused for every tensor; only its selected weights are gathered, updated in
-float32 and rounded once to the output dtype, in place; then it is written. Every tensor that keeps its dtype is first
-copied byte for byte inside the kernel, in a few large `os.copy_file_range` calls run in a background thread (through a
-fixed buffer where that is not possible); the touched ones are then overwritten in place, only their selected bytes
-where those are sparse. Peak memory is
+float32 and rounded once to the output dtype, in place; then it is written. Runs of untouched tensors are copied byte
+for byte inside the kernel (`os.copy_file_range`; through a fixed buffer where that is not possible). Peak memory is
 about the largest tensor (twice that when casting), never the checkpoint. The output is fsynced once, at the end.
 """
 
@@ -288,26 +286,16 @@ def _patch_plan(entry: TensorEntry, name: str, slices: list[SliceDeltas]) -> Opt
 
 def _stream(ckpt: Checkpoint, names: _Names, plan, touched, loaded, writer: StreamWriter, progress: bool,
             disjoint: bool = False) -> int:
-    """Write every tensor of BASE: copied raw, merged, or cast. Returns how many weights changed.
+    """Write every tensor of BASE in order: merged, copied raw, or cast. Returns how many weights changed.
 
-    Every tensor that keeps its dtype is copied unchanged in a few large kernel copies, run in a background thread
-    while this thread computes the touched tensors' new bytes from BASE and writes them over the copy in place (a
-    sparse patch, or the whole tensor). Tensors that change dtype are read into one reused buffer, merged or cast, and
-    written at their place. `disjoint`: the slices share no weight (checked before), so each one's deltas go straight
-    into the tensor."""
+    Runs of tensors that keep their bytes (untouched, or touched sparsely: patched afterwards) are copied in the
+    kernel; the others are read into one reused buffer, merged or cast, and written. `disjoint`: the slices share no
+    weight (checked before), so each one's deltas go straight into the tensor."""
     items = list(ckpt.entries.items())
     dtypes = [dt for _, dt, _ in plan]
     dnames = [names.to_diffusers[k] for k, _ in items]
-    keep = [dtypes[i] == e.torch_dtype for i, (_, e) in enumerate(items)]
-    capacity = max((e.nbytes for i, (_, e) in enumerate(items) if not keep[i] or dnames[i] in touched), default=0)
-    spans: list = []  # runs of kept tensors lying back to back in one file: one kernel copy each
-    for i, (_, e) in enumerate(items):
-        if not keep[i]:
-            continue
-        if spans and i > 0 and keep[i - 1] and spans[-1][-1].path == e.path and spans[-1][-1].end == e.start:
-            spans[-1].append(e)
-        else:
-            spans.append([e])
+    raw = [dnames[i] not in touched and dtypes[i] == e.torch_dtype for i, (_, e) in enumerate(items)]
+    capacity = max((e.nbytes for (_, e), r in zip(items, raw) if not r), default=0)
     changed = 0
     value_handles = {}
     stack = ExitStack()  # the slices' open values files
@@ -316,48 +304,47 @@ def _stream(ckpt: Checkpoint, names: _Names, plan, touched, loaded, writer: Stre
         with TensorReader(ckpt.files, capacity) as reader:
             for s in loaded:
                 value_handles[id(s)] = stack.enter_context(s.open_values())
-            writer.copy_in_background(spans, reader)
-            try:
-                changed = _merge_tensors(items, dtypes, dnames, keep, touched, reader, writer, value_handles, disjoint,
-                                         bar)
-                writer.finish_background()  # the copy reads BASE through `reader`: done before it closes
-            except BaseException:
-                writer.abort()  # stops the copy before `reader` closes the files it reads
-                raise
+            i, n = 0, len(items)
+            while i < n:
+                key, entry = items[i]
+                dt, dname = dtypes[i], dnames[i]
+                patch = None
+                if not raw[i] and dt == entry.torch_dtype:
+                    patch = _patch_plan(entry, dname, touched[dname])
+                if raw[i] or patch is not None:
+                    # a run of tensors lying back to back that keep their bytes, up to and including the next one to
+                    # patch: one copy, in the kernel
+                    j = i + 1
+                    while (patch is None and j < n and items[j][1].path == entry.path
+                           and items[j][1].start == items[j - 1][1].end):
+                        if not raw[j]:
+                            if dtypes[j] != items[j][1].torch_dtype:
+                                break
+                            patch = _patch_plan(items[j][1], dnames[j], touched[dnames[j]])
+                            if patch is None:
+                                break
+                        j += 1
+                    writer.copy_span([e for _, e in items[i:j]], reader)
+                    if patch is not None:
+                        last_key, last = items[j - 1]
+                        changed += _patch_tensor(reader, writer, last_key, last, dnames[j - 1],
+                                                 touched[dnames[j - 1]], value_handles, disjoint, patch)
+                    bar.update(j - i)
+                    i = j
+                    continue
+                base = read_tensor(reader, entry)  # a view of the reader's buffer, valid until its next read
+                if dname in touched:
+                    merged, count = _merged_tensor(base, dt, dname, touched[dname], value_handles, disjoint)
+                    changed += count
+                else:
+                    merged = base.to(dt)
+                writer.write(key, merged)
+                del merged, base
+                bar.update(1)
+                i += 1
     finally:
         bar.close()
         stack.close()
-    return changed
-
-
-def _merge_tensors(items, dtypes, dnames, keep, touched, reader, writer, value_handles, disjoint, bar) -> int:
-    """`_stream`'s loop over the tensors, while the kept ones are copied in the background."""
-    changed = 0
-    for i, (key, entry) in enumerate(items):
-        dt, dname = dtypes[i], dnames[i]
-        if keep[i] and dname not in touched:
-            bar.update(1)
-            continue
-        if keep[i]:
-            patch = _patch_plan(entry, dname, touched[dname])
-            if patch is not None:
-                changed += _patch_tensor(reader, writer, key, entry, dname, touched[dname], value_handles,
-                                         disjoint, patch)
-                bar.update(1)
-                continue
-        base = read_tensor(reader, entry)  # a view of the reader's buffer, valid until its next read
-        if dname in touched:
-            merged, count = _merged_tensor(base, dt, dname, touched[dname], value_handles, disjoint)
-            changed += count
-        else:
-            merged = base.to(dt)
-        if keep[i]:  # copied already: overwrite it whole
-            data = memoryview(merged.reshape(-1).view(torch.uint8).numpy())
-            writer.patch(key, [(0, 0, data.nbytes)], data)
-        else:
-            writer.write_at(key, merged)
-        del merged, base
-        bar.update(1)
     return changed
 
 

@@ -16,7 +16,6 @@ import math
 import os
 import shutil
 import struct
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -47,8 +46,7 @@ DTYPE_ALIASES = {
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 COPY_CHUNK = 16 * 1024 * 1024  # raw copies that cannot stay in the kernel go through one reused buffer of this size
-PATCH_QUEUE_BYTES = 16 << 20  # patches waiting for the copying thread, at most (then the caller waits)
-BACKGROUND_COPY_CHUNK = 64 << 20  # bytes per call of the background copy: how often it reports progress
+KERNEL_COPY_CHUNK = 1 << 30  # bytes per os.copy_file_range call
 # copy_file_range refusals that mean "not between these files" (another file system, an old kernel, a sandbox that
 # filters the syscall): fall back to copying through a buffer
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF, errno.EPERM}
@@ -377,14 +375,6 @@ def _write_all(out, data) -> None:
         view = view[n:]
 
 
-def _pwrite_all(fd: int, data, at: int) -> None:
-    """Write every byte of `data` at offset `at` of `fd` (positional: the file position does not move)."""
-    view = memoryview(data).cast("B")
-    while view.nbytes:
-        n = os.pwrite(fd, view, at)
-        view, at = view[n:], at + n
-
-
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """A tensor's raw bytes without a copy (bf16 has no numpy dtype, so go through uint8)."""
     return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
@@ -424,15 +414,6 @@ class StreamWriter:
         self._kernel_copy = hasattr(os, "copy_file_range")
         self._copy_buffer: Optional[bytearray] = None
         self._next = 0
-        self._placed: set = set()  # tensors written (or handed to the background copy) out of order
-        self._copier: Optional[threading.Thread] = None
-        self._copy_done = threading.Condition()
-        self._copied_to = 0  # the background copy has written every byte it was given below this output offset
-        self._copy_error: Optional[BaseException] = None
-        self._stop_copy = False
-        self._closing = False  # no more patches will come: the copying thread ends once it wrote the queued ones
-        self._patches: list = []  # (tensor start, tensor end, spans, bytes) waiting for the copying thread
-        self._queued_bytes = 0
         try:
             _write_all(self._f, struct.pack("<Q", len(raw)) + raw)
         except BaseException:  # e.g. a full disk: no temp file is left behind
@@ -440,8 +421,6 @@ class StreamWriter:
             raise
 
     def _check(self, name: str, nbytes: int) -> None:
-        if self._placed:
-            raise RuntimeError("StreamWriter: tensors were already placed out of order; keep using write_at")
         if self._next >= len(self._expected):
             raise RuntimeError(f"StreamWriter: unexpected extra tensor {name!r}")
         want_name, want_bytes = self._expected[self._next]
@@ -459,169 +438,65 @@ class StreamWriter:
         self._check(name, entry.nbytes)
         copy_raw(f, entry, self._f, buffer)
 
+    def copy_span(self, entries: list[TensorEntry], reader: TensorReader) -> None:
+        """Copy the bytes of consecutive tensors unchanged (bit-identical). They must be next in the plan and lie
+        back to back in one file of `reader`. The copy stays in the kernel (`os.copy_file_range`: no Python buffer)
+        where the files allow it, else goes through one reused buffer."""
+        if not entries:
+            return
+        for a, b in zip(entries, entries[1:]):
+            if b.path != a.path or b.start != a.end:
+                raise RuntimeError(f"StreamWriter.copy_span: {b.name!r} does not follow {a.name!r} in one file")
+        for e in entries:
+            self._check(e.name, e.nbytes)
+        src = reader.fd(entries[0].path)
+        start, total = entries[0].start, entries[-1].end - entries[0].start
+        done = 0
+        if self._kernel_copy:
+            try:
+                while done < total:
+                    n = os.copy_file_range(src, self._f.fileno(), min(total - done, KERNEL_COPY_CHUNK), start + done)
+                    if not n:
+                        raise _truncated(self._entry_at(entries, start + done))
+                    done += n
+            except OSError as err:
+                if err.errno not in _NO_KERNEL_COPY:
+                    raise
+                self._kernel_copy = False  # e.g. across file systems: the buffer from now on
+        if done < total:
+            if self._copy_buffer is None:
+                self._copy_buffer = bytearray(COPY_CHUNK)
+            view = memoryview(self._copy_buffer)
+            while done < total:
+                piece = view[: min(total - done, len(view))]
+                pread_into(src, piece, start + done, self._entry_at(entries, start + done))
+                _write_all(self._f, piece)
+                done += piece.nbytes
+
     def patch(self, name: str, spans, data) -> None:
         """Overwrite byte ranges of tensor `name`, already written: `spans` lists (offset within the tensor, lo, hi),
         the new bytes being `data[lo:hi]`. Positional writes: the stream goes on where it was. Checked once for all."""
         view = memoryview(data).cast("B")
-        if self._order.get(name, len(self._expected)) >= self._next and name not in self._placed:
+        if self._order.get(name, len(self._expected)) >= self._next:
             raise RuntimeError(f"StreamWriter.patch: {name!r} has not been written yet")
         size, base, fd = self._expected[self._order[name]][1], self._position[name], self._f.fileno()
         for offset, lo, hi in spans:
             if offset < 0 or offset + hi - lo > size:
                 raise RuntimeError(f"StreamWriter.patch: bytes [{offset}, {offset + hi - lo}) lie outside {name!r}")
-        if self._copier is not None and self._copier.is_alive():
-            # the copying thread writes them once its copy has passed them: one writer, no contention for the file
-            pending = bytes(view[:max((hi for _, _, hi in spans), default=0)])
-            with self._copy_done:
-                self._copy_done.wait_for(lambda: self._queued_bytes < PATCH_QUEUE_BYTES or self._copy_error is not None
-                                         or not self._copier.is_alive())
-                if self._copy_error is not None:
-                    raise self._copy_error
-                if self._copier.is_alive():
-                    self._patches.append((base, base + size, spans, pending))
-                    self._queued_bytes += len(pending)
-                    self._copy_done.notify_all()
-                    return
-        self._wait_copied(base + size)
-        for offset, lo, hi in spans:
-            _pwrite_all(fd, view[lo:hi], base + offset)
-
-    def _write_patches(self, dst: int, final: bool = False) -> None:
-        """(copying thread) Write the queued patches the copy has passed (all of them when `final`)."""
-        while True:
-            with self._copy_done:
-                if not self._patches or (not final and self._patches[0][1] > self._copied_to):
-                    return
-                base, _, spans, data = self._patches.pop(0)
-            for offset, lo, hi in spans:
-                _pwrite_all(dst, memoryview(data)[lo:hi], base + offset)
-            with self._copy_done:
-                self._queued_bytes -= len(data)
-                self._copy_done.notify_all()
-
-    def _place(self, name: str, nbytes: int) -> int:
-        """Mark tensor `name` written out of order; returns where its bytes go."""
-        if name not in self._order or self._expected[self._order[name]][1] != nbytes:
-            raise RuntimeError(f"StreamWriter: {name!r} ({nbytes} bytes) is not in the plan")
-        if name in self._placed or self._order[name] < self._next:
-            raise RuntimeError(f"StreamWriter: {name!r} was already written")
-        self._placed.add(name)
-        return self._position[name]
-
-    def write_at(self, name: str, tensor: torch.Tensor) -> None:
-        """Write a tensor at its place in the file, in any order (positional write)."""
-        data = tensor_bytes(tensor)
-        _pwrite_all(self._f.fileno(), data, self._place(name, data.nbytes))
-
-    def copy_in_background(self, spans: list[list[TensorEntry]], reader: TensorReader) -> None:
-        """Copy runs of tensors unchanged (bit-identical) in a thread, while the caller computes: each run lies back to
-        back in one file of `reader`, runs in plan order. The copy stays in the kernel (`os.copy_file_range` releases
-        the GIL: the caller's Python work overlaps it; fewer calls than one per run of untouched tensors) where the
-        files allow it, else goes through one reused buffer. `patch` waits for the bytes it overwrites; `commit`
-        waits for the whole copy and raises its error, if any."""
-        jobs, last = [], -1
-        for entries in spans:
-            if not entries:
-                continue
-            for a, b in zip(entries, entries[1:]):
-                if b.path != a.path or b.start != a.end:
-                    raise RuntimeError(f"StreamWriter.copy_in_background: {b.name!r} does not follow {a.name!r}")
-            at = self._place(entries[0].name, entries[0].nbytes)
-            for e in entries[1:]:
-                self._place(e.name, e.nbytes)
-            if at < last:
-                raise RuntimeError("StreamWriter.copy_in_background: runs must come in plan order")
-            total = entries[-1].end - entries[0].start
-            last = at + total
-            jobs.append((reader.fd(entries[0].path), entries, at, total))
-        self._copier = threading.Thread(target=self._copy_jobs, args=(jobs,), name="slice-ft-copy", daemon=True)
-        self._copier.start()
-
-    def _copy_jobs(self, jobs) -> None:
-        dst = self._f.fileno()
-        try:
-            for src, entries, at, total in jobs:
-                start, done = entries[0].start, 0
-                while done < total:
-                    if self._stop_copy:
-                        return
-                    step = min(total - done, BACKGROUND_COPY_CHUNK)
-                    if self._kernel_copy:
-                        try:
-                            n = os.copy_file_range(src, dst, step, start + done, at + done)
-                        except OSError as err:
-                            if err.errno not in _NO_KERNEL_COPY:
-                                raise
-                            self._kernel_copy = False  # e.g. across file systems: the buffer from now on
-                            continue
-                        if not n:
-                            raise _truncated(self._entry_at(entries, start + done))
-                    else:
-                        if self._copy_buffer is None:
-                            self._copy_buffer = bytearray(COPY_CHUNK)
-                        piece = memoryview(self._copy_buffer)[: min(step, COPY_CHUNK)]
-                        pread_into(src, piece, start + done, self._entry_at(entries, start + done))
-                        _pwrite_all(dst, piece, at + done)
-                        n = piece.nbytes
-                    done += n
-                    with self._copy_done:
-                        self._copied_to = at + done
-                        self._copy_done.notify_all()
-                    self._write_patches(dst)
-            with self._copy_done:
-                self._copied_to = self.total_bytes
-            while True:  # the copy is done: write the patches still coming until the writer commits
-                self._write_patches(dst, final=True)
-                with self._copy_done:
-                    self._copy_done.wait_for(lambda: self._stop_copy or self._closing or self._patches)
-                    if self._stop_copy or (self._closing and not self._patches):
-                        return
-        except BaseException as err:  # handed to the main thread: the next patch or the commit raises it
-            with self._copy_done:
-                self._copy_error = err
-                self._copy_done.notify_all()
-        finally:
-            with self._copy_done:
-                self._copied_to = self.total_bytes
-                self._copy_done.notify_all()
-
-    def finish_background(self) -> None:
-        """Wait until the background copy and the patches queued for it are written; raise its error, if any. Call
-        it before closing the files the copy reads (`commit` calls it too)."""
-        if self._copier is not None:
-            with self._copy_done:
-                self._closing = True
-                self._copy_done.notify_all()
-            self._copier.join()
-            if self._copy_error is not None:
-                raise self._copy_error
-
-    def _wait_copied(self, end: int) -> None:
-        if self._copier is None:
-            return
-        with self._copy_done:
-            self._copy_done.wait_for(lambda: self._copied_to >= end or self._copy_error is not None)
-            if self._copy_error is not None:
-                raise self._copy_error
-
-    def _stop_background_copy(self) -> None:
-        if self._copier is not None:
-            with self._copy_done:
-                self._stop_copy = True
-                self._copy_done.notify_all()
-            self._copier.join()
+            piece, at = view[lo:hi], base + offset
+            while piece.nbytes:
+                n = os.pwrite(fd, piece, at)
+                piece, at = piece[n:], at + n
 
     @staticmethod
     def _entry_at(entries: list[TensorEntry], offset: int) -> TensorEntry:
         return next((e for e in entries if e.start <= offset < e.end), entries[-1])
 
     def commit(self) -> Path:
-        missing = len(self._expected) - self._next - len(self._placed)
-        if missing:
+        if self._next != len(self._expected):
             self.abort()
-            raise RuntimeError(f"StreamWriter: {missing} planned tensors were never written")
+            raise RuntimeError(f"StreamWriter: {len(self._expected) - self._next} planned tensors were never written")
         try:
-            self.finish_background()
             os.fsync(self._f.fileno())
             self._f.close()
             os.replace(self.tmp, self.path)
@@ -631,7 +506,6 @@ class StreamWriter:
         return self.path
 
     def abort(self) -> None:
-        self._stop_background_copy()
         if not self._f.closed:
             self._f.close()
         self.tmp.unlink(missing_ok=True)
