@@ -14,6 +14,8 @@ from typing import Optional
 
 from slice_adapter.files import ledger
 
+from .choices import TINY
+
 PROMPT_FILE_SUFFIXES = (".txt", ".prompts")
 
 
@@ -53,7 +55,7 @@ def base_checkpoint(args) -> Optional[Path]:
     tiny random model."""
     if args.transformer_file:
         return Path(args.transformer_file)
-    if args.pretrained_model_name_or_path == "tiny":
+    if args.pretrained_model_name_or_path == TINY:
         return None
     from .components import expert_subfolder
 

@@ -10,7 +10,6 @@ from typing import Any, Optional
 import torch
 
 from . import flow_matching as fm
-from .arguments import parse_optimizer_args  # noqa: F401 (a flag parser; re-exported where it was)
 from .choices import OPTIMIZERS
 from .encoding import LatentCache, encode_prompts, encode_videos
 

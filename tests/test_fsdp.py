@@ -10,12 +10,9 @@ trainer code path as on GPUs, where only the device and the collective backend (
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,33 +22,12 @@ from safetensors import safe_open
 
 import train_slice_ft
 from slice_ft.corpus import generate_corpus
-from test_train import _reset_accelerate, assert_merged_is_base_file_plus_slice, bf16_single_file_base, slice_values
+from test_train import (_reset_accelerate, assert_merged_is_base_file_plus_slice, bf16_single_file_base, launch,
+                        slice_values)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_ARGS = ("--pretrained_model_name_or_path", "tiny")
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "WORLD_SIZE": "2"}
-
-
-def launch(config: str, num_processes: int, *flags, timeout: int = 300) -> str:
-    """`accelerate launch --config_file configs/accelerate/CONFIG --num_processes N train_slice_ft.py FLAGS`;
-    returns its stderr (the log), failing the test on a non-zero exit."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=str(REPO))
-    with socket.socket() as sock:  # a free port: other test runs may hold accelerate's default one
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / "configs" / "accelerate" / config), "--num_processes", str(num_processes),
-           "--main_process_port", str(port), str(REPO / "train_slice_ft.py"), *map(str, flags)]
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every worker
-        _, stderr = proc.communicate()
-        pytest.fail(f"the {num_processes}-process run did not finish in {timeout} s:\n{stderr[-4000:]}")
-    assert proc.returncode == 0, stderr[-4000:]
-    return stderr
 
 
 def tensorboard_scalars(output_dir, tag: str) -> list[float]:

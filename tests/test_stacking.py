@@ -279,13 +279,7 @@ def test_second_concept_on_the_merged_first_preserves_its_concept_in_a_free_slic
 
 
 def test_two_processes_generate_their_shares_and_match_one_process_with_the_same_preservation_batch(tmp_path):
-    import os
-    import signal
-    import socket
-    import subprocess
-    import sys
-
-    from test_train import REPO, _reset_accelerate
+    from test_train import DDP_ON_CPU, _reset_accelerate, launch
 
     data = tmp_path / "images"
     generate_corpus(data, num_images=4, num_videos=0, size=(48, 32), seed=5)
@@ -294,23 +288,8 @@ def test_two_processes_generate_their_shares_and_match_one_process_with_the_same
               "--learning_rate", "1e-2", "--max_train_steps", "2", "--checkpointing_steps", "1000",
               "--shuffle_buffer_size", "0", "--preserve_prompts", "sks_a a red circle", "sks_b blue stripes",
               *PRESERVE]
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=str(REPO))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(REPO / "train_slice_ft.py"), *common, "--output_dir", str(tmp_path / "two"), "--train_batch_size", "1",
-           "--preserve_batch_size", "1", "--cache_dir", str(tmp_path / "cache")]
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, stderr = proc.communicate()
-        pytest.fail(f"the 2-process run did not finish in 300 s:\n{stderr[-4000:]}")
-    assert proc.returncode == 0, stderr[-4000:]
+    stderr = launch("multi_gpu_ddp.yaml", 2, *common, "--output_dir", tmp_path / "two", "--train_batch_size", "1",
+                    "--preserve_batch_size", "1", "--cache_dir", tmp_path / "cache", launcher_args=DDP_ON_CPU)
     assert "generating 3 preservation clips" in stderr
 
     _reset_accelerate()

@@ -273,6 +273,33 @@ def test_resume_from_latest_ends_bit_identical_to_an_uninterrupted_run(tmp_path,
 # --- distributed --------------------------------------------------------------------------------------------------
 
 
+# the DDP config's launch as the tests run it: one machine, float32, no dynamo
+DDP_ON_CPU = ("--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no")
+
+
+def launch(config: str, num_processes: int, *flags, timeout: int = 300, launcher_args=()) -> str:
+    """`accelerate launch --config_file configs/accelerate/CONFIG --num_processes N [LAUNCHER_ARGS]
+    train_slice_ft.py FLAGS` on a free port; returns its stderr (the log), failing the test on a non-zero exit or
+    after `timeout` s (then the launcher and every worker are killed)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=str(REPO))
+    with socket.socket() as sock:  # a free port: other test runs may hold accelerate's default one
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "configs" / "accelerate" / config), "--num_processes", str(num_processes),
+           "--main_process_port", str(port), *launcher_args, str(REPO / "train_slice_ft.py"), *map(str, flags)]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every worker
+        _, stderr = proc.communicate()
+        pytest.fail(f"the {num_processes}-process run did not finish in {timeout} s:\n{stderr[-4000:]}")
+    assert proc.returncode == 0, stderr[-4000:]
+    return stderr
+
+
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     data = tmp_path / "images"
     generate_corpus(data, num_images=4, num_videos=0, size=(48, 32), seed=5)
@@ -280,24 +307,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
               "--bucket_resolutions", "48x32", "--bucket_frame_counts", "1", "--ff", "0.25", "--ffid", "1",
               "--learning_rate", "1e-2", "--max_train_steps", "2", "--checkpointing_steps", "1000",
               "--shuffle_buffer_size", "0"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=str(REPO))
-    with socket.socket() as sock:  # a free port: other test runs may hold accelerate's default one
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     # the README's command: a config file (or --multi_gpu) is what makes accelerate start N processes without GPUs
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / "configs" / "accelerate" / "multi_gpu_ddp.yaml"), "--num_processes", "2",
-           "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(REPO / "train_slice_ft.py"), *common, "--output_dir", str(tmp_path / "two"), "--train_batch_size", "1"]
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
-        _, stderr = proc.communicate()
-        pytest.fail(f"the 2-process run did not finish in 240 s:\n{stderr[-4000:]}")
-    assert proc.returncode == 0, stderr[-4000:]
+    stderr = launch("multi_gpu_ddp.yaml", 2, *common, "--output_dir", tmp_path / "two", "--train_batch_size", "1",
+                    timeout=240, launcher_args=DDP_ON_CPU)
     assert "2 process(es) x batch 1" in stderr
 
     _reset_accelerate()
@@ -425,7 +437,8 @@ def test_adamw8bit_on_an_fp8_swapped_offloaded_base_merges_into_the_full_precisi
 
 
 def test_optimizers_cover_only_the_slice_and_adamw8bit_explains_a_missing_bitsandbytes(monkeypatch):
-    from slice_ft.training import build_optimizer, parse_optimizer_args
+    from slice_ft.arguments import parse_optimizer_args
+    from slice_ft.training import build_optimizer
 
     params = [torch.nn.Parameter(torch.ones(4, 8))]
     params[0].grad = torch.ones(4, 8)
