@@ -468,8 +468,8 @@ class StreamWriter:
         """Copy runs of tensors unchanged (bit-identical) to their places, in a thread, while the caller goes on: each
         run lies back to back in one file of `reader`, the runs in plan order. The copy stays in the kernel
         (`os.copy_file_range`, which releases the GIL) where the files allow it, else goes through one reused buffer.
-        `patch` and `write_at` wait for the bytes they overwrite; `commit` waits for the whole copy and raises its
-        error, if any. Only one background copy per writer."""
+        `patch` hands its bytes to this thread, which writes them once its copy has passed them; `commit` waits for
+        the whole copy and raises its error, if any. Only one background copy per writer."""
         if self._copier is not None:
             raise RuntimeError("StreamWriter.copy_in_background: a background copy was already started")
         jobs, last = [], 0
@@ -596,9 +596,10 @@ class StreamWriter:
         _pwrite_all(self._f.fileno(), data, self._place(name, data.nbytes))
 
     def patch(self, name: str, spans, data) -> None:
-        """Overwrite byte ranges of tensor `name`, already written or being copied in the background (then this waits
-        until the copy has passed it): `spans` lists (offset within the tensor, lo, hi), the new bytes being
-        `data[lo:hi]`. Positional writes: the stream goes on where it was. Checked once for all."""
+        """Overwrite byte ranges of tensor `name`, already written or being copied in the background (then the copying
+        thread writes them once its copy has passed them; this waits only while its queue is full): `spans` lists
+        (offset within the tensor, lo, hi), the new bytes being `data[lo:hi]`. Positional writes: the stream goes on
+        where it was. Checked once for all."""
         view = memoryview(data).cast("B")
         if self._order.get(name, len(self._expected)) >= self._next and name not in self._placed:
             raise RuntimeError(f"StreamWriter.patch: {name!r} has not been written yet")
