@@ -1,7 +1,9 @@
 """Streaming merge: `scripts/merge_slices.py` on a multi-GB synthetic checkpoint vs a plain file copy of it.
 
 The checkpoint has the Wan 2.1 T2V 1.3B layout (all 30 blocks, diffusers keys) in bf16: 2.8 GB, the size of the
-bf16 repackaging users merge into. Two slices (fraction 1e-3, ids 0 and 1, random values) are merged into it.
+bf16 repackaging users merge into. Two slices (fraction 1e-3, ids 0 and 1, random values) are merged into it. The merge
+copies the whole data region in the kernel in a background thread while it computes the patches (~14 MB), which
+that thread writes behind its copy; it ends with one fsync, like the copies it is compared with.
 
     python benchmarks/bench_merge.py --output /tmp/merge.json [--workdir /tmp/slice_ft_bench_merge]
 """
@@ -142,7 +144,8 @@ def main(argv=None):
         child = _CHILD.format(bench=str(Path(__file__).resolve().parent), argv=cli, script=cli[0])
         # the merge ends with one fsync (a finished merge is on disk): the copies end with one too
         copy_cmd = ["sh", "-c", 'cp --reflink=never "$0" "$1" && sync "$1"', str(base), str(out_copy)]
-        # the floor of any merge that streams bytes through user space, as the merge does (cp copies in the kernel)
+        # the floor of a merge that streamed every byte through user space (the merge copies the kept tensors in
+        # the kernel, as cp's read/write loop copies in its own buffer; only the patches pass through Python)
         pycopy_cmd = [sys.executable, "-c", _PYCOPY, str(base), str(out_copy)]
         samples = {"copy": [], "pycopy": [], "merge_cli": [], "merge_call": [], "peak_mb": [], "merge_peak_mb": [],
                    "import_peak_mb": [], "import_s": []}

@@ -115,23 +115,42 @@ def keyed_permutation(ranks: np.ndarray, n: int, key: int) -> np.ndarray:
     """Evaluate a keyed bijection of [0, n) at `ranks` (4-round Feistel network with cycle walking)."""
     if n <= 1:
         return np.zeros_like(ranks, dtype=np.int64)
-    half_bits = max(1, ((n - 1).bit_length() + 1) // 2)
-    mask = np.uint64((1 << half_bits) - 1)
-    shift = np.uint64(half_bits)
-    round_keys = [np.uint64(_hash64(key, r)) for r in range(4)]
-
-    def feistel(x: np.ndarray) -> np.ndarray:
-        left, right = x >> shift, x & mask
-        for rk in round_keys:
-            left, right = right, left ^ (_mix64(right ^ rk) & mask)
-        return (left << shift) | right
-
+    shift, mask, round_keys = _feistel_keys(n, key)
     with np.errstate(over="ignore"):
-        out = feistel(ranks.astype(np.uint64))
+        out = _feistel(np.asarray(ranks).astype(np.uint64), shift, mask, round_keys)
         pending = out >= np.uint64(n)
         while pending.any():  # cycle walking: the domain is < 4n, so this ends after a few rounds
-            out[pending] = feistel(out[pending])
+            out[pending] = _feistel(out[pending], shift, mask, round_keys)
             pending = out >= np.uint64(n)
+    return out.astype(np.int64)
+
+
+def _feistel_keys(n: int, key: int) -> tuple[np.uint64, np.uint64, np.ndarray]:
+    """The half width, its mask and the 4 round keys of `keyed_permutation(., n, key)`."""
+    half_bits = max(1, ((n - 1).bit_length() + 1) // 2)
+    return (np.uint64(half_bits), np.uint64((1 << half_bits) - 1),
+            np.array([_hash64(key, r) for r in range(4)], dtype=np.uint64))
+
+
+def _feistel(x: np.ndarray, shift, mask, round_keys) -> np.ndarray:
+    """One pass of the network; `shift`, `mask` and each round key are scalars or one value per element of `x`."""
+    left, right = x >> shift, x & mask
+    for rk in round_keys:
+        left, right = right, left ^ (_mix64(right ^ rk) & mask)
+    return (left << shift) | right
+
+
+def _keyed_permutations(ranks: np.ndarray, n: np.ndarray, shift: np.ndarray, mask: np.ndarray,
+                        round_keys: np.ndarray) -> np.ndarray:
+    """`keyed_permutation` elementwise, each element with its own n, shift, mask and round keys (round_keys[:, i]):
+    one numpy evaluation for the small windows of many parameters, whose one-by-one evaluation costs mostly numpy's
+    per-call overhead."""
+    with np.errstate(over="ignore"):
+        out = _feistel(ranks.astype(np.uint64), shift, mask, round_keys)
+        pending = np.flatnonzero(out >= n)
+        while len(pending):
+            out[pending] = _feistel(out[pending], shift[pending], mask[pending], round_keys[:, pending])
+            pending = pending[out[pending] >= n[pending]]
     return out.astype(np.int64)
 
 
@@ -152,13 +171,47 @@ def rank_window(num_tiles: int, fraction: Fraction, slice_id: int, offset: Fract
 
 def select_tiles(layout: ParamLayout, fraction, slice_id: int, seed: int) -> np.ndarray:
     """Sorted tile indices of `layout` that slice `slice_id` owns."""
+    return select_tiles_many([layout], fraction, slice_id, seed)[layout.name]
+
+
+BATCH_RANKS = 1 << 16  # windows smaller than this are permuted together, this many ranks at a time
+
+
+def select_tiles_many(layouts: Sequence[ParamLayout], fraction, slice_id: int, seed: int) -> dict[str, np.ndarray]:
+    """{name: `select_tiles` of it} for every layout; small windows are permuted in batches (same tiles, faster)."""
     frac = parse_fraction(fraction)
-    lo, hi = rank_window(layout.num_tiles, frac, slice_id, _offset(layout.name, seed))
-    if hi <= lo:
-        return np.zeros(0, dtype=np.int64)
-    tiles = keyed_permutation(np.arange(lo, hi, dtype=np.int64), layout.num_tiles, _hash64("rank", seed, layout.name))
-    tiles.sort()
-    return tiles
+    out: dict[str, np.ndarray] = {}
+    batch: list = []  # (name, ranks, n, key) of small windows waiting
+    waiting = 0  # their ranks
+
+    def permute_batch():
+        if not batch:
+            return
+        sizes = [len(r) for _, r, _, _ in batch]
+        keys = [_feistel_keys(n, key) for _, _, n, key in batch]
+        per_element = lambda values: np.repeat(np.array(values, dtype=np.uint64), sizes)  # noqa: E731
+        tiles = _keyed_permutations(np.concatenate([r for _, r, _, _ in batch]),
+                                    per_element([n for _, _, n, _ in batch]), per_element([k[0] for k in keys]),
+                                    per_element([k[1] for k in keys]),
+                                    np.repeat(np.stack([k[2] for k in keys], axis=1), sizes, axis=1))
+        for (name, _, _, _), part in zip(batch, np.split(tiles, np.cumsum(sizes)[:-1])):
+            out[name] = np.sort(part)
+        batch.clear()
+
+    for lay in layouts:
+        lo, hi = rank_window(lay.num_tiles, frac, slice_id, _offset(lay.name, seed))
+        ranks = np.arange(lo, max(hi, lo), dtype=np.int64)
+        key = _hash64("rank", seed, lay.name)
+        if lay.num_tiles <= 1 or len(ranks) >= BATCH_RANKS or not len(ranks):
+            out[lay.name] = np.sort(keyed_permutation(ranks, lay.num_tiles, key))
+            continue
+        batch.append((lay.name, ranks, lay.num_tiles, key))
+        waiting += len(ranks)
+        if waiting >= BATCH_RANKS:
+            permute_batch()
+            waiting = 0
+    permute_batch()
+    return {lay.name: out[lay.name] for lay in layouts}
 
 
 def flat_indices(layout: ParamLayout, tiles: np.ndarray) -> np.ndarray:
@@ -231,11 +284,8 @@ def plan_layouts(layouts: Iterable[ParamLayout], fraction, slice_id: int, seed: 
     frac = parse_fraction(fraction)
     validate_slice_id(slice_id, frac)
     by_name = {lay.name: lay for lay in layouts}
-    tiles = {}
-    for name, lay in by_name.items():
-        t = select_tiles(lay, frac, slice_id, seed)
-        if len(t):
-            tiles[name] = t
+    selected = select_tiles_many(list(by_name.values()), frac, slice_id, seed)
+    tiles = {name: t for name, t in selected.items() if len(t)}
     return SlicePlan(layouts=by_name, tiles=tiles, fraction=frac, slice_id=slice_id, seed=seed)
 
 
@@ -267,7 +317,11 @@ def overlap_count(plan_a: SlicePlan, plan_b: SlicePlan) -> int:
     """Exact number of weights both plans select."""
     total = 0
     for name in plan_a.tiles.keys() & plan_b.tiles.keys():
-        total += len(np.intersect1d(plan_a.flat_indices(name), plan_b.flat_indices(name), assume_unique=True))
+        width = plan_a.layouts[name].tile_width
+        if plan_b.layouts[name].tile_width == width:  # the same tiles: compare them, not each of their weights
+            total += width * len(np.intersect1d(plan_a.tiles[name], plan_b.tiles[name], assume_unique=True))
+        else:
+            total += len(np.intersect1d(plan_a.flat_indices(name), plan_b.flat_indices(name), assume_unique=True))
     return total
 
 

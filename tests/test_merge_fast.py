@@ -111,6 +111,54 @@ def test_without_kernel_copy(tmp_path, monkeypatch, shapes):
         assert torch.equal(merged[k].view(torch.uint8), v.view(torch.uint8)), k
 
 
+@pytest.mark.parametrize("path", ["patch", "dense"])
+def test_patches_wait_in_the_queue_behind_a_slow_background_copy(tmp_path, monkeypatch, shapes, path):
+    """The copy runs in small pieces and the queue holds little: patches wait for the copying thread, still bit
+    exact."""
+    state, base = make_base(tmp_path / "base.safetensors", shapes, torch.bfloat16)
+    s0 = synthetic_slice(tmp_path / "s0", shapes, 0.02, 0, value_seed=1)
+    s1 = synthetic_slice(tmp_path / "s1", shapes, 0.02, 1, value_seed=2)
+    force(monkeypatch, path)
+    monkeypatch.setattr(checkpoint_module, "BACKGROUND_COPY_CHUNK", 4096)
+    monkeypatch.setattr(checkpoint_module, "PATCH_QUEUE_BYTES", 8192)
+    real = checkpoint_module.StreamWriter._write_patches
+    queued = {"n": 0}
+
+    def counting(self, dst):
+        queued["n"] += len(self._patches)
+        return real(self, dst)
+
+    monkeypatch.setattr(checkpoint_module.StreamWriter, "_write_patches", counting)
+    out = tmp_path / "out.safetensors"
+    merge_slices(base, [s0, s1], out, progress=False)
+    merged, want = load(out), reference_merge(state, [s0, s1])
+    for k, v in want.items():
+        assert torch.equal(merged[k].view(torch.uint8), v.view(torch.uint8)), k
+    assert queued["n"] > 0  # some patches went through the copying thread's queue
+
+
+def test_a_failure_in_the_background_copy_is_raised_and_leaves_outputs_intact(tmp_path, monkeypatch, shapes):
+    state, base = make_base(tmp_path / "base.safetensors", shapes, torch.bfloat16)
+    s0 = synthetic_slice(tmp_path / "s0", shapes, 0.01, 0, value_seed=1)
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"earlier output")
+    monkeypatch.setattr(checkpoint_module, "BACKGROUND_COPY_CHUNK", 4096)
+    real, calls = os.copy_file_range, {"n": 0}
+
+    def failing(*args):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(*args)
+
+    monkeypatch.setattr(os, "copy_file_range", failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        merge_slices(base, [s0], out, overwrite=True, progress=False)
+    assert calls["n"] == 20
+    assert out.read_bytes() == b"earlier output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "out.safetensors", "s0"]
+
+
 def test_failure_while_patching_leaves_outputs_intact(tmp_path, monkeypatch, shapes):
     state, base = make_base(tmp_path / "base.safetensors", shapes, torch.bfloat16)
     s0 = synthetic_slice(tmp_path / "s0", shapes, 0.01, 0, value_seed=1)

@@ -10,6 +10,7 @@ import torch
 
 import slice_adapter
 from slice_adapter import SliceConfig
+import slice_adapter.selection as selection_module
 from slice_adapter.selection import (
     ParamLayout,
     keyed_permutation,
@@ -146,6 +147,24 @@ def test_keyed_permutation_is_a_bijection():
     for n in (1, 2, 7, 64, 1000, 4097):
         perm = keyed_permutation(np.arange(n), n, key=12345)
         assert sorted(perm.tolist()) == list(range(n))
+
+
+@pytest.mark.parametrize("batch_ranks", [1, 7, 1 << 16])
+def test_batched_permutation_gives_the_tiles_of_one_parameter_at_a_time(wan, monkeypatch, batch_ranks):
+    """Small windows are permuted many parameters at once (in batches of BATCH_RANKS ranks): the same tiles as
+    evaluating each parameter's keyed permutation alone."""
+    monkeypatch.setattr(selection_module, "BATCH_RANKS", batch_ranks)
+    layouts = model_layouts(wan) + [ParamLayout("one.weight", (1,), False), ParamLayout("odd.weight", (5, 96), True)]
+    for fraction, slice_id, seed in [(0.01, 3, 0), (0.25, 1, 7), (1 / 3, 2, 5)]:
+        tiles = selection_module.select_tiles_many(layouts, fraction, slice_id, seed)
+        frac = selection_module.parse_fraction(fraction)
+        for lay in layouts:
+            offset = selection_module._offset(lay.name, seed)
+            lo, hi = selection_module.rank_window(lay.num_tiles, frac, slice_id, offset)
+            alone = np.sort(keyed_permutation(np.arange(lo, max(hi, lo)), lay.num_tiles,
+                                              selection_module._hash64("rank", seed, lay.name)))
+            assert np.array_equal(tiles[lay.name], alone), (lay.name, fraction)
+        assert sum(len(t) for t in tiles.values()) > 0
 
 
 def test_tiles_are_full_row_segments_of_at_most_64():

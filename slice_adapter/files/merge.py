@@ -9,10 +9,15 @@ appended to BASE's own list when BASE is itself a merge (stacking).
 
 The one merge path of the project: `scripts/merge_slices.py` and the trainer's `--save_merged` both end here.
 
-Memory: one tensor is read into a buffer reused for every tensor; only its selected weights are gathered, updated in
-float32 and rounded once to the output dtype, in place; then it is written. Runs of untouched tensors are copied byte
-for byte inside the kernel (`os.copy_file_range`; through a fixed buffer where that is not possible). Peak memory is
-about the largest tensor (twice that when casting), never the checkpoint. The output is fsynced once, at the end.
+Speed and memory: once every check has passed and OUT's header is written, a background thread copies every tensor
+that keeps its dtype byte for byte, in a few large copies inside the kernel (`os.copy_file_range`; through a fixed
+buffer where that is not possible), while the caller's thread works out the touched tensors' new bytes from BASE: a
+tensor whose selected weights are sparse is patched (only the byte ranges holding them are read, updated and written
+back), a small or densely touched one is read whole into a buffer reused for every tensor. Either way only the
+selected weights are gathered, updated in float32 and rounded once to the output dtype. The copying thread writes
+these new bytes over its copy once it has passed them (a queue of a few MB between the threads). Peak memory is about
+the largest tensor (twice that when casting) plus that queue, never the checkpoint. The output is fsynced once, at the
+end.
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .safetensors_stream import (Checkpoint, StreamWriter, TensorEntry, TensorReader, dtype_label, open_checkpoint, parse_dtype,
-                         pread_into, read_tensor, refuse_overwriting_inputs)
+from .safetensors_stream import (Checkpoint, StreamWriter, TensorEntry, TensorReader, dtype_label, open_checkpoint,
+                                parse_dtype, pread_into, read_tensor, refuse_overwriting_inputs, tensor_bytes)
 from .deltas import SliceDeltas, check_layout_matches, iter_touched, planned_overlap, prior_plan, read_slice
 from .export import check_wan2gp_filename, infer_wan2gp_architecture, wan2gp_definition, write_wan2gp_definition
 from .adapter_folder import slice_files
@@ -286,16 +291,27 @@ def _patch_plan(entry: TensorEntry, name: str, slices: list[SliceDeltas]) -> Opt
 
 def _stream(ckpt: Checkpoint, names: _Names, plan, touched, loaded, writer: StreamWriter, progress: bool,
             disjoint: bool = False) -> int:
-    """Write every tensor of BASE in order: merged, copied raw, or cast. Returns how many weights changed.
+    """Write every tensor of BASE: copied raw, merged, or cast. Returns how many weights changed.
 
-    Runs of tensors that keep their bytes (untouched, or touched sparsely: patched afterwards) are copied in the
-    kernel; the others are read into one reused buffer, merged or cast, and written. `disjoint`: the slices share no
-    weight (checked before), so each one's deltas go straight into the tensor."""
+    Every tensor that keeps its dtype is copied unchanged in a few large kernel copies, run by the writer's background
+    thread from the start, while this thread computes the touched tensors' new bytes from BASE in file order and hands
+    them to the writer, which writes them over the copy once it has passed them (a sparse patch, or the whole tensor):
+    the copy and the arithmetic overlap. Tensors that change dtype are read into one reused buffer, merged or cast, and
+    written at their place. `disjoint`: the slices share no weight (checked before), so each one's deltas go straight
+    into the tensor."""
     items = list(ckpt.entries.items())
     dtypes = [dt for _, dt, _ in plan]
     dnames = [names.to_diffusers[k] for k, _ in items]
-    raw = [dnames[i] not in touched and dtypes[i] == e.torch_dtype for i, (_, e) in enumerate(items)]
-    capacity = max((e.nbytes for (_, e), r in zip(items, raw) if not r), default=0)
+    keep = [dtypes[i] == e.torch_dtype for i, (_, e) in enumerate(items)]
+    capacity = max((e.nbytes for i, (_, e) in enumerate(items) if not keep[i] or dnames[i] in touched), default=0)
+    spans: list = []  # runs of kept tensors lying back to back in one file: one kernel copy each
+    for i, (_, e) in enumerate(items):
+        if not keep[i]:
+            continue
+        if i and keep[i - 1] and spans[-1][-1].path == e.path and spans[-1][-1].end == e.start:
+            spans[-1].append(e)
+        else:
+            spans.append([e])
     changed = 0
     value_handles = {}
     stack = ExitStack()  # the slices' open values files
@@ -304,44 +320,32 @@ def _stream(ckpt: Checkpoint, names: _Names, plan, touched, loaded, writer: Stre
         with TensorReader(ckpt.files, capacity) as reader:
             for s in loaded:
                 value_handles[id(s)] = stack.enter_context(s.open_values())
-            i, n = 0, len(items)
-            while i < n:
-                key, entry = items[i]
+            writer.copy_in_background(spans, reader)
+            for i, (key, entry) in enumerate(items):
                 dt, dname = dtypes[i], dnames[i]
-                patch = None
-                if not raw[i] and dt == entry.torch_dtype:
-                    patch = _patch_plan(entry, dname, touched[dname])
-                if raw[i] or patch is not None:
-                    # a run of tensors lying back to back that keep their bytes, up to and including the next one to
-                    # patch: one copy, in the kernel
-                    j = i + 1
-                    while (patch is None and j < n and items[j][1].path == entry.path
-                           and items[j][1].start == items[j - 1][1].end):
-                        if not raw[j]:
-                            if dtypes[j] != items[j][1].torch_dtype:
-                                break
-                            patch = _patch_plan(items[j][1], dnames[j], touched[dnames[j]])
-                            if patch is None:
-                                break
-                        j += 1
-                    writer.copy_span([e for _, e in items[i:j]], reader)
-                    if patch is not None:
-                        last_key, last = items[j - 1]
-                        changed += _patch_tensor(reader, writer, last_key, last, dnames[j - 1],
-                                                 touched[dnames[j - 1]], value_handles, disjoint, patch)
-                    bar.update(j - i)
-                    i = j
+                if keep[i] and dname not in touched:  # the background copy writes it
+                    bar.update(1)
                     continue
+                if keep[i]:
+                    patch = _patch_plan(entry, dname, touched[dname])
+                    if patch is not None:
+                        changed += _patch_tensor(reader, writer, key, entry, dname, touched[dname], value_handles,
+                                                 disjoint, patch)
+                        bar.update(1)
+                        continue
                 base = read_tensor(reader, entry)  # a view of the reader's buffer, valid until its next read
                 if dname in touched:
                     merged, count = _merged_tensor(base, dt, dname, touched[dname], value_handles, disjoint)
                     changed += count
                 else:
                     merged = base.to(dt)
-                writer.write(key, merged)
+                if keep[i]:  # copied too: overwritten whole
+                    data = tensor_bytes(merged)
+                    writer.patch(key, [(0, 0, data.nbytes)], data)
+                else:
+                    writer.write_at(key, merged)
                 del merged, base
                 bar.update(1)
-                i += 1
     finally:
         bar.close()
         stack.close()

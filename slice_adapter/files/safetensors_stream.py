@@ -4,7 +4,8 @@
 alone and validates them (dtype, shape vs byte range, file size vs header: truncation). `read_tensor` reads one tensor
 with plain file reads (into one reused buffer through a `TensorReader`); `StreamWriter` writes a safetensors file tensor
 by tensor through a temp file renamed into place, copying untouched byte ranges inside the kernel
-(`os.copy_file_range`) where it can. Peak memory is a few times the largest tensor, never the checkpoint.
+(`os.copy_file_range`, in a background thread) where it can. Peak memory is a few times the largest tensor, never the
+checkpoint.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import math
 import os
 import shutil
 import struct
+import threading
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -46,7 +49,8 @@ DTYPE_ALIASES = {
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 COPY_CHUNK = 16 * 1024 * 1024  # raw copies that cannot stay in the kernel go through one reused buffer of this size
-KERNEL_COPY_CHUNK = 1 << 30  # bytes per os.copy_file_range call
+BACKGROUND_COPY_CHUNK = 32 << 20  # bytes per call of the background copy: how often it writes the patches it passed
+PATCH_QUEUE_BYTES = 4 << 20  # patches waiting for the copying thread, at most (then the caller waits)
 # copy_file_range refusals that mean "not between these files" (another file system, an old kernel, a sandbox that
 # filters the syscall): fall back to copying through a buffer
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF, errno.EPERM}
@@ -375,6 +379,14 @@ def _write_all(out, data) -> None:
         view = view[n:]
 
 
+def _pwrite_all(fd: int, data, at: int) -> None:
+    """Write every byte of `data` at offset `at` of `fd` (positional: the file position does not move)."""
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        n = os.pwrite(fd, view, at)
+        view, at = view[n:], at + n
+
+
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """A tensor's raw bytes without a copy (bf16 has no numpy dtype, so go through uint8)."""
     return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
@@ -385,8 +397,11 @@ class StreamWriter:
 
     safetensors' `save_file` needs every tensor in memory at once, so the format (8-byte little-endian header length,
     JSON header with dtype/shape/data_offsets, raw bytes) is written here from a plan made before any data moves.
-    Tensors must be written in plan order. The file goes to a temp name next to `path` and is renamed into place by
-    `commit()`; on any failure (or `abort()`) the temp file is removed and an existing `path` is left intact.
+    Either tensors are written in plan order (`write`), or out of order: runs of tensors copied unchanged by a
+    background thread (`copy_in_background`), the others written at their place (`write_at`), and bytes of copied
+    tensors overwritten (`patch`). The file goes to a temp name next to `path` and is renamed into place by `commit()`
+    (after the background copy ends, and an fsync); on any failure (or `abort()`) the temp file is removed and an
+    existing `path` is left intact.
     """
 
     def __init__(self, path, plan: list[tuple[str, torch.dtype, tuple]], metadata: Optional[dict] = None):
@@ -414,6 +429,15 @@ class StreamWriter:
         self._kernel_copy = hasattr(os, "copy_file_range")
         self._copy_buffer: Optional[bytearray] = None
         self._next = 0
+        self._placed: set = set()  # tensors written (or handed to the background copy) out of order
+        self._copier: Optional[threading.Thread] = None
+        self._progress = threading.Condition()
+        self._copied_to = 0  # the background copy has written every byte it was given below this output offset
+        self._copy_error: Optional[BaseException] = None
+        self._stop_copy = False
+        self._closing = False  # no more patches will come: the copying thread ends once it has written those queued
+        self._patches: deque = deque()  # (end of the tensor in the output, [(offset, lo, hi)], bytes) for that thread
+        self._queued_bytes = 0
         try:
             _write_all(self._f, struct.pack("<Q", len(raw)) + raw)
         except BaseException:  # e.g. a full disk: no temp file is left behind
@@ -421,6 +445,8 @@ class StreamWriter:
             raise
 
     def _check(self, name: str, nbytes: int) -> None:
+        if self._placed:
+            raise RuntimeError("StreamWriter: tensors were already placed out of order; keep using write_at")
         if self._next >= len(self._expected):
             raise RuntimeError(f"StreamWriter: unexpected extra tensor {name!r}")
         want_name, want_bytes = self._expected[self._next]
@@ -438,65 +464,184 @@ class StreamWriter:
         self._check(name, entry.nbytes)
         copy_raw(f, entry, self._f, buffer)
 
-    def copy_span(self, entries: list[TensorEntry], reader: TensorReader) -> None:
-        """Copy the bytes of consecutive tensors unchanged (bit-identical). They must be next in the plan and lie
-        back to back in one file of `reader`. The copy stays in the kernel (`os.copy_file_range`: no Python buffer)
-        where the files allow it, else goes through one reused buffer."""
-        if not entries:
-            return
-        for a, b in zip(entries, entries[1:]):
-            if b.path != a.path or b.start != a.end:
-                raise RuntimeError(f"StreamWriter.copy_span: {b.name!r} does not follow {a.name!r} in one file")
-        for e in entries:
-            self._check(e.name, e.nbytes)
-        src = reader.fd(entries[0].path)
-        start, total = entries[0].start, entries[-1].end - entries[0].start
-        done = 0
+    def copy_in_background(self, spans: list[list[TensorEntry]], reader: TensorReader) -> None:
+        """Copy runs of tensors unchanged (bit-identical) to their places, in a thread, while the caller goes on: each
+        run lies back to back in one file of `reader`, the runs in plan order. The copy stays in the kernel
+        (`os.copy_file_range`, which releases the GIL) where the files allow it, else goes through one reused buffer.
+        `patch` hands its bytes to this thread, which writes them once its copy has passed them; `commit` waits for
+        the whole copy and raises its error, if any. Only one background copy per writer."""
+        if self._copier is not None:
+            raise RuntimeError("StreamWriter.copy_in_background: a background copy was already started")
+        jobs, last = [], 0
+        for entries in spans:
+            if not entries:
+                continue
+            for a, b in zip(entries, entries[1:]):
+                if b.path != a.path or b.start != a.end:
+                    raise RuntimeError(f"StreamWriter.copy_in_background: {b.name!r} does not follow {a.name!r} in "
+                                       "one file")
+            at = self._place(entries[0].name, entries[0].nbytes)
+            for e in entries[1:]:
+                self._place(e.name, e.nbytes)
+            if at < last:
+                raise RuntimeError("StreamWriter.copy_in_background: runs must come in plan order")
+            last = at + entries[-1].end - entries[0].start
+            jobs.append((entries[0].path, entries, at))
+        # the thread reads through its own descriptors: the caller may close `reader` whenever it likes
+        fds = {path: os.dup(reader.fd(path)) for path in {path for path, _, _ in jobs}}
+        try:
+            self._copier = threading.Thread(target=self._copy_jobs, args=(jobs, fds), name="slice-ft-copy",
+                                            daemon=True)
+            self._copier.start()
+        except BaseException:
+            self._copier = None
+            for fd in fds.values():
+                os.close(fd)
+            raise
+
+    def _copy_jobs(self, jobs, fds: dict) -> None:
+        """(copying thread) Copy every run, publishing how far it got; an error is kept for the caller's thread."""
+        dst = self._f.fileno()
+        try:
+            for path, entries, at in jobs:
+                src = fds[path]
+                start, total, done = entries[0].start, entries[-1].end - entries[0].start, 0
+                while done < total:
+                    if self._stop_copy:
+                        return
+                    step = min(total - done, BACKGROUND_COPY_CHUNK)
+                    done += self._copy_piece(src, dst, step, start + done, at + done, entries)
+                    with self._progress:
+                        self._copied_to = at + done
+                    self._write_patches(dst)
+            with self._progress:
+                self._copied_to = self.total_bytes
+            while self._write_patches(dst):  # the copy is done: the patches still coming, until the commit
+                with self._progress:
+                    self._progress.wait_for(lambda: self._stop_copy or self._closing or self._patches)
+        except BaseException as err:  # raised in the caller's thread by the next patch, write_at or commit
+            self._copy_error = err
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+            with self._progress:
+                self._copied_to = self.total_bytes
+                self._progress.notify_all()
+
+    def _write_patches(self, dst: int) -> bool:
+        """(copying thread) Write the queued patches the copy has passed; False once nothing more will come."""
+        while True:
+            with self._progress:
+                if self._stop_copy:
+                    return False
+                if not self._patches or self._patches[0][0] > self._copied_to:
+                    self._progress.notify_all()  # room in the queue
+                    return not (self._closing and not self._patches)
+                end, writes, data = self._patches.popleft()
+            for at, lo, hi in writes:
+                _pwrite_all(dst, data[lo:hi], at)
+            with self._progress:
+                self._queued_bytes -= len(data)
+
+    def _copy_piece(self, src: int, dst: int, count: int, at_src: int, at_dst: int, entries) -> int:
         if self._kernel_copy:
             try:
-                while done < total:
-                    n = os.copy_file_range(src, self._f.fileno(), min(total - done, KERNEL_COPY_CHUNK), start + done)
-                    if not n:
-                        raise _truncated(self._entry_at(entries, start + done))
-                    done += n
+                n = os.copy_file_range(src, dst, count, at_src, at_dst)
             except OSError as err:
                 if err.errno not in _NO_KERNEL_COPY:
                     raise
                 self._kernel_copy = False  # e.g. across file systems: the buffer from now on
-        if done < total:
-            if self._copy_buffer is None:
-                self._copy_buffer = bytearray(COPY_CHUNK)
-            view = memoryview(self._copy_buffer)
-            while done < total:
-                piece = view[: min(total - done, len(view))]
-                pread_into(src, piece, start + done, self._entry_at(entries, start + done))
-                _write_all(self._f, piece)
-                done += piece.nbytes
+            else:
+                if not n:
+                    raise _truncated(self._entry_at(entries, at_src))
+                return n
+        if self._copy_buffer is None:
+            self._copy_buffer = bytearray(COPY_CHUNK)
+        piece = memoryview(self._copy_buffer)[: min(count, COPY_CHUNK)]
+        pread_into(src, piece, at_src, self._entry_at(entries, at_src))
+        _pwrite_all(dst, piece, at_dst)
+        return piece.nbytes
+
+    def _wait_copied(self, end: int) -> None:
+        """Wait until the background copy has written every byte it was given below output offset `end`."""
+        if self._copier is None:
+            return
+        with self._progress:
+            self._progress.wait_for(lambda: self._copied_to >= end)
+        if self._copy_error is not None:
+            raise self._copy_error
+
+    def _finish_copy(self) -> None:
+        """Wait for the whole background copy (if any) and the patches queued for it; raise its error."""
+        if self._copier is not None:
+            with self._progress:
+                self._closing = True
+                self._progress.notify_all()
+            self._copier.join()
+            if self._copy_error is not None:
+                raise self._copy_error
+
+    def _place(self, name: str, nbytes: int) -> int:
+        """Mark tensor `name` written out of order; returns where its bytes go."""
+        if name not in self._order or self._expected[self._order[name]][1] != nbytes:
+            raise RuntimeError(f"StreamWriter: {name!r} ({nbytes} bytes) is not in the plan")
+        if name in self._placed or self._order[name] < self._next:
+            raise RuntimeError(f"StreamWriter: {name!r} was already written")
+        self._placed.add(name)
+        return self._position[name]
+
+    def write_at(self, name: str, tensor: torch.Tensor) -> None:
+        """Write a tensor the background copy does not cover at its place in the file, in any order."""
+        data = tensor_bytes(tensor)
+        _pwrite_all(self._f.fileno(), data, self._place(name, data.nbytes))
 
     def patch(self, name: str, spans, data) -> None:
-        """Overwrite byte ranges of tensor `name`, already written: `spans` lists (offset within the tensor, lo, hi),
-        the new bytes being `data[lo:hi]`. Positional writes: the stream goes on where it was. Checked once for all."""
+        """Overwrite byte ranges of tensor `name`, already written or being copied in the background (then the copying
+        thread writes them once its copy has passed them; this waits only while its queue is full): `spans` lists
+        (offset within the tensor, lo, hi), the new bytes being `data[lo:hi]`. Positional writes: the stream goes on
+        where it was. Checked once for all."""
         view = memoryview(data).cast("B")
-        if self._order.get(name, len(self._expected)) >= self._next:
+        if self._order.get(name, len(self._expected)) >= self._next and name not in self._placed:
             raise RuntimeError(f"StreamWriter.patch: {name!r} has not been written yet")
         size, base, fd = self._expected[self._order[name]][1], self._position[name], self._f.fileno()
         for offset, lo, hi in spans:
             if offset < 0 or offset + hi - lo > size:
                 raise RuntimeError(f"StreamWriter.patch: bytes [{offset}, {offset + hi - lo}) lie outside {name!r}")
-            piece, at = view[lo:hi], base + offset
-            while piece.nbytes:
-                n = os.pwrite(fd, piece, at)
-                piece, at = piece[n:], at + n
+        writes = [(base + offset, lo, hi) for offset, lo, hi in spans]
+        if self._copier is not None and view.nbytes < PATCH_QUEUE_BYTES:
+            # the copying thread writes it once its copy has passed it: one writer, no contention for the file (small
+            # writes beside a running copy_file_range wait for its lock, ~10x slower)
+            pending = bytes(view[:max((hi for _, _, hi in spans), default=0)])
+            with self._progress:
+                self._progress.wait_for(lambda: self._queued_bytes + len(pending) <= PATCH_QUEUE_BYTES
+                                        or not self._patches or self._copy_error is not None)
+                if self._copy_error is None and self._copier.is_alive():
+                    self._patches.append((base + size, writes, memoryview(pending)))
+                    self._queued_bytes += len(pending)
+                    self._progress.notify_all()
+                    return
+        self._wait_copied(base + size)
+        for at, lo, hi in writes:
+            _pwrite_all(fd, view[lo:hi], at)
+
+    def _stop_background_copy(self) -> None:
+        if self._copier is not None:
+            with self._progress:
+                self._stop_copy = True
+                self._progress.notify_all()
+            self._copier.join()
 
     @staticmethod
     def _entry_at(entries: list[TensorEntry], offset: int) -> TensorEntry:
         return next((e for e in entries if e.start <= offset < e.end), entries[-1])
 
     def commit(self) -> Path:
-        if self._next != len(self._expected):
+        missing = len(self._expected) - self._next - len(self._placed)
+        if missing:
             self.abort()
-            raise RuntimeError(f"StreamWriter: {len(self._expected) - self._next} planned tensors were never written")
+            raise RuntimeError(f"StreamWriter: {missing} planned tensors were never written")
         try:
+            self._finish_copy()
             os.fsync(self._f.fileno())
             self._f.close()
             os.replace(self.tmp, self.path)
@@ -506,6 +651,7 @@ class StreamWriter:
         return self.path
 
     def abort(self) -> None:
+        self._stop_background_copy()
         if not self._f.closed:
             self._f.close()
         self.tmp.unlink(missing_ok=True)
