@@ -175,39 +175,33 @@ class _LinearWithSlice(torch.autograd.Function):
     def forward(ctx, x2d, weight, bias, owned, base_dtype, dtype, slices, *values):
         w = weight.to(base_dtype)
         owned = owned or w is not weight
-        if not owned and torch.compiler.is_compiling():
-            w, owned = w.clone(), True  # no in-place change of a parameter inside a compiled graph
-        target = w if owned else w.data
-        originals = _patch_weight(target, weight, slices, values, keep_originals=not owned)
+        merged, originals = _merged_weight(weight, w, owned, slices, values)
         x_base = x2d.to(base_dtype)
         try:
             b = None if bias is None else _patched_bias(bias, base_dtype, slices, values)
-            out2d = torch.nn.functional.linear(x_base, w, b)
+            out2d = torch.nn.functional.linear(x_base, merged, b)
         finally:
-            if not owned:
-                _restore_weight(target, originals)
+            _restore_weight(merged, originals)
         wants_w = any(ctx.needs_input_grad[7:])
         x_src = x_base if base_dtype == dtype else x2d  # the tiles' gradient reads the cast input when it can
-        ctx.save_for_backward(x_src if wants_w else None, *values)
-        ctx.w, ctx.weight, ctx.owned = (w if owned else None), weight, owned
-        ctx.slices, ctx.dtype, ctx.x_dtype = slices, dtype, x2d.dtype
+        # a copy made for this matmul is kept for the input gradient (autocast's linear keeps its cast too); the
+        # base weight itself is patched again in backward
+        ctx.save_for_backward(x_src if wants_w else None, merged if owned else None, *values)
+        ctx.weight, ctx.slices, ctx.dtype, ctx.x_dtype = weight, slices, dtype, x2d.dtype
         return out2d
 
     @staticmethod
     def backward(ctx, grad_out):
-        x_src, *values = ctx.saved_tensors
+        x_src, merged, *values = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
-            if ctx.owned:
-                w = ctx.w
-                grad_x = grad_out.to(w.dtype).mm(w).to(ctx.x_dtype)
-            else:
-                target = ctx.weight.data
-                originals = _patch_weight(target, ctx.weight, ctx.slices, values, keep_originals=True)
-                try:
-                    grad_x = grad_out.to(target.dtype).mm(target).to(ctx.x_dtype)
-                finally:
-                    _restore_weight(target, originals)
+            originals = None
+            if merged is None:
+                merged, originals = _merged_weight(ctx.weight, ctx.weight, False, ctx.slices, values)
+            try:
+                grad_x = grad_out.to(merged.dtype).mm(merged).to(ctx.x_dtype)
+            finally:
+                _restore_weight(merged, originals)
         grads = []
         for k, (kind, index, scale, nmax) in enumerate(ctx.slices):
             if not ctx.needs_input_grad[7 + k]:
@@ -219,8 +213,20 @@ class _LinearWithSlice(torch.autograd.Function):
                 grads.append(grad_w)
             else:
                 grads.append(grad_out.index_select(1, index["flat"]).float().sum(0) * scale)
-        ctx.w = ctx.weight = None
+        ctx.weight = None
         return (grad_x, None, None, None, None, None, None, *grads)
+
+
+def _merged_weight(source, w, owned, slices, values):
+    """(the weight to run the matmul with, the tiles' previous values for `_restore_weight` or None): `w` (`source`
+    or a copy of it made for this matmul, `owned`) with the tiles written in. The base weight itself is patched in
+    place through `.data` (autograd's version checks of other users of W are not tripped) and must be restored;
+    under torch.compile it is cloned instead (no in-place change of a parameter inside a compiled graph)."""
+    if not owned and torch.compiler.is_compiling():
+        w, owned = w.clone(), True
+    target = w if owned else w.data
+    originals = _patch_weight(target, source, slices, values, keep_originals=not owned)
+    return target, (None if owned else originals)
 
 
 def _patch_weight(target, source, slices, values, keep_originals):
@@ -246,7 +252,7 @@ def _patch_weight(target, source, slices, values, keep_originals):
 
 def _restore_weight(target, originals):
     """Undo `_patch_weight` on a weight patched in place: the exact previous values, last adapter first."""
-    for tiles, original in reversed(originals):
+    for tiles, original in reversed(originals or ()):
         target.view(-1, original.shape[1]).index_copy_(0, tiles, original)
 
 
