@@ -1,7 +1,9 @@
 """Slice tuner layers: the base weights stay untouched; the slice's values are added by the layer's forward.
 
-- `Linear` wraps an `nn.Linear`: the weight's selected row tiles act through one gather, one batched matmul and one
-  `index_add` (cost proportional to the slice, never a dense copy of the weight); bias deltas are element-wise.
+- `Linear` wraps an `nn.Linear`: the matmul runs on the weight with the slice's tiles written in (in place and
+  restored, or into the copy autocast or an fp8 base makes anyway), so forward and input gradient cost what the base
+  costs; the tiles' gradient is one batched matmul over x. A base layer that cannot be computed that way (one with
+  its own forward) is called as it is and the tiles are added to its output (gather, batched matmul, `index_add`).
 - `Elementwise` wraps a leaf module with small parameters (norms): it runs the base module with W + delta.
 - `ParamSlice` serves raw parameters of a container module (`scale_shift_table` on a Wan block): it is attached to
   that module as the child `sliced_params` and shadows the parameter with W + delta for the duration of its forward.
@@ -34,6 +36,10 @@ class TileIndex:
             segs = layout.segments_per_row
             rows, seg = tiles_t // segs, tiles_t % segs
             seg_ids, group = torch.unique(seg, return_inverse=True)
+            if 2 * len(seg_ids) >= segs:
+                # most segments hold a tile: the tiles' batched matmul runs over every segment (a strided view of
+                # x, the empty ones padded with zero tiles) instead of copying the held segments out of x
+                seg_ids, group = torch.arange(segs), seg
             counts = torch.bincount(group, minlength=len(seg_ids))
             nmax = int(counts.max())
             # slot of each tile inside its segment's group: tiles are sorted by (row, seg), so rank within group
@@ -44,7 +50,8 @@ class TileIndex:
             slot = group * nmax + within
             rows_padded = torch.zeros(len(seg_ids) * nmax, dtype=torch.long)
             rows_padded[slot] = rows
-            self._cpu = {"rows": rows, "seg": seg, "seg_ids": seg_ids, "slot": slot, "rows_padded": rows_padded}
+            self._cpu = {"rows": rows, "seg": seg, "tiles": tiles_t, "seg_ids": seg_ids, "slot": slot,
+                         "rows_padded": rows_padded}
             self.nmax = nmax
         else:
             self._cpu = {"flat": tiles_t}
@@ -150,36 +157,120 @@ class _SliceLinearDelta(torch.autograd.Function):
 
 
 class _LinearWithSlice(torch.autograd.Function):
-    """A frozen Linear's output and its slice in one function: `x @ W.T + b`, then the tiles added in place.
+    """A frozen Linear computed with its slices merged into the weight: `x @ (W + dW).T + (b + db)`, one matmul.
 
-    Why one function (measured in benchmarks/bench_train_step.py): the slice's input gradient is added in place
-    into the base's (no zeroed tokens x in_features buffer, no extra add by autograd), and under autocast x is cast
-    once and that cast serves the base matmul, the slice's gather and backward (autocast's linear would save its own).
-    The base matmul and its input gradient are exactly what autocast's `F.linear` computes (same dtypes, same ops).
+    Why (measured in benchmarks/bench_train_step.py): the slice's own matmuls read the activations once more per
+    pass (forward, and twice in backward), which costs a few percent of the step at every clip size, while writing
+    the tiles into the weight for the matmul and back costs time proportional to the tiles alone. Only the tiles'
+    gradient still reads x (one small batched matmul, as LoRA's A gradient does). The arithmetic is the merged
+    model's: the patched entries are round(W + dW) in the matmul's dtype, computed from W in its own dtype (under
+    autocast that is what autocast's `F.linear` of the merged fp32 weight computes, bit for bit).
+
+    The weight the matmul uses is either a copy made here (autocast's cast, an fp8 base's dequantized weight, or
+    under torch.compile) and patched, or the base weight itself, patched in place and restored exactly around
+    each matmul (through `.data`, so autograd's version checks of other users of W are not tripped).
     """
 
     @staticmethod
-    def forward(ctx, x2d, weight, bias, w_values, b_values, seg_ids, slot, rows_padded, bias_idx, nmax, base_dtype,
-                dtype, scale):
+    def forward(ctx, x2d, weight, bias, owned, base_dtype, dtype, slices, *values):
+        w = weight.to(base_dtype)
+        owned = owned or w is not weight
+        merged, originals = _merged_weight(weight, w, owned, slices, values)
         x_base = x2d.to(base_dtype)
-        w_base = weight.to(base_dtype)
-        out2d = torch.nn.functional.linear(x_base, w_base, None if bias is None else bias.to(base_dtype))
-        x_src = x_base if base_dtype == dtype else x2d  # the slice reads the cast input when its dtype matches
-        _add_slice_forward(out2d, x_src, w_values, b_values, seg_ids, slot, rows_padded, bias_idx, nmax, dtype, scale)
-        ctx.save_for_backward(x_src, w_base, w_values, seg_ids, slot, rows_padded, bias_idx)
-        ctx.nmax, ctx.dtype, ctx.scale, ctx.x_dtype = nmax, dtype, scale, x2d.dtype
+        try:
+            b = None if bias is None else _patched_bias(bias, base_dtype, slices, values)
+            out2d = torch.nn.functional.linear(x_base, merged, b)
+        finally:
+            _restore_weight(merged, originals)
+        wants_w = any(ctx.needs_input_grad[7:])
+        x_src = x_base if base_dtype == dtype else x2d  # the tiles' gradient reads the cast input when it can
+        # a copy made for this matmul is kept for the input gradient (autocast's linear keeps its cast too); the
+        # base weight itself is patched again in backward
+        ctx.save_for_backward(x_src if wants_w else None, merged if owned else None, *values)
+        ctx.weight, ctx.slices, ctx.dtype, ctx.x_dtype = weight, slices, dtype, x2d.dtype
         return out2d
 
     @staticmethod
     def backward(ctx, grad_out):
-        x_src, w_base, w_values, seg_ids, slot, rows_padded, bias_idx = ctx.saved_tensors
+        x_src, merged, *values = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out.to(w_base.dtype).mm(w_base).to(ctx.x_dtype)  # the base's input gradient
-        grad_x, grad_w, grad_b = _slice_backward(
-            grad_out, x_src, ctx.x_dtype, w_values, seg_ids, slot, rows_padded, bias_idx, ctx.nmax, ctx.dtype,
-            ctx.scale, ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4], grad_x=grad_x)
-        return grad_x, None, None, grad_w, grad_b, None, None, None, None, None, None, None, None
+            originals = None
+            if merged is None:
+                merged, originals = _merged_weight(ctx.weight, ctx.weight, False, ctx.slices, values)
+            try:
+                grad_x = grad_out.to(merged.dtype).mm(merged).to(ctx.x_dtype)
+            finally:
+                _restore_weight(merged, originals)
+        grads = []
+        for k, (kind, index, scale, nmax) in enumerate(ctx.slices):
+            if not ctx.needs_input_grad[7 + k]:
+                grads.append(None)
+            elif kind == "weight":
+                _, grad_w, _ = _slice_backward(grad_out, x_src, ctx.x_dtype, values[k], index["seg_ids"],
+                                               index["slot"], index["rows_padded"], None, nmax, ctx.dtype, scale,
+                                               False, True, False)
+                grads.append(grad_w)
+            else:
+                grads.append(grad_out.index_select(1, index["flat"]).float().sum(0) * scale)
+        ctx.weight = None
+        return (grad_x, None, None, None, None, None, None, *grads)
+
+
+def _merged_weight(source, w, owned, slices, values):
+    """(the weight to run the matmul with, the tiles' previous values for `_restore_weight` or None): `w` (`source`
+    or a copy of it made for this matmul, `owned`) with the tiles written in. The base weight itself is patched in
+    place through `.data` (autograd's version checks of other users of W are not tripped) and must be restored;
+    under torch.compile it is cloned instead (no in-place change of a parameter inside a compiled graph)."""
+    if not owned and torch.compiler.is_compiling():
+        w, owned = w.clone(), True
+    target = w if owned else w.data
+    originals = _patch_weight(target, source, slices, values, keep_originals=not owned)
+    return target, (None if owned else originals)
+
+
+def _patch_weight(target, source, slices, values, keep_originals):
+    """Write round(W + dW) into the weight tiles of `target` (the matmul's weight: `source` itself, or a copy of it in
+    another dtype), adapter after adapter as merging one by one does. W is read from `source` (its own dtype), later
+    adapters add to the tiles already written. Returns what `_restore_weight` needs when `keep_originals`."""
+    originals = []
+    first = True
+    for (kind, index, scale, _), v in zip(slices, values):
+        if kind != "weight":
+            continue
+        width, tiles = v.shape[1], index["tiles"]
+        rows = target.view(-1, width)  # tile t (row * segments + segment) is row t of this view
+        current = (source.view(-1, width) if first else rows).index_select(0, tiles)
+        first = False
+        if keep_originals:
+            originals.append((tiles, current))
+        acc = torch.float64 if current.dtype == torch.float64 else torch.float32
+        delta = v.detach().to(acc) if scale == 1.0 else v.detach().to(acc) * scale
+        rows.index_copy_(0, tiles, (current.to(acc) + delta).to(target.dtype))
+    return originals
+
+
+def _restore_weight(target, originals):
+    """Undo `_patch_weight` on a weight patched in place: the exact previous values, last adapter first."""
+    for tiles, original in reversed(originals or ()):
+        target.view(-1, original.shape[1]).index_copy_(0, tiles, original)
+
+
+def _patched_bias(bias, dtype, slices, values):
+    """b + db in `dtype` (a new tensor: biases are small)."""
+    patched = None
+    for (kind, index, scale, _), v in zip(slices, values):
+        if kind != "bias":
+            continue
+        if patched is None:
+            patched = bias.detach().to(dtype, copy=True)
+            source = bias
+        else:
+            source = patched
+        current = source.index_select(0, index["flat"]).float()
+        delta = v.detach().float() if scale == 1.0 else v.detach().float() * scale
+        patched.index_copy_(0, index["flat"], (current + delta).to(dtype))
+    return bias.to(dtype) if patched is None else patched
 
 
 def _frozen_linear_weight(base: nn.Module) -> Optional[torch.Tensor]:
@@ -191,7 +282,8 @@ def _frozen_linear_weight(base: nn.Module) -> Optional[torch.Tensor]:
         weight = base.frozen_linear_weight()
     else:
         return None
-    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad) or "forward" in base.__dict__:
+    if (base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad) or "forward" in base.__dict__
+            or not weight.is_contiguous()):
         return None
     return weight
 
@@ -383,25 +475,30 @@ class Linear(nn.Module, SliceLayer):
         autocast = torch.is_autocast_enabled(x.device.type)
         if weight is not None and not autocast and weight.dtype != x.dtype:
             weight = None  # the base layer raises its own dtype error (or casts, for subclasses that do)
-        result = None
-        if weight is None:
-            result = base(x2d, *args, **kwargs)  # 2-D in: the output is not a view, so it can take the slice in place
-            if result._base is not None or not result.is_contiguous():
-                result = result.clone()
+        if weight is not None:
+            slices, values = [], []
+            for adapter in adapters:
+                scale = self.slice_scale[adapter]
+                for kind, v in self.slice_values[adapter].items():
+                    index = self.slice_index[adapter][kind]
+                    slices.append((kind, index.on(x.device), scale, index.nmax if kind == "weight" else 0))
+                    values.append(v)
+            base_dtype = dtype if autocast else weight.dtype
+            result = _LinearWithSlice.apply(x2d, weight, base.bias, weight is not base.weight, base_dtype, dtype,
+                                            tuple(slices), *values)
+            return result.view(*x.shape[:-1], result.shape[-1])
+        result = base(x2d, *args, **kwargs)  # 2-D in: the output is not a view, so it can take the slice in place
+        if result._base is not None or not result.is_contiguous():
+            result = result.clone()
         for adapter in adapters:
             values, index = self.slice_values[adapter], self.slice_index[adapter]
             w_values, b_values = values["weight"] if "weight" in values else None, values["bias"] if "bias" in values else None
             w_index = index["weight"].on(x.device) if w_values is not None else {}
             nmax = index["weight"].nmax if w_values is not None else 0
             bias_idx = index["bias"].on(x.device)["flat"] if b_values is not None else None
-            slice_args = (w_values, b_values, w_index.get("seg_ids"), w_index.get("slot"), w_index.get("rows_padded"),
-                          bias_idx, nmax)
-            if result is None:
-                base_dtype = dtype if autocast else weight.dtype
-                result = _LinearWithSlice.apply(x2d, weight, base.bias, *slice_args, base_dtype, dtype,
-                                                self.slice_scale[adapter])
-            else:
-                result = _SliceLinearDelta.apply(result, x2d, *slice_args, dtype, self.slice_scale[adapter])
+            result = _SliceLinearDelta.apply(result, x2d, w_values, b_values, w_index.get("seg_ids"),
+                                             w_index.get("slot"), w_index.get("rows_padded"), bias_idx, nmax, dtype,
+                                             self.slice_scale[adapter])
         return result.view(*x.shape[:-1], result.shape[-1])
 
     def __repr__(self) -> str:

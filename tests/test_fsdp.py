@@ -115,6 +115,10 @@ def test_every_slice_layer_type_trains_and_matches_one_process_with_the_same_glo
     for k in one:  # bf16 compute: a few per mille of each tensor's scale
         scale = one[k].abs().max()
         assert scale > 0, k
+        if ".to_k.slice_values.bias" in k:
+            # softmax ignores a bias shared by every key: its exact gradient is zero and what it gets is bf16
+            # rounding noise, so it is held to the scale of its layer's weight values instead of its own
+            scale = one[k.replace(".bias", ".weight")].abs().max()
         assert (two[k] - one[k]).abs().max() <= 0.02 * scale, k
     # clipping (max 0.05, always active here) used the global norm, and that is what rank 0 logged
     norms_two, norms_one = tensorboard_scalars(root / "two", "grad_norm"), tensorboard_scalars(root / "one", "grad_norm")
