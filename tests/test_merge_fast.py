@@ -137,6 +137,48 @@ def test_patches_wait_in_the_queue_behind_a_slow_background_copy(tmp_path, monke
     assert queued["n"] > 0  # some patches went through the copying thread's queue
 
 
+def test_writeback_starts_only_on_final_bytes_and_the_output_stays_exact(tmp_path, monkeypatch, shapes):
+    """The copying thread asks the kernel to start writing the finished part of the output (sync_file_range) as it
+    goes: each range starts where the last ended, on page boundaries, covers only bytes already copied with no patch
+    still to come below its end, and together they reach the end of the file; the output is bit exact."""
+    state, base = make_base(tmp_path / "base.safetensors", shapes, torch.bfloat16)
+    s0 = synthetic_slice(tmp_path / "s0", shapes, 0.02, 0, value_seed=1)
+    force(monkeypatch, "patch")
+    monkeypatch.setattr(checkpoint_module, "BACKGROUND_COPY_CHUNK", 8192)
+    monkeypatch.setattr(checkpoint_module, "WRITEBACK_MIN_BYTES", 4096)
+    calls, seen = [], []
+    real_patch = checkpoint_module.StreamWriter.patch
+
+    def recording_patch(self, name, spans, data):
+        seen.append([(self._position[name] + offset, hi - lo) for offset, lo, hi in spans])
+        return real_patch(self, name, spans, data)
+
+    def sync_file_range(fd, start, length, flags):
+        assert flags == checkpoint_module.SYNC_FILE_RANGE_WRITE
+        calls.append((start, length, [w for writes in seen for w in writes]))
+        return 0
+
+    monkeypatch.setattr(checkpoint_module.StreamWriter, "patch", recording_patch)
+    monkeypatch.setattr(checkpoint_module, "_SYNC_FILE_RANGE", sync_file_range)
+    out = tmp_path / "out.safetensors"
+    merge_slices(base, [s0], out, progress=False)
+    merged, want = load(out), reference_merge(state, [s0])
+    for k, v in want.items():
+        assert torch.equal(merged[k].view(torch.uint8), v.view(torch.uint8)), k
+    assert len(calls) > 2
+    header_end = 8 + int.from_bytes(out.read_bytes()[:8], "little")
+    assert calls[0][0] == header_end
+    for (start, length, _), (next_start, _, _) in zip(calls, calls[1:]):
+        assert next_start == start + length and length > 0
+    assert calls[-1][0] + calls[-1][1] == out.stat().st_size
+    patches = [w for writes in seen for w in writes]
+    for start, length, handed in calls[:-1]:
+        assert (start + length) % 4096 == 0
+        # a patch handed over after this call lies above the range it flushed
+        later = patches[len(handed):]
+        assert all(at >= start + length for at, _ in later)
+
+
 def test_a_failure_in_the_background_copy_is_raised_and_leaves_outputs_intact(tmp_path, monkeypatch, shapes):
     state, base = make_base(tmp_path / "base.safetensors", shapes, torch.bfloat16)
     s0 = synthetic_slice(tmp_path / "s0", shapes, 0.01, 0, value_seed=1)

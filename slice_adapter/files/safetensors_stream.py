@@ -16,7 +16,9 @@ import json
 import math
 import os
 import shutil
+import ctypes
 import struct
+import sys
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -51,6 +53,25 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 COPY_CHUNK = 16 * 1024 * 1024  # raw copies that cannot stay in the kernel go through one reused buffer of this size
 BACKGROUND_COPY_CHUNK = 32 << 20  # bytes per call of the background copy: how often it writes the patches it passed
 PATCH_QUEUE_BYTES = 4 << 20  # patches waiting for the copying thread, at most (then the caller waits)
+WRITEBACK_MIN_BYTES = 32 << 20  # the finished part of the output is handed to the disk in pieces of at least this
+
+
+def _find_sync_file_range():
+    """libc's sync_file_range (Linux; `os` has no binding), or None. With SYNC_FILE_RANGE_WRITE it starts writing a
+    range's dirty pages to disk and returns: the merge's final fsync then finds little left to write."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE = _find_sync_file_range()
+SYNC_FILE_RANGE_WRITE = 2
 # copy_file_range refusals that mean "not between these files" (another file system, an old kernel, a sandbox that
 # filters the syscall): fall back to copying through a buffer
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF, errno.EPERM}
@@ -438,6 +459,8 @@ class StreamWriter:
         self._closing = False  # no more patches will come: the copying thread ends once it has written those queued
         self._patches: deque = deque()  # (end of the tensor in the output, [(offset, lo, hi)], bytes) for that thread
         self._queued_bytes = 0
+        self._handed_to = 0  # the caller has handed over every patch and out-of-order write below this offset
+        self._written_back_to = 8 + len(raw)  # writeback of the output was started below this offset
         try:
             _write_all(self._f, struct.pack("<Q", len(raw)) + raw)
         except BaseException:  # e.g. a full disk: no temp file is left behind
@@ -514,11 +537,14 @@ class StreamWriter:
                     with self._progress:
                         self._copied_to = at + done
                     self._write_patches(dst)
+                    self._start_writeback(dst)
             with self._progress:
                 self._copied_to = self.total_bytes
             while self._write_patches(dst):  # the copy is done: the patches still coming, until the commit
+                self._start_writeback(dst)
                 with self._progress:
                     self._progress.wait_for(lambda: self._stop_copy or self._closing or self._patches)
+            self._start_writeback(dst)
         except BaseException as err:  # raised in the caller's thread by the next patch, write_at or commit
             self._copy_error = err
         finally:
@@ -542,6 +568,26 @@ class StreamWriter:
                 _pwrite_all(dst, data[lo:hi], at)
             with self._progress:
                 self._queued_bytes -= len(data)
+
+    def _start_writeback(self, dst: int) -> None:
+        """(copying thread) Start writing to disk the part of the output that is final (copied, and with no patch
+        to come below it), without waiting: the disk writes while the copy goes on, and the commit's fsync only
+        waits for the rest (measured: copy + fsync of 2.8 GB 1.2-1.5 s instead of 1.9-2.1 s). Only a head start:
+        the fsync before the rename is what makes the file durable, so a failure here is ignored."""
+        if _SYNC_FILE_RANGE is None:
+            return
+        with self._progress:
+            if self._closing and not self._patches:
+                end = self._copied_to
+            else:
+                end = min(self._copied_to, self._handed_to,
+                          self._patches[0][1][0][0] if self._patches and self._patches[0][1] else self.total_bytes)
+                end -= end % 4096  # whole pages below what may still change
+            start = self._written_back_to
+            if end - start < WRITEBACK_MIN_BYTES and not (self._closing and end > start):
+                return
+            self._written_back_to = end
+        _SYNC_FILE_RANGE(dst, start, end - start, SYNC_FILE_RANGE_WRITE)
 
     def _copy_piece(self, src: int, dst: int, count: int, at_src: int, at_dst: int, entries) -> int:
         if self._kernel_copy:
@@ -593,7 +639,14 @@ class StreamWriter:
     def write_at(self, name: str, tensor: torch.Tensor) -> None:
         """Write a tensor the background copy does not cover at its place in the file, in any order."""
         data = tensor_bytes(tensor)
-        _pwrite_all(self._f.fileno(), data, self._place(name, data.nbytes))
+        at = self._place(name, data.nbytes)
+        self._hand_over(at)
+        _pwrite_all(self._f.fileno(), data, at)
+
+    def _hand_over(self, at: int) -> None:
+        """The caller goes in file order: nothing more will be written below `at` (see `_start_writeback`)."""
+        with self._progress:
+            self._handed_to = max(self._handed_to, at)
 
     def patch(self, name: str, spans, data) -> None:
         """Overwrite byte ranges of tensor `name`, already written or being copied in the background (then the copying
@@ -608,6 +661,7 @@ class StreamWriter:
             if offset < 0 or offset + hi - lo > size:
                 raise RuntimeError(f"StreamWriter.patch: bytes [{offset}, {offset + hi - lo}) lie outside {name!r}")
         writes = [(base + offset, lo, hi) for offset, lo, hi in spans]
+        self._hand_over(base)
         if self._copier is not None and view.nbytes < PATCH_QUEUE_BYTES:
             # the copying thread writes it once its copy has passed it: one writer, no contention for the file (small
             # writes beside a running copy_file_range wait for its lock, ~10x slower)
