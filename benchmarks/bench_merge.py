@@ -3,7 +3,8 @@
 The checkpoint has the Wan 2.1 T2V 1.3B layout (all 30 blocks, diffusers keys) in bf16: 2.8 GB, the size of the
 bf16 repackaging users merge into. Two slices (fraction 1e-3, ids 0 and 1, random values) are merged into it. The merge
 copies the whole data region in the kernel in a background thread while it computes the patches (~14 MB), which
-that thread writes behind its copy; it ends with one fsync, like the copies it is compared with.
+that thread writes behind its copy, starting the disk's writeback of each finished part as it goes; it ends with one
+fsync, like the copies it is compared with (`cp` then `sync`).
 
     python benchmarks/bench_merge.py --output /tmp/merge.json [--workdir /tmp/slice_ft_bench_merge]
 """

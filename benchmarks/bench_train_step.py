@@ -220,11 +220,12 @@ def run_sweep(size: dict, args, device: str, partial=None) -> dict:
     unknown = [t for t in tokens if t not in LATENT_FOR_TOKENS]
     if unknown:
         raise SystemExit(f"error: --tokens {unknown} not supported; choose from {sorted(LATENT_FOR_TOKENS)}")
-    repeats = args.repeats or sw["repeats"]
     rows = []
     groups = [(t, False) for t in tokens]
     groups += [(t, True) for t in tokens if not args.no_compile and t in sw["compiled_tokens"]]
-    sweep = {"device": device, "fraction": SWEEP_FRACTION, "repeats": repeats, "warmup": sw["warmup"],
+    # a short step's ratio swings more from round to round: more rounds where steps are short (up to 5x at 192)
+    repeats_at = {t: args.repeats or sw["repeats"] * min(5, max(1, round(3072 / t))) for t in tokens}
+    sweep = {"device": device, "fraction": SWEEP_FRACTION, "repeats": repeats_at, "warmup": sw["warmup"],
              "threads": args.threads, "text_len": size["text_len"], "rows": rows}
     for t, compiled in groups:
         config, specs = sweep_specs(size, t, compiled, device)
@@ -234,7 +235,7 @@ def run_sweep(size: dict, args, device: str, partial=None) -> dict:
             keep |= {"infer base"} if "infer slice" in wanted else set()
             specs = {n: spec for n, spec in specs.items() if n in keep}
         print(f"sweep: {t} tokens, {'compiled' if compiled else 'eager'}: {len(specs)} configurations", flush=True)
-        results = common.run_interleaved(setup, specs, repeats=repeats, calls=1, warmup=sw["warmup"],
+        results = common.run_interleaved(setup, specs, repeats=repeats_at[t], calls=1, warmup=sw["warmup"],
                                          threads=args.threads, inline=args.smoke)
         rows += sweep_rows(results, specs, t, compiled, device != "cpu")
         sweep["layout"] = {k: config[k] for k in common.LAYOUT_KEYS}

@@ -134,6 +134,13 @@ SWEEP_WHY = {
 }
 
 
+def _rounds(repeats) -> str:
+    """Rounds of a sweep: one number, or per token count (`{"192": 15, ...}`)."""
+    if isinstance(repeats, dict):
+        return " / ".join(f"{n} ({int(t):,} tokens)" for t, n in sorted(repeats.items(), key=lambda kv: int(kv[0])))
+    return str(repeats)
+
+
 def section_train_sweep(sweep: dict, plots_rel: str | None) -> tuple[str, list]:
     """The token sweep: per token count and eager/compiled, each row's ratio to its baseline in the same rounds."""
     lay = sweep["layout"]
@@ -165,7 +172,9 @@ def section_train_sweep(sweep: dict, plots_rel: str | None) -> tuple[str, list]:
         "Linears only); LoRA and SHiRA at the rank of equal trainable weights. Per token count the eager rows run "
         "interleaved with their own frozen base (and the two inference rows with each other), the compiled rows "
         "(each block's forward under torch.compile, as `--compile`) with their own compiled frozen base, "
-        f"{sweep['repeats']} rounds after {sweep['warmup']} warm-up call(s), {sweep['threads']} thread(s). "
+        f"{_rounds(sweep['repeats'])} rounds after {sweep['warmup']} warm-up call(s), {sweep['threads']} thread(s), "
+        "each configuration in its own process with the same fixed glibc allocator rules (`common.ALLOCATOR_ENV`: "
+        "otherwise page faults from the allocator's adaptive trimming differ by configuration). "
         "*× baseline*: the frozen step (training rows) or the base forward (inference rows). *activation*: the "
         "first call's rise of the resident high-water mark in the row's fresh process (activations, gradients, "
         "first optimizer state; compiled rows built their kernels first, so theirs is not comparable: —)"
@@ -238,7 +247,9 @@ def section_loader(loader: dict, sweep: dict | None) -> str:
         "Workers overlap decoding with the training step; they do not make one decode faster, so where every core "
         "is busy (as on this shared 2-core machine) they cannot raise clips/s. The seek skips decoding up to the "
         "keyframe before a clip's first frame: it saves most on long videos, and nothing on a clip shorter than "
-        "the encoder's keyframe interval (libx264: 250 frames), whose only keyframe is frame 0.",
+        "the encoder's keyframe interval (libx264: 250 frames), whose only keyframe is frame 0. torchcodec (what "
+        "`datasets`' Video feature decodes with) could not be measured against PyAV: it links FFmpeg's shared "
+        "libraries, which this machine does not have (PyAV's wheels carry their own), so PyAV stays.",
     ]
     if step:
         text += ["", f"The training step consumes one clip per step: on this CPU a slice step at {step[0]:,} tokens "
@@ -399,7 +410,9 @@ def section_merge(data: dict) -> tuple[str, list]:
     loaded = imports.get("modules")
     why_cli = (f"{startup:.1f} s of the CLI's {cli['wall_s']['median']:.1f} s are interpreter start and imports"
                + (f" ({', '.join(loaded)})" if loaded else "") + "; the merge alone runs at "
-               f"{call['x_copy_throughput']['median']:.2f}× copy" if startup > 0.3 * cli["wall_s"]["median"]
+               f"{call['x_copy_throughput']['median']:.2f}× copy. The start-up is a fixed cost, as long here as "
+               "the whole `cp`: on larger checkpoints (a 14B model is 10× this one) the CLI's ratio approaches the "
+               "merge's own" if startup > 0.3 * cli["wall_s"]["median"]
                else streaming)
     for r in data["rows"]:
         w = {"≥ 0.7× copy throughput": why_cli if r is cli else streaming}
