@@ -410,9 +410,15 @@ class SliceLayer(BaseTunerLayer):
         params = self.sliced_parameters()
         patched = {}
         for adapter in self._adapters_to_apply():
-            for pname in self.slice_values[adapter]:
+            scale = self.slice_scale[adapter]
+            for pname, values in self.slice_values[adapter].items():
                 base = patched.get(pname, params[pname])
-                patched[pname] = (base.float() + self.dense_delta(adapter, pname, base)).to(base.dtype)
+                view, key = self._selected(adapter, pname, base)
+                delta = values if scale == 1.0 else values * scale
+                # only the selected entries change: round(W + delta) there, W elsewhere (what a dense float32 delta
+                # added everywhere and rounded gives, in fewer and smaller ops)
+                merged = (view[key].float() + delta.float()).to(base.dtype)
+                patched[pname] = view.index_put(key, merged).view(base.shape)
         return patched
 
     # -- merge / unmerge ------------------------------------------------------------------------------------
@@ -524,7 +530,15 @@ class Elementwise(nn.Module, SliceLayer):
         patched = self.patched_parameters()
         if not patched:
             return self.base_layer(*args, **kwargs)
-        return torch.func.functional_call(self.base_layer, patched, args, kwargs, strict=False)
+        # W + delta shadows the parameter for the call, as ParamSlice does (torch.func.functional_call costs about as
+        # much as a small norm itself)
+        base = self.base_layer
+        base.__dict__.update(patched)
+        try:
+            return base(*args, **kwargs)
+        finally:
+            for name in patched:
+                base.__dict__.pop(name, None)
 
     def __repr__(self) -> str:
         return "slice." + super().__repr__()
