@@ -83,7 +83,7 @@ def _gather(x2d, seg_ids, width, dtype):
     `index_select` of the held segments only) or the dtype differs.
     """
     xs = x2d.reshape(x2d.shape[0], -1, width)
-    if seg_ids.numel() != xs.shape[1]:  # every segment holds a tile: no gather needed
+    if seg_ids.numel() != xs.shape[1]:  # the slice runs over some segments only: copy those out
         xs = xs.index_select(1, seg_ids)
     return xs.transpose(0, 1).to(dtype)
 
@@ -100,10 +100,9 @@ def _add_slice_forward(out2d, x_src, w_values, b_values, seg_ids, slot, rows_pad
 
 
 def _slice_backward(grad_out, x_src, x_dtype, w_values, seg_ids, slot, rows_padded, bias_idx, nmax, dtype, scale,
-                    need_x, need_w, need_b, grad_x=None):
-    """Gradients of the slice: (grad_x, grad_w, grad_b). The slice's input gradient is added in place into
-    `grad_x` when given (the base's input gradient), else into a new zeroed tensor."""
-    grad_w = grad_b = None
+                    need_x, need_w, need_b):
+    """Gradients of the slice's own part: (grad_x, grad_w, grad_b)."""
+    grad_w = grad_b = grad_x = None
     if w_values is not None and (need_x or need_w):
         tokens, in_features, width = x_src.shape[0], x_src.shape[1], w_values.shape[1]
         groups = seg_ids.numel()
@@ -117,13 +116,10 @@ def _slice_backward(grad_out, x_src, x_dtype, w_values, seg_ids, slot, rows_padd
         if need_x:
             deltas = _padded_deltas(w_values, slot, groups, nmax, dtype, 1.0)
             grad_xs = torch.bmm(grad_part, deltas).transpose(0, 1).to(x_dtype)  # (T, groups, w)
-            if grad_x is None:
-                if groups == in_features // width:
-                    grad_x = grad_xs.reshape(tokens, in_features)
-                else:
-                    grad_x = torch.zeros(tokens, in_features, dtype=x_dtype, device=grad_out.device)
-                    grad_x.view(tokens, -1, width).index_add_(1, seg_ids, grad_xs)
+            if groups == in_features // width:
+                grad_x = grad_xs.reshape(tokens, in_features)
             else:
+                grad_x = torch.zeros(tokens, in_features, dtype=x_dtype, device=grad_out.device)
                 grad_x.view(tokens, -1, width).index_add_(1, seg_ids, grad_xs)
     if need_b and bias_idx is not None:
         grad_b = grad_out.index_select(1, bias_idx).float().sum(0) * scale
@@ -131,7 +127,8 @@ def _slice_backward(grad_out, x_src, x_dtype, w_values, seg_ids, slot, rows_padd
 
 
 class _SliceLinearDelta(torch.autograd.Function):
-    """Adds a Linear's slice to an output computed elsewhere, in place (a second active adapter).
+    """Adds a Linear's slice to an output the base layer computed itself, in place (a base that cannot run as a
+    plain matmul on a patched weight: its own forward, a trainable weight, extra arguments).
 
     The output is not a view and the producer does not save it, so autograd adds no copy; x is saved, not copied:
     the gather is redone in backward.
@@ -410,9 +407,15 @@ class SliceLayer(BaseTunerLayer):
         params = self.sliced_parameters()
         patched = {}
         for adapter in self._adapters_to_apply():
-            for pname in self.slice_values[adapter]:
+            scale = self.slice_scale[adapter]
+            for pname, values in self.slice_values[adapter].items():
                 base = patched.get(pname, params[pname])
-                patched[pname] = (base.float() + self.dense_delta(adapter, pname, base)).to(base.dtype)
+                view, key = self._selected(adapter, pname, base)
+                delta = values if scale == 1.0 else values * scale
+                # only the selected entries change: round(W + delta) there, W elsewhere (what a dense float32 delta
+                # added everywhere and rounded gives, in fewer and smaller ops)
+                merged = (view[key].float() + delta.float()).to(base.dtype)
+                patched[pname] = view.index_put(key, merged).view(base.shape)
         return patched
 
     # -- merge / unmerge ------------------------------------------------------------------------------------
@@ -524,7 +527,15 @@ class Elementwise(nn.Module, SliceLayer):
         patched = self.patched_parameters()
         if not patched:
             return self.base_layer(*args, **kwargs)
-        return torch.func.functional_call(self.base_layer, patched, args, kwargs, strict=False)
+        # W + delta shadows the parameter for the call, as ParamSlice does (torch.func.functional_call costs about as
+        # much as a small norm itself)
+        base = self.base_layer
+        base.__dict__.update(patched)
+        try:
+            return base(*args, **kwargs)
+        finally:
+            for name in patched:
+                base.__dict__.pop(name, None)
 
     def __repr__(self) -> str:
         return "slice." + super().__repr__()
