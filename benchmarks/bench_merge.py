@@ -123,9 +123,12 @@ def main(argv=None):
                         help="Where the synthetic checkpoint and outputs go (default: a temp folder under /tmp); "
                              "needs 3× the checkpoint's size free. Removed afterwards unless --keep.")
     parser.add_argument("--keep", action="store_true", help="Keep the work folder (reuse its checkpoint next time).")
+    parser.add_argument("--layout", default=FULL["model"],
+                        help="Wan layout of the synthetic BASE (default %(default)s, 2.8 GB; wan2.1-t2v-14b is "
+                             "28.6 GB and needs twice that free). Ignored with --smoke.")
     args = parser.parse_args(argv)
     common.quiet_warnings()
-    size = SMOKE if args.smoke else FULL
+    size = SMOKE if args.smoke else dict(FULL, model=args.layout)
     repeats = args.repeats or size["repeats"]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="slice_ft_bench_merge_", dir="/tmp"))
     work.mkdir(parents=True, exist_ok=True)
