@@ -24,11 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("train_step", "inference", "merge", "merge_14b", "plan", "quality")
+BENCHMARKS = ("train_step", "inference", "merge", "plan", "quality")
 SCRIPTS = {"train_step": "bench_train_step.py", "inference": "bench_inference.py", "merge": "bench_merge.py",
-           "merge_14b": "bench_merge.py", "plan": "bench_plan.py", "quality": "quality.py"}
-# the merge at the size users merge: start-up is a fixed cost, so the CLI's ratio depends on the file's size
-FULL_ARGS = {"merge_14b": ["--layout", "wan2.1-t2v-14b", "--repeats", "2"]}
+           "plan": "bench_plan.py", "quality": "quality.py"}
 RESULTS_DIR = HERE / "results" / "cpu"  # the JSON behind BENCHMARKS.md
 QUALITY_PLOT = "quality_loss_curves.png"
 TRAIN_PLOT = "train_step.png"
@@ -51,7 +49,7 @@ def run_benchmarks(names, json_dir: Path, plots_dir: Path, smoke: bool) -> dict:
     failed = {}
     for name in names:
         out = json_dir / f"{name}.json"
-        argv = ["--output", str(out)] + (["--smoke"] if smoke else FULL_ARGS.get(name, []))
+        argv = ["--output", str(out)] + (["--smoke"] if smoke else [])
         if name == "quality" and have_matplotlib():
             argv += ["--plot", str(plots_dir / QUALITY_PLOT)]
         print(f"== {name}: {SCRIPTS[name]} {shlex.join(argv)}", flush=True)
@@ -403,7 +401,7 @@ def section_inference(data: dict) -> tuple[str, list]:
     return "\n".join(text), summary
 
 
-def section_merge(data: dict, title: str = "## 3. Merge", label: str = "Merge", extra: str = "") -> tuple[str, list]:
+def section_merge(data: dict) -> tuple[str, list]:
     st = data["setup"]
     ck = st["checkpoint"]
     imports = data["imports"]
@@ -431,19 +429,19 @@ def section_merge(data: dict, title: str = "## 3. Merge", label: str = "Merge", 
             if name.startswith("peak above"):
                 w[name] = "the merge holds more than three tensors at once"
         for t in r["targets"]:
-            summary.append((label, r["name"], *t, w.get(t[0], "")))
+            summary.append(("Merge", r["name"], *t, w.get(t[0], "")))
         rows.append([r["name"], _s(r["wall_s"]), f"{r['gb_per_s']:.2f} GB/s", _x(r["x_copy_throughput"]),
                      _x(r["x_pycopy_throughput"]), f"{r['peak_rss_mb']['median']:.0f} MB",
-                     _verdicts(r["targets"], w), _cmd("bench_merge.py", extra=extra)])
+                     _verdicts(r["targets"], w), _cmd("bench_merge.py")])
     py = data["pycopy"]
     rows.insert(0, ["plain copy (`cp`)", _s(copy["wall_s"]), f"{copy['gb_per_s']:.2f} GB/s", "1×",
                     f"{py['wall_s']['median'] / copy['wall_s']['median']:.2f}×", "—", "baseline",
-                    _cmd("bench_merge.py", extra=extra)])
+                    _cmd("bench_merge.py")])
     rows.insert(1, ["Python streaming copy (1 MiB buffer)", _s(py["wall_s"]), f"{py['gb_per_s']:.2f} GB/s",
                     f"{copy['wall_s']['median'] / py['wall_s']['median']:.2f}×", "1×", "—",
-                    "context: the floor of any merge that moves the bytes through user space", _cmd("bench_merge.py", extra=extra)])
+                    "context: the floor of any merge that moves the bytes through user space", _cmd("bench_merge.py")])
     text = [
-        title,
+        "## 3. Merge",
         "",
         f"`scripts/merge_slices.py` merges two slices (fraction {st['fraction']:g}, ids "
         f"{', '.join(map(str, st['slice_ids']))}, random values) into a synthetic checkpoint with the "
@@ -713,11 +711,6 @@ def render(results: dict, output: Path, plots_dir: Path, wall_s: float | None, a
         summary += s
     if "merge" in results:
         text, s = section_merge(results["merge"])
-        sections.append(text)
-        summary += s
-    if "merge_14b" in results:
-        text, s = section_merge(results["merge_14b"], "## 3b. Merge at 14B size", "Merge (14B)",
-                                " " + shlex.join(FULL_ARGS["merge_14b"]))
         sections.append(text)
         summary += s
     if "plan" in results:
