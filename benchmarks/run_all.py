@@ -139,6 +139,19 @@ SWEEP_WHY = {
 }
 
 
+# the Linear-only slice trains what a LoRA of the Linears trains: where it reads slower, it is by the spread
+LINEAR_ONLY_WHY = {
+    "step ≤ LoRA's": "inside this machine's round-to-round spread (see the min–max ranges); both pay one extra "
+                     "matmul over each Linear's input for their own gradient (the tiles', LoRA's A)",
+    "step ≤ 1.05× frozen": "inside this machine's round-to-round spread (see the min–max ranges): the tiles' gradient "
+                           "is one batched matmul over each Linear's input",
+}
+
+
+def _why(label: str) -> dict:
+    return {**SWEEP_WHY, **LINEAR_ONLY_WHY} if label.startswith("slice Linear-only") else SWEEP_WHY
+
+
 def _rounds(repeats) -> str:
     """Rounds of a sweep: one number, or per token count (`{"192": 15, ...}`)."""
     if isinstance(repeats, dict):
@@ -156,7 +169,7 @@ def section_train_sweep(sweep: dict, plots_rel: str | None) -> tuple[str, list]:
         if r["mode"] != "infer":
             for t in r["targets"]:
                 summary.append((f"Training step sweep ({mode})", f"{label} @ {r['tokens']:,} tokens", *t,
-                                SWEEP_WHY.get(t[0], "")))
+                                _why(label).get(t[0], "")))
         else:
             for t in r["targets"]:
                 summary.append(("Inference sweep", f"{label} @ {r['tokens']:,} tokens", *t, SWEEP_WHY.get(t[0], "")))
@@ -166,7 +179,7 @@ def section_train_sweep(sweep: dict, plots_rel: str | None) -> tuple[str, list]:
                      _s(r["wall_s"]), _x(r["x_base_wall"]), _x(r["x_base_cpu"]),
                      _x(r["x_lora_wall"]) if r.get("x_lora_wall") else "—",
                      "—" if act is None else f"{act:.0f} MB", "—" if ax is None else f"{ax:.2f}×",
-                     _verdicts(r["targets"], SWEEP_WHY)])
+                     _verdicts(r["targets"], _why(label))])
     device = sweep.get("device", "cpu")
     text = [
         f"### Training step and inference against clip size ({device.upper()})",
