@@ -617,15 +617,20 @@ class StreamWriter:
         if self._copy_error is not None:
             raise self._copy_error
 
-    def _finish_copy(self) -> None:
-        """Wait for the whole background copy (if any) and the patches queued for it; raise its error."""
-        if self._copier is not None:
-            with self._progress:
+    def _end_copy(self, stop: bool) -> None:
+        """End the background copy (if any): `stop` it where it is (abort), or let it finish the copy and the patches
+        queued for it and raise its error (commit)."""
+        if self._copier is None:
+            return
+        with self._progress:
+            if stop:
+                self._stop_copy = True
+            else:
                 self._closing = True
-                self._progress.notify_all()
-            self._copier.join()
-            if self._copy_error is not None:
-                raise self._copy_error
+            self._progress.notify_all()
+        self._copier.join()
+        if not stop and self._copy_error is not None:
+            raise self._copy_error
 
     def _place(self, name: str, nbytes: int) -> int:
         """Mark tensor `name` written out of order; returns where its bytes go."""
@@ -678,13 +683,6 @@ class StreamWriter:
         for at, lo, hi in writes:
             _pwrite_all(fd, view[lo:hi], at)
 
-    def _stop_background_copy(self) -> None:
-        if self._copier is not None:
-            with self._progress:
-                self._stop_copy = True
-                self._progress.notify_all()
-            self._copier.join()
-
     @staticmethod
     def _entry_at(entries: list[TensorEntry], offset: int) -> TensorEntry:
         return next((e for e in entries if e.start <= offset < e.end), entries[-1])
@@ -695,7 +693,7 @@ class StreamWriter:
             self.abort()
             raise RuntimeError(f"StreamWriter: {missing} planned tensors were never written")
         try:
-            self._finish_copy()
+            self._end_copy(stop=False)
             os.fsync(self._f.fileno())
             self._f.close()
             os.replace(self.tmp, self.path)
@@ -705,7 +703,7 @@ class StreamWriter:
         return self.path
 
     def abort(self) -> None:
-        self._stop_background_copy()
+        self._end_copy(stop=True)
         if not self._f.closed:
             self._f.close()
         self.tmp.unlink(missing_ok=True)
