@@ -226,48 +226,43 @@ def _merged_weight(source, w, owned, slices, values):
     return target, (None if owned else originals)
 
 
-def _patch_weight(target, source, slices, values, keep_originals):
-    """Write round(W + dW) into the weight tiles of `target` (the matmul's weight: `source` itself, or a copy of it in
-    another dtype), adapter after adapter as merging one by one does. W is read from `source` (its own dtype), later
-    adapters add to the tiles already written. Returns what `_restore_weight` needs when `keep_originals`."""
+def _patch_weight(target, source, slices, values, keep_originals, kind="weight"):
+    """Write round(W + dW) into the entries of `target` (the matmul's weight or bias: `source` itself, or a copy of it
+    in another dtype) that the slices of `kind` hold, adapter after adapter as merging one by one does. W is read
+    from `source` (its own dtype), later adapters add to the entries already written. Returns what `_restore_weight`
+    needs when `keep_originals`."""
     originals = []
     first = True
-    for (kind, index, scale, _), v in zip(slices, values):
-        if kind != "weight":
+    for (k, index, scale, _), v in zip(slices, values):
+        if k != kind:
             continue
-        width, tiles = v.shape[1], index["tiles"]
-        rows = target.view(-1, width)  # tile t (row * segments + segment) is row t of this view
-        current = (source.view(-1, width) if first else rows).index_select(0, tiles)
+        # weight: tile t (row * segments + segment) is row t of the (-1, width) view; bias: one element per row
+        v = v.detach() if kind == "weight" else v.detach().unsqueeze(1)
+        width, at = v.shape[1], index["tiles" if kind == "weight" else "flat"]
+        rows = target.view(-1, width)
+        current = (source.view(-1, width) if first else rows).index_select(0, at)
         first = False
         if keep_originals:
-            originals.append((tiles, current))
+            originals.append((at, current))
         acc = torch.float64 if current.dtype == torch.float64 else torch.float32
-        delta = v.detach().to(acc) if scale == 1.0 else v.detach().to(acc) * scale
-        rows.index_copy_(0, tiles, (current.to(acc) + delta).to(target.dtype))
+        delta = v.to(acc) if scale == 1.0 else v.to(acc) * scale
+        rows.index_copy_(0, at, (current.to(acc) + delta).to(target.dtype))
     return originals
 
 
 def _restore_weight(target, originals):
     """Undo `_patch_weight` on a weight patched in place: the exact previous values, last adapter first."""
-    for tiles, original in reversed(originals or ()):
-        target.view(-1, original.shape[1]).index_copy_(0, tiles, original)
+    for at, original in reversed(originals or ()):
+        target.view(-1, original.shape[1]).index_copy_(0, at, original)
 
 
 def _patched_bias(bias, dtype, slices, values):
     """b + db in `dtype` (a new tensor: biases are small)."""
-    patched = None
-    for (kind, index, scale, _), v in zip(slices, values):
-        if kind != "bias":
-            continue
-        if patched is None:
-            patched = bias.detach().to(dtype, copy=True)
-            source = bias
-        else:
-            source = patched
-        current = source.index_select(0, index["flat"]).float()
-        delta = v.detach().float() if scale == 1.0 else v.detach().float() * scale
-        patched.index_copy_(0, index["flat"], (current + delta).to(dtype))
-    return bias.to(dtype) if patched is None else patched
+    if not any(kind == "bias" for kind, _, _, _ in slices):
+        return bias.to(dtype)
+    patched = bias.detach().to(dtype, copy=True)
+    _patch_weight(patched, bias, slices, values, keep_originals=False, kind="bias")
+    return patched
 
 
 def _frozen_linear_weight(base: nn.Module) -> Optional[torch.Tensor]:
