@@ -279,14 +279,9 @@ def test_second_concept_on_the_merged_first_preserves_its_concept_in_a_free_slic
 
 
 def test_two_processes_generate_their_shares_and_match_one_process_with_the_same_preservation_batch(tmp_path):
-    from test_train import DDP_ON_CPU, _reset_accelerate, launch
+    from test_train import DDP_ON_CPU, _reset_accelerate, launch, two_step_run_flags
 
-    data = tmp_path / "images"
-    generate_corpus(data, num_images=4, num_videos=0, size=(48, 32), seed=5)
-    common = ["--pretrained_model_name_or_path", "tiny", "--dataset_name", str(data), "--report_to", "none",
-              "--bucket_resolutions", "48x32", "--bucket_frame_counts", "1", "--ff", "0.25", "--ffid", "1",
-              "--learning_rate", "1e-2", "--max_train_steps", "2", "--checkpointing_steps", "1000",
-              "--shuffle_buffer_size", "0", "--preserve_prompts", "sks_a a red circle", "sks_b blue stripes",
+    common = [*two_step_run_flags(tmp_path), "--preserve_prompts", "sks_a a red circle", "sks_b blue stripes",
               *PRESERVE]
     stderr = launch("multi_gpu_ddp.yaml", 2, *common, "--output_dir", tmp_path / "two", "--train_batch_size", "1",
                     "--preserve_batch_size", "1", "--cache_dir", tmp_path / "cache", launcher_args=DDP_ON_CPU)

@@ -300,13 +300,19 @@ def launch(config: str, num_processes: int, *flags, timeout: int = 300, launcher
     return stderr
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+def two_step_run_flags(tmp_path) -> list:
+    """Flags of a 2-step tiny run on a 4-image corpus (made in tmp_path) that one process and two can both run, the
+    global batch and the output dir left to the caller."""
     data = tmp_path / "images"
     generate_corpus(data, num_images=4, num_videos=0, size=(48, 32), seed=5)
-    common = ["--pretrained_model_name_or_path", "tiny", "--dataset_name", str(data), "--report_to", "none",
-              "--bucket_resolutions", "48x32", "--bucket_frame_counts", "1", "--ff", "0.25", "--ffid", "1",
-              "--learning_rate", "1e-2", "--max_train_steps", "2", "--checkpointing_steps", "1000",
-              "--shuffle_buffer_size", "0"]
+    return ["--pretrained_model_name_or_path", "tiny", "--dataset_name", str(data), "--report_to", "none",
+            "--bucket_resolutions", "48x32", "--bucket_frame_counts", "1", "--ff", "0.25", "--ffid", "1",
+            "--learning_rate", "1e-2", "--max_train_steps", "2", "--checkpointing_steps", "1000",
+            "--shuffle_buffer_size", "0"]
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    common = two_step_run_flags(tmp_path)
     # the README's command: a config file (or --multi_gpu) is what makes accelerate start N processes without GPUs
     stderr = launch("multi_gpu_ddp.yaml", 2, *common, "--output_dir", tmp_path / "two", "--train_batch_size", "1",
                     timeout=240, launcher_args=DDP_ON_CPU)
