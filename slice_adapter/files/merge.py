@@ -16,8 +16,8 @@ tensor whose selected weights are sparse is patched (only the byte ranges holdin
 back), a small or densely touched one is read whole into a buffer reused for every tensor. Either way only the
 selected weights are gathered, updated in float32 and rounded once to the output dtype. The copying thread writes
 these new bytes over its copy once it has passed them (a queue of a few MB between the threads). Peak memory is about
-the largest tensor (twice that when casting) plus that queue, never the checkpoint. The output is fsynced once, at the
-end.
+the largest tensor (twice that when casting) plus that queue, never the checkpoint. The copying thread also starts
+the disk's writeback of each finished part as it goes, so the one fsync at the end, before the rename, waits for little.
 """
 
 from __future__ import annotations
