@@ -54,7 +54,7 @@ NEEDS_CUDA_REASON = "needs a CUDA device"  # tests/test_cuda.py's one allowed sk
 # Measurement order of the 14B rows (gpu_lowvram.py's row numbers): the 12 GiB target, then the no-swap baseline the
 # 1.3x and LoRA targets compare against, half swapped (1.3x), LoRA (memory), then the two rows that only inform.
 LOWVRAM_ORDER = "3,1,2,6,5,4"
-CARRIED = ("diffusers", "bitsandbytes", "av", "datasets", "peft", "ftfy")  # what gpu_wheels.sh carries
+CARRIED = ("diffusers", "bitsandbytes", "av", "datasets", "peft", "ftfy", "ml_dtypes")  # what gpu_wheels.sh carries
 PRESENT = ("torch", "accelerate", "transformers", "safetensors", "numpy", "PIL", "pyarrow", "yaml")
 
 

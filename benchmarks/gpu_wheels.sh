@@ -3,7 +3,8 @@
 #
 # The device machine (nvidia-h200: Python 3.12, torch 2.11+cu130, accelerate, transformers, safetensors, pyarrow,
 # pandas, imageio, tensorboard ...; no network) lacks diffusers, bitsandbytes, av, datasets (+ dill, multiprocess),
-# ftfy (+ wcwidth; WanPipeline's prompt cleaning calls it), and may hold an older peft: their py3.12 manylinux
+# ftfy (+ wcwidth; WanPipeline's prompt cleaning calls it), ml_dtypes (bf16/fp8 numpy types of the checkpoint
+# files' code), and may hold an older peft: their py3.12 manylinux
 # x86_64 wheels travel with the call. Everything that travels (working tree + carried paths) must stay under 64 MiB:
 #
 #   av 18.1.0 (bundles FFmpeg)      ~34 MiB   needed by slice_ft.data / corpus (trainer row, CUDA tests)
@@ -11,7 +12,7 @@
 #   bitsandbytes 0.50.2, trimmed    ~6.8 MiB  AdamW8bit rows; the 41 MiB wheel holds one CUDA library per toolkit
 #                                             (cuda118..cuda132, ROCm, XPU): only cpu, cuda130 and cuda132 are kept
 #                                             (torch there is built with CUDA 13.0), and RECORD is rewritten to match
-#   peft, datasets, dill, multiprocess, ftfy, wcwidth   ~1.7 MiB together
+#   peft, datasets, dill, multiprocess, ftfy, wcwidth, ml_dtypes   ~2.2 MiB together
 #
 # about 48 MiB in all, plus the ~1 MiB repository. torch is never carried (far too large): the code runs on the
 # machine's torch 2.11. Nothing else is fetched here: `pip download --no-deps` of exactly these pinned files.
@@ -30,7 +31,7 @@ PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --p
            --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 # One version of each (two copies of a package stop the whole install there); pins = what the CPU tests run with.
 PINS=(diffusers==0.42.1 bitsandbytes==0.50.2 av==18.1.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
-      peft==0.21.2 ftfy==6.3.1 wcwidth==0.2.14)
+      peft==0.21.2 ftfy==6.3.1 wcwidth==0.2.14 ml_dtypes==0.7.0)
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${PLATFORMS[@]}" -d "$DEST" "${PINS[@]}"
 

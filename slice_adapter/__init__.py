@@ -3,8 +3,8 @@
 Two rooms: this folder is the PEFT method (config, layer, model, registry, selection, wan_configs); `files/` is
 everything on disk (adapter folder and io, safetensors streaming, key names, deltas, merge, export, reports).
 
-Importing the package is cheap: the checkpoint tools (`slice_adapter.files.merge`, `.export`, `.deltas`, `.report`)
-need only torch, numpy and safetensors. The PEFT side loads with the first public name used (`SliceConfig`, `load_adapter`,
+Importing the package is cheap: the checkpoint tools need only numpy and safetensors (`slice_adapter.files.merge`,
+`.deltas`, `.report`, `.wan2gp`: no torch, which takes ~2 s to import) or torch as well (`.export`). The PEFT side loads with the first public name used (`SliceConfig`, `load_adapter`,
 ...) and registers the SLICE type with PEFT; it also registers as soon as PEFT itself is imported (now, if it already
 is), so `PeftModel.from_pretrained(model, slice_folder)` works after a bare `import slice_adapter`. Likewise diffusers
 models get `load_adapter` once diffusers is imported.

@@ -218,7 +218,7 @@ def test_existing_output_needs_overwrite_and_survives_a_failed_merge(tmp_path, s
     import slice_adapter.merge as merge_module
 
     calls = {"n": 0}
-    real = merge_module.read_tensor
+    real = merge_module.read_stored
 
     def failing(f, entry):
         calls["n"] += 1
@@ -226,7 +226,7 @@ def test_existing_output_needs_overwrite_and_survives_a_failed_merge(tmp_path, s
             raise OSError("disk vanished")
         return real(f, entry)
 
-    monkeypatch.setattr(merge_module, "read_tensor", failing)
+    monkeypatch.setattr(merge_module, "read_stored", failing)
     with pytest.raises(OSError, match="disk vanished"):
         merge_slices(base, slices["a"], out, overwrite=True, progress=False)
     assert out.read_bytes() == b"earlier output"

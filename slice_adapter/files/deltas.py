@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import numpy as np
-import torch
 from safetensors import SafetensorError, safe_open
 
+from . import dtypes
+from .safetensors_stream import read_header, read_stored
 from .adapter_folder import WEIGHTS_NAME, SliceSettings, param_name_for_key, read_adapter_settings, recorded_layouts
 from ..selection import ParamLayout, SlicePlan, is_targeted, layout_fingerprint, plan_layouts
 
@@ -64,23 +65,25 @@ class SliceDeltas:
         """Flat row-major indices of parameter `name`'s selected weights, in value order."""
         return self.plan.flat_indices(name)
 
-    def values(self, name: str, f=None) -> torch.Tensor:
-        """Parameter `name`'s delta values as a float32 1-D tensor (read now; pass `open_values()` to reuse it)."""
+    def values(self, name: str, f=None) -> np.ndarray:
+        """Parameter `name`'s delta values as a float32 1-D numpy array (read now; pass `open_values()` to reuse the
+        open file)."""
         if f is None:
             with self.open_values() as fh:
-                return fh.get_tensor(self.keys[name]).reshape(-1).to(torch.float32)
-        return f.get_tensor(self.keys[name]).reshape(-1).to(torch.float32)
+                return self.values(name, fh)
+        entry = f.entries[self.keys[name]]
+        return dtypes.to_float(read_stored(f.file, entry), entry.dtype).reshape(-1).astype(np.float32, copy=False)
 
-    def open_values(self):
-        """The values file opened with safetensors' `safe_open` (a context manager)."""
-        return safe_open(str(self.values_file), framework="pt")
+    def open_values(self) -> "ValuesFile":
+        """The values file, open for `values` (a context manager)."""
+        return ValuesFile(self.values_file)
 
     def load_all(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """{parameter: (flat indices int64, values float32)} for every parameter the slice touches."""
         out = {}
         with self.open_values() as f:
             for name in self.plan.tiles:
-                out[name] = (self.indices(name), self.values(name, f).numpy())
+                out[name] = (self.indices(name), self.values(name, f))
         return out
 
     def provenance(self) -> dict:
@@ -98,6 +101,25 @@ class SliceDeltas:
         }
 
 
+class ValuesFile:
+    """A slice's values file open for reading: its header's entries and the file. No torch: the values may be bf16,
+    which safetensors' numpy reader refuses, so they are read as bytes and converted by `dtypes`."""
+
+    def __init__(self, path):
+        self.entries, _ = read_header(path)
+        self.file = open(path, "rb")
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
 def read_slice(path) -> SliceDeltas:
     """Open a slice adapter folder and check it is whole: config, layout record, values keys and shapes."""
     path = Path(path)
@@ -112,7 +134,7 @@ def read_slice(path) -> SliceDeltas:
     if not values_file.is_file():
         raise ValueError(f"{str(path)!r} has no {WEIGHTS_NAME}: the adapter folder is incomplete")
     try:  # safetensors checks the header and that the file holds every byte it announces
-        with safe_open(str(values_file), framework="pt") as f:
+        with safe_open(str(values_file), framework="numpy") as f:
             header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{str(values_file)!r} is truncated or corrupted ({err}): re-save or re-download the "

@@ -7,7 +7,9 @@ next to the folder's `config.json` to load it with `from_pretrained`). OUT keeps
 `slice_ft.merged_slices`: every merged slice's config, layout fingerprint and concept (the ledger, see `ledger`),
 appended to BASE's own list when BASE is itself a merge (stacking).
 
-The one merge path of the project: `scripts/merge_slices.py` and the trainer's `--save_merged` both end here.
+The one merge path of the project: `scripts/merge_slices.py` and the trainer's `--save_merged` both end here. It
+works on the files' bytes with numpy (`dtypes` rounds as torch does), without importing torch, so the command starts
+in a fraction of a second.
 
 Speed and memory: once every check has passed and OUT's header is written, a background thread copies every tensor
 that keeps its dtype byte for byte, in a few large copies inside the kernel (`os.copy_file_range`; through a fixed
@@ -30,12 +32,12 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
-import torch
 
-from .safetensors_stream import (Checkpoint, StreamWriter, TensorEntry, TensorReader, dtype_label, open_checkpoint,
-                                parse_dtype, pread_into, read_tensor, refuse_overwriting_inputs, tensor_bytes)
+from . import dtypes
+from .safetensors_stream import (Checkpoint, StreamWriter, TensorEntry, TensorReader, open_checkpoint, pread_into,
+                                read_stored, refuse_overwriting_inputs, tensor_bytes)
 from .deltas import SliceDeltas, check_layout_matches, iter_touched, planned_overlap, prior_plan, read_slice
-from .export import check_wan2gp_filename, infer_wan2gp_architecture, wan2gp_definition, write_wan2gp_definition
+from .wan2gp import check_wan2gp_filename, infer_wan2gp_architecture, wan2gp_definition, write_wan2gp_definition
 from .adapter_folder import slice_files
 from .keys import detect_key_format, diffusers_to_wan, wan_to_diffusers
 from .ledger import LEDGER_KEY, encode_records, metadata_records, slice_record
@@ -165,7 +167,7 @@ def merge_slices(
     paths = _as_list(slices)
     if not paths:
         raise ValueError("no slice given: pass at least one slice adapter folder (--slice DIR)")
-    out_dtype = parse_dtype(dtype)
+    out_dtype = dtypes.parse_code(dtype)
     output = Path(output)
     ckpt = open_checkpoint(base)
     _check_output(output, ckpt, overwrite)
@@ -182,19 +184,19 @@ def merge_slices(
     touched = iter_touched(loaded)
     for dname in touched:
         entry = ckpt.entries[names.to_base[dname]]
-        if not entry.torch_dtype.is_floating_point:
+        if not entry.is_floating_point:
             raise ValueError(f"BASE tensor {entry.name!r} is {entry.dtype}, not floating point: a slice cannot "
                              "change it")
 
     def target_dtype(e):
-        return out_dtype if out_dtype is not None and e.torch_dtype.is_floating_point else e.torch_dtype
+        return out_dtype if out_dtype is not None and e.is_floating_point else e.dtype
 
-    plan = [(k, target_dtype(e), e.shape) for k, e in ckpt.entries.items()]
+    plan = [(k, target_dtype(e), e.shape) for k, e in ckpt.entries.items()]  # dtypes as safetensors codes
     float_bytes: dict = {}
     for (_, dt, shape), e in zip(plan, ckpt.entries.values()):
-        if dt.is_floating_point:
-            float_bytes[dt] = float_bytes.get(dt, 0) + e.numel * torch.empty(0, dtype=dt).element_size()
-    out_label = dtype_label(max(float_bytes, key=float_bytes.get)) if float_bytes else "none"
+        if dt in dtypes.FLOATING:
+            float_bytes[dt] = float_bytes.get(dt, 0) + e.numel * dtypes.ITEMSIZE[dt]
+    out_label = dtypes.label(max(float_bytes, key=float_bytes.get)) if float_bytes else "none"
 
     wan2gp_args = None
     if wan2gp_json is not None:
@@ -253,13 +255,13 @@ class _Patch:
     total: int  # weights in all ranges
     tiles: list  # each slice's tile indices (numpy int64, sorted)
 
-    def remap(self, tiles: np.ndarray) -> torch.Tensor:
+    def remap(self, tiles: np.ndarray) -> np.ndarray:
         """A slice's tiles -> flat indices of their weights in the packed ranges, in value order."""
         r = np.searchsorted(self.starts, tiles, side="right") - 1
         first = (tiles - self.starts[r] + self.packed[r]) * self.width
         if self.width == 1:
-            return torch.from_numpy(first)
-        return torch.from_numpy((first[:, None] + np.arange(self.width, dtype=np.int64)[None, :]).reshape(-1))
+            return first
+        return (first[:, None] + np.arange(self.width, dtype=np.int64)[None, :]).reshape(-1)
 
 
 def _patch_plan(entry: TensorEntry, name: str, slices: list[SliceDeltas]) -> Optional[_Patch]:
@@ -300,9 +302,9 @@ def _stream(ckpt: Checkpoint, names: _Names, plan, touched, loaded, writer: Stre
     written at their place. `disjoint`: the slices share no weight (checked before), so each one's deltas go straight
     into the tensor."""
     items = list(ckpt.entries.items())
-    dtypes = [dt for _, dt, _ in plan]
+    codes = [dt for _, dt, _ in plan]
     dnames = [names.to_diffusers[k] for k, _ in items]
-    keep = [dtypes[i] == e.torch_dtype for i, (_, e) in enumerate(items)]
+    keep = [codes[i] == e.dtype for i, (_, e) in enumerate(items)]
     capacity = max((e.nbytes for i, (_, e) in enumerate(items) if not keep[i] or dnames[i] in touched), default=0)
     spans: list = []  # runs of kept tensors lying back to back in one file: one kernel copy each
     for i, (_, e) in enumerate(items):
@@ -322,7 +324,7 @@ def _stream(ckpt: Checkpoint, names: _Names, plan, touched, loaded, writer: Stre
                 value_handles[id(s)] = stack.enter_context(s.open_values())
             writer.copy_in_background(spans, reader)
             for i, (key, entry) in enumerate(items):
-                dt, dname = dtypes[i], dnames[i]
+                dt, dname = codes[i], dnames[i]
                 if keep[i] and dname not in touched:  # the background copy writes it
                     bar.update(1)
                     continue
@@ -333,12 +335,13 @@ def _stream(ckpt: Checkpoint, names: _Names, plan, touched, loaded, writer: Stre
                                                  disjoint, patch)
                         bar.update(1)
                         continue
-                base = read_tensor(reader, entry)  # a view of the reader's buffer, valid until its next read
+                base = read_stored(reader, entry)  # a view of the reader's buffer, valid until its next read
                 if dname in touched:
-                    merged, count = _merged_tensor(base, dt, dname, touched[dname], value_handles, disjoint)
+                    merged, count = _merged_tensor(base, entry.dtype, dt, dname, touched[dname], value_handles,
+                                                   disjoint)
                     changed += count
                 else:
-                    merged = base.to(dt)
+                    merged = dtypes.from_float(dtypes.to_float(base, entry.dtype), dt)
                 if keep[i]:  # copied too: overwritten whole
                     data = tensor_bytes(merged)
                     writer.patch(key, [(0, 0, data.nbytes)], data)
@@ -358,53 +361,54 @@ def _patch_tensor(reader: TensorReader, writer: StreamWriter, key: str, entry: T
     weights from BASE, update them, write them over the copy. Returns how many weights changed."""
     itemsize = entry.nbytes // entry.numel
     buf = reader.buffer(patch.total * itemsize)
-    view = memoryview(buf.numpy())
+    view = memoryview(buf)
     fd = reader.fd(entry.path)
     step = patch.width * itemsize
     spans = [(s * step, p * step, (p + ln) * step)
              for s, ln, p in zip(patch.starts.tolist(), patch.lengths.tolist(), patch.packed.tolist())]
     for at, lo, hi in spans:
         pread_into(fd, view[lo:hi], entry.start + at, entry)
-    packed = buf.view(entry.torch_dtype)
+    packed = dtypes.stored(buf, entry.dtype)
     parts = [(patch.remap(tiles), s.values(name, handles[id(s)])) for s, tiles in zip(slices, patch.tiles)]
-    changed = _apply(packed, packed, entry.torch_dtype, parts, disjoint)
+    changed = _apply(packed, packed, entry.dtype, entry.dtype, parts, disjoint)
     writer.patch(key, spans, view)  # every range in one call
     return changed
 
 
-def _merged_tensor(base: torch.Tensor, dtype: torch.dtype, name: str, slices: list[SliceDeltas], handles,
+def _merged_tensor(base: np.ndarray, code: str, out_code: str, name: str, slices: list[SliceDeltas], handles,
                    disjoint: bool = False):
-    """(BASE + the slices' deltas, number of weights changed). Only the selected weights are gathered, summed in
-    float32 (float64 for a float64 BASE) in slice order and rounded once into the output. When the dtype does not
-    change, `base` itself is updated in place and returned (no other full-size tensor exists); else the cast copy."""
+    """(BASE + the slices' deltas, number of weights changed), as `out_code`'s numpy storage. `base` is stored as
+    `code`. Only the selected weights are gathered, summed in float32 (float64 for a float64 BASE) in slice order and
+    rounded once into the output. When the dtype does not change, `base` itself is updated in place and returned (no
+    other full-size array exists); else the cast copy."""
     flat = base.reshape(-1)
-    out = flat if dtype == base.dtype else flat.to(dtype)
-    parts = [(torch.from_numpy(s.indices(name)), s.values(name, handles[id(s)])) for s in slices]
-    return out.view(base.shape), _apply(flat, out, dtype, parts, disjoint)
+    out = flat if out_code == code else dtypes.from_float(dtypes.to_float(flat, code), out_code)
+    parts = [(s.indices(name), s.values(name, handles[id(s)])) for s in slices]
+    return out.reshape(base.shape), _apply(flat, out, code, out_code, parts, disjoint)
 
 
-def _apply(flat: torch.Tensor, out: torch.Tensor, dtype: torch.dtype, parts, disjoint: bool) -> int:
+def _apply(flat: np.ndarray, out: np.ndarray, code: str, out_code: str, parts, disjoint: bool) -> int:
     """out[i] = round(flat[i] + sum of the deltas at i), for every index i of `parts` ([(indices, float32 deltas)] in
-    slice order; indices sorted and unique within a part); `out` may be `flat`. Returns how many weights changed."""
-    acc_dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32
+    slice order; indices sorted and unique within a part); `flat` is stored as `code`, `out` as `out_code` and may be
+    `flat`. Returns how many weights changed."""
     if len(parts) == 1 or disjoint:
         # each weight gets one slice's delta: gather, add, round once, scatter, slice by slice (no weight is read
         # after another slice wrote it, so the order does not matter)
-        # (index_select/index_copy_: many times faster than advanced indexing for the many small calls of a merge)
         for idx, v in parts:
-            out.index_copy_(0, idx, flat.index_select(0, idx).to(acc_dtype).add_(v.to(acc_dtype)).to(dtype))
+            acc = dtypes.to_float(flat.take(idx), code)
+            out[idx] = dtypes.from_float(acc + v.astype(acc.dtype, copy=False), out_code)
         return sum(len(idx) for idx, _ in parts)
     # Overlapping slices: one accumulator slot per distinct weight.
-    idx = torch.unique(torch.cat([i for i, _ in parts]))
-    acc = flat.index_select(0, idx).to(acc_dtype)
-    for i, v in parts:  # in slice order: ((BASE + d1) + d2) where slices overlap
-        acc.index_add_(0, torch.searchsorted(idx, i), v.to(acc_dtype))
-    out.index_copy_(0, idx, acc.to(dtype))
+    idx = np.unique(np.concatenate([i for i, _ in parts]))
+    acc = dtypes.to_float(flat.take(idx), code)
+    for i, v in parts:  # in slice order: ((BASE + d1) + d2) where slices overlap; unique indices within a part
+        acc[np.searchsorted(idx, i)] += v.astype(acc.dtype, copy=False)
+    out[idx] = dtypes.from_float(acc, out_code)
     return len(idx)
 
 
 def _check_space(output: Path, plan) -> None:
-    need = sum(torch.empty(0, dtype=dt).element_size() * math.prod(shape) for _, dt, shape in plan)
+    need = sum(dtypes.ITEMSIZE[dt] * math.prod(shape) for _, dt, shape in plan)
     free = _free_space(output.parent)
     if need > free:
         raise ValueError(f"not enough free disk space for {str(output)!r}: it needs {format_bytes(need)}, {format_bytes(free)} "

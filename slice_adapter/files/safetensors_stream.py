@@ -1,7 +1,7 @@
 """Safetensors checkpoints read and written one tensor at a time.
 
 `open_checkpoint` reads a single file or a diffusers folder (sharded with its index, or one file) from the headers
-alone and validates them (dtype, shape vs byte range, file size vs header: truncation). `read_tensor` reads one tensor
+alone and validates them (dtype, shape vs byte range, file size vs header: truncation). `read_stored` reads one tensor
 with plain file reads (into one reused buffer through a `TensorReader`); `StreamWriter` writes a safetensors file tensor
 by tensor through a temp file renamed into place, copying untouched byte ranges inside the kernel
 (`os.copy_file_range`, in a background thread) where it can. Peak memory is a few times the largest tensor, never the
@@ -25,30 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import torch
+import numpy as np
 from safetensors import SafetensorError, safe_open
 
-# safetensors dtype codes <-> torch dtypes (the format's own names).
-ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-ST_CODES = {v: k for k, v in ST_DTYPES.items()}
-DTYPE_ALIASES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-}
+from . import dtypes
+
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 COPY_CHUNK = 16 * 1024 * 1024  # raw copies that cannot stay in the kernel go through one reused buffer of this size
 BACKGROUND_COPY_CHUNK = 32 << 20  # bytes per call of the background copy: how often it writes the patches it passed
@@ -143,19 +124,15 @@ def create_file(path):
     return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666), "wb", buffering=0)
 
 
-def parse_dtype(dtype) -> Optional[torch.dtype]:
+def parse_dtype(dtype):
     """None, a torch dtype, or one of bf16/fp16/fp32 (and their long names) -> torch dtype or None."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).lower().removeprefix("torch.")
-    if key not in DTYPE_ALIASES:
-        raise ValueError(f"dtype must be one of bf16, fp16, fp32 (or None to keep the base's own), got {dtype!r}")
-    return DTYPE_ALIASES[key]
+    code = dtypes.parse_code(dtype)
+    return None if code is None else dtypes.torch_dtype(code)
 
 
-def dtype_label(dtype: torch.dtype) -> str:
-    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-    return names.get(dtype, str(dtype).removeprefix("torch."))
+def dtype_label(dtype) -> str:
+    """bf16 / fp16 / fp32 (else torch's name) of a safetensors code or a torch dtype."""
+    return dtypes.label(dtypes.code_of(dtype))
 
 
 @dataclass(frozen=True)
@@ -170,8 +147,12 @@ class TensorEntry:
     end: int
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        return ST_DTYPES[self.dtype]
+    def torch_dtype(self):
+        return dtypes.torch_dtype(self.dtype)
+
+    @property
+    def is_floating_point(self) -> bool:
+        return self.dtype in dtypes.FLOATING
 
     @property
     def nbytes(self) -> int:
@@ -232,10 +213,10 @@ def read_header(path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{where}: the header entry of {name!r} is malformed ({info!r}): the file is "
                              "damaged") from None
-        if dtype not in ST_DTYPES:
+        if dtype not in dtypes.ITEMSIZE:
             raise ValueError(f"{where}: tensor {name!r} has dtype {dtype!r}, which this tool does not handle "
-                             f"(supported: {', '.join(ST_DTYPES)})")
-        itemsize = torch.empty(0, dtype=ST_DTYPES[dtype]).element_size()
+                             f"(supported: {', '.join(dtypes.ITEMSIZE)})")
+        itemsize = dtypes.ITEMSIZE[dtype]
         if hi - lo != math.prod(shape) * itemsize or lo < 0:
             raise ValueError(f"{where}: tensor {name!r} ({dtype}, shape {list(shape)}) has a byte range [{lo}, {hi}) "
                              "that does not fit its shape: the file is damaged")
@@ -253,7 +234,7 @@ def read_header(path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise ValueError(f"{where}: header __metadata__ must map strings to strings, got {metadata!r}")
     try:  # the reference parser's own checks (gaps, trailing bytes); it maps the file but reads no tensor
-        with safe_open(str(path), framework="pt"):
+        with safe_open(str(path), framework="numpy"):
             pass
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{where} is not a valid safetensors file ({err}): re-download or re-save it") from None
@@ -319,7 +300,7 @@ def pread_into(fd: int, view: memoryview, offset: int, entry: TensorEntry) -> No
 class TensorReader:
     """Reads tensors of a checkpoint's files into one reused buffer, sized for the largest tensor read.
 
-    `read_tensor(reader, entry)` returns a view of that buffer: valid until the next read. Nothing is allocated per
+    `read_stored(reader, entry)` returns a view of that buffer: valid until the next read. Nothing is allocated per
     tensor, so a stream of reads costs no page faults, and memory stays at one tensor whatever the checkpoint's size.
     """
 
@@ -331,23 +312,23 @@ class TensorReader:
         except BaseException:
             self.close()
             raise
-        self._buffer = torch.empty(max(int(capacity), 1), dtype=torch.uint8)
+        self._buffer = np.empty(max(int(capacity), 1), dtype=np.uint8)
 
     def fd(self, path) -> int:
         return self._files[Path(path)].fileno()
 
-    def buffer(self, nbytes: int) -> torch.Tensor:
+    def buffer(self, nbytes: int) -> np.ndarray:
         """The reused buffer's first `nbytes` bytes (grown if it is smaller)."""
-        if nbytes > self._buffer.numel():
-            self._buffer = torch.empty(0, dtype=torch.uint8)  # drop the old one before allocating the new
-            self._buffer = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes > self._buffer.size:
+            self._buffer = np.empty(0, dtype=np.uint8)  # drop the old one before allocating the new
+            self._buffer = np.empty(nbytes, dtype=np.uint8)
         return self._buffer[:nbytes]
 
-    def read(self, entry: TensorEntry) -> torch.Tensor:
+    def read(self, entry: TensorEntry) -> np.ndarray:
         buf = self.buffer(entry.nbytes)
         if entry.nbytes:
-            pread_into(self.fd(entry.path), memoryview(buf.numpy()), entry.start, entry)
-        return buf.view(entry.torch_dtype).reshape(entry.shape)
+            pread_into(self.fd(entry.path), memoryview(buf), entry.start, entry)
+        return dtypes.stored(buf, entry.dtype).reshape(entry.shape)
 
     def close(self) -> None:
         for f in self._files.values():
@@ -361,33 +342,21 @@ class TensorReader:
         return False
 
 
-def read_tensor(f, entry: TensorEntry) -> torch.Tensor:
-    """One tensor read with a plain read from an open file (no mmap: mapped pages stay in the process's RSS, so
-    reading through safe_open's mmap would make a streaming merge look, and count, as big as the checkpoint).
+def read_stored(f, entry: TensorEntry) -> np.ndarray:
+    """One tensor as a numpy array of its dtype (`dtypes.STORAGE`: bf16 and fp8 are ml_dtypes' types), read with a
+    plain read from an open file (no mmap: mapped pages stay in the process's RSS, so reading through safe_open's
+    mmap would make a streaming merge look, and count, as big as the checkpoint).
 
-    `f` is an open binary file (a new tensor is allocated) or a `TensorReader` (the tensor is a view of its reused
+    `f` is an open binary file (a new array is allocated) or a `TensorReader` (the array is a view of its reused
     buffer, valid until its next read)."""
     if isinstance(f, TensorReader):
         return f.read(entry)
-    buf = torch.empty(entry.nbytes, dtype=torch.uint8)
+    buf = np.empty(entry.nbytes, dtype=np.uint8)
     f.seek(entry.start)
-    got = f.readinto(memoryview(buf.numpy())) if entry.nbytes else 0
+    got = f.readinto(memoryview(buf)) if entry.nbytes else 0
     if got != entry.nbytes:
         raise _truncated(entry)
-    return buf.view(entry.torch_dtype).reshape(entry.shape)
-
-
-def copy_raw(f, entry: TensorEntry, out, buffer: bytearray) -> None:
-    """Copy a tensor's bytes unchanged (bit-identical), through a reused buffer."""
-    f.seek(entry.start)
-    left = entry.nbytes
-    view = memoryview(buffer)
-    while left:
-        got = f.readinto(view[: min(left, len(buffer))])
-        if not got:
-            raise _truncated(entry)
-        _write_all(out, view[:got])
-        left -= got
+    return dtypes.stored(buf, entry.dtype).reshape(entry.shape)
 
 
 def _write_all(out, data) -> None:
@@ -408,9 +377,13 @@ def _pwrite_all(fd: int, data, at: int) -> None:
         view, at = view[n:], at + n
 
 
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """A tensor's raw bytes without a copy (bf16 has no numpy dtype, so go through uint8)."""
-    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+def tensor_bytes(t) -> memoryview:
+    """A numpy array's or torch tensor's raw bytes, without a copy where it is contiguous."""
+    if isinstance(t, np.ndarray):
+        return memoryview(np.ascontiguousarray(t).reshape(-1).view(np.uint8))
+    import torch  # a torch tensor: torch is loaded already
+
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())  # bf16 has no numpy dtype: via uint8
 
 
 class StreamWriter:
@@ -425,7 +398,7 @@ class StreamWriter:
     existing `path` is left intact.
     """
 
-    def __init__(self, path, plan: list[tuple[str, torch.dtype, tuple]], metadata: Optional[dict] = None):
+    def __init__(self, path, plan: list[tuple], metadata: Optional[dict] = None):
         self.path = Path(path)
         header: dict = {}
         if metadata:
@@ -433,9 +406,10 @@ class StreamWriter:
         offset = 0
         self._expected: list[tuple[str, int]] = []
         offsets: dict[str, int] = {}
-        for name, dtype, shape in plan:
-            nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-            header[name] = {"dtype": ST_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        for name, dtype, shape in plan:  # dtype: a safetensors code or a torch dtype
+            code = dtypes.code_of(dtype)
+            nbytes = math.prod(shape) * dtypes.ITEMSIZE[code]
+            header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             self._expected.append((name, nbytes))
             offsets[name] = offset
             offset += nbytes
@@ -478,14 +452,10 @@ class StreamWriter:
                                f"({want_bytes} bytes) next")
         self._next += 1
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor) -> None:
         data = tensor_bytes(tensor)
         self._check(name, data.nbytes)
         _write_all(self._f, data)
-
-    def write_raw(self, name: str, f, entry: TensorEntry, buffer: bytearray) -> None:
-        self._check(name, entry.nbytes)
-        copy_raw(f, entry, self._f, buffer)
 
     def copy_in_background(self, spans: list[list[TensorEntry]], reader: TensorReader) -> None:
         """Copy runs of tensors unchanged (bit-identical) to their places, in a thread, while the caller goes on: each
@@ -577,12 +547,13 @@ class StreamWriter:
         if _SYNC_FILE_RANGE is None:
             return
         with self._progress:
-            if self._closing and not self._patches:
+            if self._closing and not self._patches:  # nothing more will change
                 end = self._copied_to
             else:
                 end = min(self._copied_to, self._handed_to,
                           self._patches[0][1][0][0] if self._patches and self._patches[0][1] else self.total_bytes)
-                end -= end % 4096  # whole pages below what may still change
+            if end < self.total_bytes:
+                end -= end % 4096  # whole pages, up to the end of the file
             start = self._written_back_to
             if end - start < WRITEBACK_MIN_BYTES and not (self._closing and end > start):
                 return
@@ -641,7 +612,7 @@ class StreamWriter:
         self._placed.add(name)
         return self._position[name]
 
-    def write_at(self, name: str, tensor: torch.Tensor) -> None:
+    def write_at(self, name: str, tensor) -> None:
         """Write a tensor the background copy does not cover at its place in the file, in any order."""
         data = tensor_bytes(tensor)
         at = self._place(name, data.nbytes)
