@@ -19,6 +19,7 @@ import shutil
 import ctypes
 import struct
 import sys
+import queue
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -343,7 +344,7 @@ class TensorReader:
 
 
 def read_stored(f, entry: TensorEntry) -> np.ndarray:
-    """One tensor as a numpy array of its dtype (`dtypes.STORAGE`: bf16 and fp8 are ml_dtypes' types), read with a
+    """One tensor as a numpy array of its dtype (`dtypes.numpy_dtype`: bf16 as its bits), read with a
     plain read from an open file (no mmap: mapped pages stay in the process's RSS, so reading through safe_open's
     mmap would make a streaming merge look, and count, as big as the checkpoint).
 
@@ -435,6 +436,7 @@ class StreamWriter:
         self._queued_bytes = 0
         self._handed_to = 0  # the caller has handed over every patch and out-of-order write below this offset
         self._written_back_to = 8 + len(raw)  # writeback of the output was started below this offset
+        self._writeback: Optional[_Writeback] = None
         try:
             _write_all(self._f, struct.pack("<Q", len(raw)) + raw)
         except BaseException:  # e.g. a full disk: no temp file is left behind
@@ -495,6 +497,7 @@ class StreamWriter:
     def _copy_jobs(self, jobs, fds: dict) -> None:
         """(copying thread) Copy every run, publishing how far it got; an error is kept for the caller's thread."""
         dst = self._f.fileno()
+        self._writeback = _Writeback(dst) if _SYNC_FILE_RANGE is not None else None
         try:
             for path, entries, at in jobs:
                 src = fds[path]
@@ -520,6 +523,8 @@ class StreamWriter:
         finally:
             for fd in fds.values():
                 os.close(fd)
+            if self._writeback is not None:
+                self._writeback.close()  # before the commit's fsync and close of the file
             with self._progress:
                 self._copied_to = self.total_bytes
                 self._progress.notify_all()
@@ -544,7 +549,7 @@ class StreamWriter:
         to come below it), without waiting: the disk writes while the copy goes on, and the commit's fsync only
         waits for the rest (measured: copy + fsync of 2.8 GB 1.2-1.5 s instead of 1.9-2.1 s). Only a head start:
         the fsync before the rename is what makes the file durable, so a failure here is ignored."""
-        if _SYNC_FILE_RANGE is None:
+        if self._writeback is None:
             return
         with self._progress:
             if self._closing and not self._patches:  # nothing more will change
@@ -558,7 +563,7 @@ class StreamWriter:
             if end - start < WRITEBACK_MIN_BYTES and not (self._closing and end > start):
                 return
             self._written_back_to = end
-        _SYNC_FILE_RANGE(dst, start, end - start, SYNC_FILE_RANGE_WRITE)
+        self._writeback.submit(start, end - start)
 
     def _copy_piece(self, src: int, dst: int, count: int, at_src: int, at_dst: int, entries) -> int:
         if self._kernel_copy:
@@ -686,6 +691,30 @@ class StreamWriter:
         if exc_type is not None:
             self.abort()
         return False
+
+
+class _Writeback:
+    """Starts the kernel's writeback of ranges of a file (sync_file_range, SYNC_FILE_RANGE_WRITE) from a thread of its
+    own. With the disk busy the call blocks until the device queue takes the request: 0.4-0.5 s of a 2.8 GB merge
+    (measured), which the copying thread now spends copying (merge 2.28 s instead of 2.53 s, medians of 5)."""
+
+    def __init__(self, fd: int):
+        self._fd = fd
+        self._ranges: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="slice-ft-writeback", daemon=True)
+        self._thread.start()
+
+    def submit(self, start: int, length: int) -> None:
+        self._ranges.put((start, length))
+
+    def _run(self) -> None:
+        while (item := self._ranges.get()) is not None:
+            _SYNC_FILE_RANGE(self._fd, item[0], item[1], SYNC_FILE_RANGE_WRITE)
+
+    def close(self) -> None:
+        """Wait for the ranges submitted so far: the file descriptor stays valid until then."""
+        self._ranges.put(None)
+        self._thread.join()
 
 
 def write_json_atomically(path, payload: dict) -> Path:
