@@ -19,7 +19,6 @@ if __name__ == "__main__":  # flags first: --help and flag errors answer before 
     ARGS = exit_on_input_error(parse_args, debug="--debug" in sys.argv)
 
 import argparse  # noqa: E402 (the model stack loads once the flags are known to be good)
-import gc
 import logging
 import math
 import os
@@ -31,6 +30,7 @@ import torch
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, gather_object, set_seed
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import free_memory
 from tqdm.auto import tqdm
 
 import slice_adapter
@@ -321,8 +321,8 @@ def main(args: argparse.Namespace) -> dict:
     accelerator.wait_for_everyone()
     del transformer, optimizer, lr_scheduler, params
     comps.transformer = None
-    accelerator.free_memory()
-    gc.collect()
+    accelerator.free_memory()  # drops accelerate's references to them, after its own collection ran
+    free_memory()  # so collect (cycles) and empty the accelerator's cache once more: diffusers' training_utils
     accelerator.end_training()
     if accelerator.is_main_process and args.save_merged:
         outputs["merged"] = str(save_merged(comps.source, outputs["slice"], output_dir, rebuild_base=comps.reload))

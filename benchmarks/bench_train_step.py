@@ -6,10 +6,12 @@ SHiRA, eager and torch.compile'd blocks, and unmerged-slice inference against th
     python benchmarks/bench_train_step.py --output /tmp/train_step.json
     python benchmarks/bench_train_step.py --output /tmp/train_step.json --sweep-only --tokens 192,768,3072
     python benchmarks/bench_train_step.py --output /tmp/train_step_gpu.json --sweep-only --gpu   # a GPU lent
+    python benchmarks/bench_train_step.py --output /tmp/train_depth.json --depth   # 2 vs 8 blocks
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -28,6 +30,11 @@ SMOKE = dict(blocks=1, latent=(1, 16, 1, 4, 4), text_len=4, repeats=2, calls=1, 
 GPU = dict(blocks=1, text_len=512, layout_name="wan2.1-t2v-14b",
            sweep=dict(tokens=(3072, 8190, 16380, 32760), compiled_tokens=(3072, 8190, 16380, 32760), repeats=5,
                       warmup=2))
+# Depth: the default slice's extra over the Linear-only slice and LoRA, at 2 and 8 blocks. Its modulation's gradient
+# needs the first block's attn1 q/k/v input gradients, which no other block adds: the share that costs falls with depth
+# (Wan 1.3B has 30 blocks, 14B 40).
+DEPTH = dict(blocks=(2, 8), sweep=dict(tokens=(192, 768), compiled_tokens=(), repeats=2, warmup=1))
+SMOKE_DEPTH = dict(blocks=(1, 2), sweep=dict(tokens=(16,), compiled_tokens=(), repeats=2, warmup=1))
 SWEEP_FRACTION = 1e-3
 # latent (frames, height, width) per token count (tokens = frames * height/2 * width/2, Wan's 1x2x2 patches)
 LATENT_FOR_TOKENS = {4: (1, 4, 4), 16: (1, 8, 8), 192: (3, 16, 16), 768: (3, 32, 32), 3072: (3, 64, 64),
@@ -306,9 +313,15 @@ def main(argv=None):
     parser.add_argument("--loader-only", action="store_true", help="Measure the input pipeline only.")
     parser.add_argument("--gpu", action="store_true",
                         help="Sweep on the GPU: Wan 14B width, one block, bf16 autocast, up to 32,760 tokens.")
+    parser.add_argument("--depth", action="store_true",
+                        help="Only the depth check: frozen, slice (default and Linear-only) and LoRA, eager, at 192 "
+                             "and 768 tokens, with 2 and with 8 blocks.")
     args = parser.parse_args(argv)
     common.quiet_warnings()
     size = SMOKE if args.smoke else FULL
+    if args.depth:
+        common.write_result(args.output, "train_depth", args.smoke, depth=run_depth(size, args))
+        return
     if args.gpu:
         import torch
 
@@ -328,6 +341,19 @@ def main(argv=None):
 
         fields["sweep"] = run_sweep(size, args, "cuda" if args.gpu else "cpu", partial)
     common.write_result(args.output, "train_step", args.smoke, **fields)
+
+
+def run_depth(size: dict, args) -> dict:
+    """The sweep's training rows (no SHiRA, no inference, eager) at each depth of DEPTH, rows tagged with `blocks`."""
+    depth = SMOKE_DEPTH if args.smoke else DEPTH
+    args = argparse.Namespace(**{**vars(args), "only": "slice,slice Linear-only", "no_compile": True})
+    rows, out = [], {}
+    for blocks in depth["blocks"]:
+        sweep = run_sweep(dict(size, blocks=blocks, sweep=depth["sweep"]), args, "cpu")
+        rows += [dict(r, blocks=blocks) for r in sweep["rows"]]
+        out = {k: v for k, v in sweep.items() if k != "rows"}
+    out["layout"].pop("num_layers", None)
+    return dict(out, blocks=list(depth["blocks"]), rows=rows)
 
 
 def fixed_size_table(size: dict, args, parser) -> dict:

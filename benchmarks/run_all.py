@@ -24,9 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("train_step", "inference", "merge", "plan", "quality")
-SCRIPTS = {"train_step": "bench_train_step.py", "inference": "bench_inference.py", "merge": "bench_merge.py",
-           "plan": "bench_plan.py", "quality": "quality.py"}
+BENCHMARKS = ("train_step", "train_depth", "inference", "merge", "plan", "quality")
+SCRIPTS = {"train_step": "bench_train_step.py", "train_depth": "bench_train_step.py", "inference": "bench_inference.py",
+           "merge": "bench_merge.py", "plan": "bench_plan.py", "quality": "quality.py"}
+EXTRA_ARGS = {"train_depth": ["--depth"]}
 RESULTS_DIR = HERE / "results" / "cpu"  # the JSON behind BENCHMARKS.md
 QUALITY_PLOT = "quality_loss_curves.png"
 TRAIN_PLOT = "train_step.png"
@@ -49,7 +50,7 @@ def run_benchmarks(names, json_dir: Path, plots_dir: Path, smoke: bool) -> dict:
     failed = {}
     for name in names:
         out = json_dir / f"{name}.json"
-        argv = ["--output", str(out)] + (["--smoke"] if smoke else [])
+        argv = ["--output", str(out)] + EXTRA_ARGS.get(name, []) + (["--smoke"] if smoke else [])
         if name == "quality" and have_matplotlib():
             argv += ["--plot", str(plots_dir / QUALITY_PLOT)]
         print(f"== {name}: {SCRIPTS[name]} {shlex.join(argv)}", flush=True)
@@ -208,6 +209,42 @@ def section_train_sweep(sweep: dict, plots_rel: str | None) -> tuple[str, list]:
     text += ["", "Commands: `python benchmarks/bench_train_step.py --sweep-only --output /tmp/train_step.json` "
              "(`--tokens 192,768,3072`, `--no-compile`); with a GPU lent: `python benchmarks/bench_train_step.py "
              "--gpu --output /tmp/train_step_gpu.json` (14B width, one block, bf16 autocast, up to 32,760 tokens)."]
+    return "\n".join(text), summary
+
+
+def section_train_depth(depth: dict) -> tuple[str, list]:
+    """The depth check: the default slice's extra over the Linear-only slice and LoRA, at two depths."""
+    lay = depth["layout"]
+    by = {(r["blocks"], r["tokens"], r["name"]): r for r in depth["rows"]}
+    summary, rows = [], []
+    for r in depth["rows"]:
+        if not r["name"].startswith("slice"):
+            continue
+        label = f"{r['name']} @ {r['tokens']:,} tokens, {r['blocks']} blocks"
+        lin = by.get((r["blocks"], r["tokens"], "slice Linear-only"))
+        extra = (r["x_base_wall"]["median"] - lin["x_base_wall"]["median"]) if lin and r is not lin else None
+        for t in r["targets"]:
+            if t[0] == "step ≤ LoRA's":
+                summary.append(("Training step depth (eager)", label, *t, _why(r["name"]).get(t[0], "")))
+        rows.append([r["name"], r["blocks"], f"{r['tokens']:,}", _x(r["x_base_wall"]), _x(r["x_base_cpu"]),
+                     _x(r["x_lora_wall"]), "—" if extra is None else f"{extra:+.3f}"])
+    text = [
+        "### Training step against depth (CPU)",
+        "",
+        f"The sweep's layout ({lay['num_attention_heads']} heads × {lay['attention_head_dim']}, ffn {lay['ffn_dim']}, "
+        f"text {depth['text_len']} tokens) with {' and '.join(str(b) for b in depth['blocks'])} blocks, eager, slices "
+        f"at fraction {depth['fraction']:g}, LoRA at the rank of equal trainable weights; per depth and token count "
+        f"the rows run interleaved with their own frozen base, {_rounds(depth['repeats'])} rounds. The default "
+        "slice trains norms and `scale_shift_table` too; the gradient of the first block's attn1 modulation needs "
+        "that block's attn1 q/k/v input gradients, which neither the Linear-only slice nor a LoRA computes and no "
+        "other block adds, so that part of its extra (*default − Linear-only*, in units of the frozen step) shrinks "
+        "as blocks are added: Wan 1.3B has 30 blocks, 14B 40.",
+        "",
+        common.md_table(["configuration", "blocks", "tokens", "× frozen (wall)", "× frozen (CPU)", "× LoRA (wall)",
+                         "default − Linear-only"], rows),
+        "",
+        "Command: `python benchmarks/bench_train_step.py --depth --output /tmp/train_depth.json`.",
+    ]
     return "\n".join(text), summary
 
 
@@ -639,8 +676,8 @@ def section_quality(data: dict, plots_rel: str | None) -> str:
                          "A change after B (plain)", f"A change after B ({remedy})", f"B loss after B ({remedy})",
                          "one-off generation (CPU)"], method_rows),
         "",
-        f"Ways of training B on the A-merged model (A's change is against its loss right after A; B's loss also "
-        f"against the plain slice run of the same seed; lower is better; step compute against the plain step):",
+        "Ways of training B on the A-merged model (A's change is against its loss right after A; B's loss also "
+        "against the plain slice run of the same seed; lower is better; step compute against the plain step):",
         "",
         common.md_table(["way of training B", "what", "slice: A change", "slice: B loss", "slice: B vs plain slice",
                          "LoRA: A change", "LoRA: B loss", "keeps A better", "slice step ×", "LoRA step ×"],
@@ -716,6 +753,10 @@ def render(results: dict, output: Path, plots_dir: Path, wall_s: float | None, a
         if plotted and results["train_step"].get("sweep"):
             plot_train_sweep(results["train_step"]["sweep"], plots_dir / SWEEP_PLOT)
         text, s = section_train_step(results["train_step"], plots_rel if plotted else None)
+        sections.append(text)
+        summary += s
+    if "train_depth" in results:
+        text, s = section_train_depth(results["train_depth"]["depth"])
         sections.append(text)
         summary += s
     if "inference" in results:

@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 EXPECTED_ROWS = {
     "## 1. Training step": ["frozen", "slice 0.001", "lora 0.001 (r=", "shira 0.001 (r=", "slice 0.01",
                             "lora 0.01 (r=", "shira 0.01 (r=", "full"],
+    "### Training step against depth": ["slice", "slice Linear-only", "slice", "slice Linear-only"],
     "## 2. Inference": ["base", "unmerged slice 0.001", "merged slice 0.001"],
     "## 3. Merge": ["plain copy", "Python streaming copy", "merge CLI, end to end", "merge alone"],
     "## 4. Planning": ["build meta model", "plan 0.001", "build + add_adapter 0.001"],
