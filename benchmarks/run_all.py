@@ -235,10 +235,11 @@ def section_train_depth(depth: dict) -> tuple[str, list]:
         f"text {depth['text_len']} tokens) with {' and '.join(str(b) for b in depth['blocks'])} blocks, eager, slices "
         f"at fraction {depth['fraction']:g}, LoRA at the rank of equal trainable weights; per depth and token count "
         f"the rows run interleaved with their own frozen base, {_rounds(depth['repeats'])} rounds. The default "
-        "slice trains norms and `scale_shift_table` too; the gradient of the first block's attn1 modulation needs "
-        "that block's attn1 q/k/v input gradients, which neither the Linear-only slice nor a LoRA computes and no "
-        "other block adds, so that part of its extra (*default − Linear-only*, in units of the frozen step) shrinks "
-        "as blocks are added: Wan 1.3B has 30 blocks, 14B 40.",
+        "slice trains norms and `scale_shift_table` too: their gradients need tokens × width reductions in every "
+        "block, and in the first block the attn1 q/k/v input gradients (the attn1 modulation's gradient needs "
+        "them), which neither the Linear-only slice nor a LoRA computes and no other block adds: that part weighs "
+        "less as blocks are added (Wan 1.3B has 30, 14B 40). *default − Linear-only*: what the extra targets "
+        "cost, in units of the frozen step.",
         "",
         common.md_table(["configuration", "blocks", "tokens", "× frozen (wall)", "× frozen (CPU)", "× LoRA (wall)",
                          "default − Linear-only"], rows),
