@@ -219,9 +219,10 @@ def sweep_rows(results: dict, specs: dict, tokens: int, compiled: bool, on_gpu: 
     return rows
 
 
-def run_sweep(size: dict, args, device: str, partial=None) -> dict:
+def run_sweep(size: dict, args, device: str, partial=None, profile: tuple = ()) -> dict:
     """Every token count eager, then the compiled groups; `partial(sweep)` is called after each group, so a run
-    stopped early still leaves its finished groups in the result."""
+    stopped early still leaves its finished groups in the result. `profile`: (configuration, baseline) profiled op
+    by op after each group's timing; the summary goes in the group's rows as `profile`."""
     sw = size["sweep"]
     tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else list(sw["tokens"])
     unknown = [t for t in tokens if t not in LATENT_FOR_TOKENS]
@@ -243,8 +244,12 @@ def run_sweep(size: dict, args, device: str, partial=None) -> dict:
             specs = {n: spec for n, spec in specs.items() if n in keep}
         print(f"sweep: {t} tokens, {'compiled' if compiled else 'eager'}: {len(specs)} configurations", flush=True)
         results = common.run_interleaved(setup, specs, repeats=repeats_at[t], calls=1, warmup=sw["warmup"],
-                                         threads=args.threads, inline=args.smoke)
-        rows += sweep_rows(results, specs, t, compiled, device != "cpu")
+                                         threads=args.threads, inline=args.smoke, profile=profile)
+        group = sweep_rows(results, specs, t, compiled, device != "cpu")
+        if profile:
+            for row in group:
+                row["profile"] = common.profile_summary(results, *profile)
+        rows += group
         sweep["layout"] = {k: config[k] for k in common.LAYOUT_KEYS}
         if partial is not None:
             partial(sweep)
@@ -349,7 +354,9 @@ def run_depth(size: dict, args) -> dict:
     args = argparse.Namespace(**{**vars(args), "only": "slice,slice Linear-only", "no_compile": True})
     rows, out = [], {}
     for blocks in depth["blocks"]:
-        sweep = run_sweep(dict(size, blocks=blocks, sweep=depth["sweep"]), args, "cpu")
+        # op totals are steadier than wall time: the slices' difference is a few % of a step
+        sweep = run_sweep(dict(size, blocks=blocks, sweep=depth["sweep"]), args, "cpu",
+                          profile=("slice", "slice Linear-only"))
         rows += [dict(r, blocks=blocks) for r in sweep["rows"]]
         out = {k: v for k, v in sweep.items() if k != "rows"}
     out["layout"].pop("num_layers", None)

@@ -216,7 +216,7 @@ def section_train_depth(depth: dict) -> tuple[str, list]:
     """The depth check: the default slice's extra over the Linear-only slice and LoRA, at two depths."""
     lay = depth["layout"]
     by = {(r["blocks"], r["tokens"], r["name"]): r for r in depth["rows"]}
-    summary, rows = [], []
+    summary, rows, notes = [], [], []
     for r in depth["rows"]:
         if not r["name"].startswith("slice"):
             continue
@@ -226,8 +226,16 @@ def section_train_depth(depth: dict) -> tuple[str, list]:
         for t in r["targets"]:
             if t[0] == "step ≤ LoRA's":
                 summary.append(("Training step depth (eager)", label, *t, _why(r["name"]).get(t[0], "")))
+        prof = r.get("profile") if extra is not None else None
+        ops = "—"
+        if prof:
+            ms = prof["ms_per_step_self_cpu"]
+            ops = f"{ms[prof['config']] / ms[prof['baseline']]:.3f}×"
+            top = ", ".join(f"{op} {d:+.0f} ms ({round(n):+d} calls)" for op, d, n in prof["extra_ops"][:3])
+            notes.append(f"{r['blocks']} blocks, {r['tokens']:,} tokens: {ms[prof['config']]:.0f} against "
+                         f"{ms[prof['baseline']]:.0f} ms; most of the difference in {top}")
         rows.append([r["name"], r["blocks"], f"{r['tokens']:,}", _x(r["x_base_wall"]), _x(r["x_base_cpu"]),
-                     _x(r["x_lora_wall"]), "—" if extra is None else f"{extra:+.3f}"])
+                     _x(r["x_lora_wall"]), "—" if extra is None else f"{extra:+.3f}", ops])
     text = [
         "### Training step against depth (CPU)",
         "",
@@ -242,10 +250,13 @@ def section_train_depth(depth: dict) -> tuple[str, list]:
         "cost, in units of the frozen step.",
         "",
         common.md_table(["configuration", "blocks", "tokens", "× frozen (wall)", "× frozen (CPU)", "× LoRA (wall)",
-                         "default − Linear-only"], rows),
-        "",
-        "Command: `python benchmarks/bench_train_step.py --depth --output /tmp/train_depth.json`.",
+                         "default − Linear-only", "op time: default ÷ Linear-only"], rows),
     ]
+    if notes:
+        text += ["", "*op time*: the self-CPU time of all ops in one step, profiled over 2 steps after the timing in "
+                 "the same processes (steadier than wall time, which swings by more than the difference). Per step, "
+                 "default slice against Linear-only slice:", ""] + [f"- {n}" for n in notes]
+    text += ["", "Command: `python benchmarks/bench_train_step.py --depth --output /tmp/train_depth.json`."]
     return "\n".join(text), summary
 
 
