@@ -254,8 +254,9 @@ def section_train_depth(depth: dict) -> tuple[str, list]:
     ]
     if notes:
         text += ["", "*op time*: the self-CPU time of all ops in one step, profiled over 2 steps after the timing in "
-                 "the same processes (steadier than wall time, which swings by more than the difference). Per step, "
-                 "default slice against Linear-only slice:", ""] + [f"- {n}" for n in notes]
+                 "the same processes. It swings too (an op both configurations call equally often can differ by "
+                 "~10 % between the two processes), so the extra calls say more than the totals. Per step, default "
+                 "slice against Linear-only slice:", ""] + [f"- {n}" for n in notes]
     text += ["", "Command: `python benchmarks/bench_train_step.py --depth --output /tmp/train_depth.json`."]
     return "\n".join(text), summary
 
