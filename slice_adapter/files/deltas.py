@@ -12,10 +12,8 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
-
 from . import dtypes
-from .safetensors_stream import read_header, read_stored
+from .safetensors_stream import TensorEntry, read_header, read_stored
 from .adapter_folder import WEIGHTS_NAME, SliceSettings, param_name_for_key, read_adapter_settings, recorded_layouts
 from ..selection import ParamLayout, SlicePlan, is_targeted, layout_fingerprint, plan_layouts
 
@@ -50,7 +48,7 @@ class SliceDeltas:
     layouts: dict[str, ParamLayout]
     plan: SlicePlan
     values_file: Path
-    keys: dict[str, str]  # parameter name -> the key of its values in the values file
+    entries: dict[str, TensorEntry]  # parameter name -> its values' entry in the values file
 
     @property
     def fingerprint(self) -> str:
@@ -71,12 +69,13 @@ class SliceDeltas:
         if f is None:
             with self.open_values() as fh:
                 return self.values(name, fh)
-        entry = f.entries[self.keys[name]]
-        return dtypes.to_float(read_stored(f.file, entry), entry.dtype).reshape(-1).astype(np.float32, copy=False)
+        entry = self.entries[name]
+        return dtypes.to_float(read_stored(f, entry), entry.dtype).reshape(-1).astype(np.float32, copy=False)
 
-    def open_values(self) -> "ValuesFile":
-        """The values file, open for `values` (a context manager)."""
-        return ValuesFile(self.values_file)
+    def open_values(self):
+        """The values file, open for `values` (a context manager). Read as bytes and converted by `dtypes`, without
+        torch: safetensors' numpy reader refuses bf16 values."""
+        return open(self.values_file, "rb")
 
     def load_all(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """{parameter: (flat indices int64, values float32)} for every parameter the slice touches."""
@@ -101,25 +100,6 @@ class SliceDeltas:
         }
 
 
-class ValuesFile:
-    """A slice's values file open for reading: its header's entries and the file. No torch: the values may be bf16,
-    which safetensors' numpy reader refuses, so they are read as bytes and converted by `dtypes`."""
-
-    def __init__(self, path):
-        self.entries, _ = read_header(path)
-        self.file = open(path, "rb")
-
-    def close(self) -> None:
-        self.file.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
-
-
 def read_slice(path) -> SliceDeltas:
     """Open a slice adapter folder and check it is whole: config, layout record, values keys and shapes."""
     path = Path(path)
@@ -133,20 +113,15 @@ def read_slice(path) -> SliceDeltas:
     values_file = path / WEIGHTS_NAME
     if not values_file.is_file():
         raise ValueError(f"{str(path)!r} has no {WEIGHTS_NAME}: the adapter folder is incomplete")
-    try:  # safetensors checks the header and that the file holds every byte it announces
-        with safe_open(str(values_file), framework="numpy") as f:
-            header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{str(values_file)!r} is truncated or corrupted ({err}): re-save or re-download the "
-                         "slice") from None
+    header, _ = read_header(values_file)  # checked as every base is: truncation, damage, safetensors' own parser
     plan = plan_layouts(layouts, config.fraction, config.slice_id, config.seed)
-    by_param: dict[str, tuple[str, tuple, str]] = {}  # parameter -> (key, shape, dtype)
-    for key, (shape, dtype) in header.items():
+    by_param: dict[str, TensorEntry] = {}
+    for key, entry in header.items():
         try:
             name = param_name_for_key(key)
         except ValueError as err:
             raise ValueError(f"{str(values_file)!r}: {err}; the values file is not a slice's") from None
-        by_param[name] = (key, shape, dtype)
+        by_param[name] = entry
     missing = [n for n in plan.tiles if n not in by_param]
     unexpected = [n for n in by_param if n not in plan.tiles]
     if missing or unexpected:
@@ -157,14 +132,13 @@ def read_slice(path) -> SliceDeltas:
     for name, tiles in plan.tiles.items():
         lay = plan.layouts[name]
         want = (len(tiles), lay.tile_width) if lay.tiled_rows else (len(tiles),)
-        _, shape, dtype = by_param[name]
-        if shape != want:
-            raise ValueError(f"{str(values_file)!r}: values of {name!r} have shape {list(shape)}, the slice "
+        entry = by_param[name]
+        if entry.shape != want:
+            raise ValueError(f"{str(values_file)!r}: values of {name!r} have shape {list(entry.shape)}, the slice "
                              f"needs {list(want)}: the values file belongs to another slice")
-        if not dtype.startswith(("F", "BF")):  # F64/F32/F16/BF16/F8_*: safetensors' floating dtypes
-            raise ValueError(f"{str(values_file)!r}: values of {name!r} are {dtype}, not floating point")
-    ordered = {n: by_param[n][0] for n in plan.tiles}
-    return SliceDeltas(path, config, dict(plan.layouts), plan, values_file, ordered)
+        if not entry.is_floating_point:
+            raise ValueError(f"{str(values_file)!r}: values of {name!r} are {entry.dtype}, not floating point")
+    return SliceDeltas(path, config, dict(plan.layouts), plan, values_file, {n: by_param[n] for n in plan.tiles})
 
 
 def slice_deltas(path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
