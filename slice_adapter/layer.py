@@ -280,6 +280,18 @@ def _frozen_linear_weight(base: nn.Module) -> Optional[torch.Tensor]:
     return weight
 
 
+def _shadow_parameters(module: nn.Module, values: dict) -> None:
+    """Make `module.<name>` read `values[name]` instead of its parameter: an instance attribute wins over
+    `module._parameters` in attribute access (torch.func.functional_call does the same for a call, at about the cost
+    of a small norm itself). Undone by `_unshadow_parameters`."""
+    module.__dict__.update(values)
+
+
+def _unshadow_parameters(module: nn.Module, names) -> None:
+    for name in names:
+        module.__dict__.pop(name, None)
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the slice's contribution is computed in: autocast's when active, else float32."""
     if torch.is_autocast_enabled(x.device.type):
@@ -522,15 +534,11 @@ class Elementwise(nn.Module, SliceLayer):
         patched = self.patched_parameters()
         if not patched:
             return self.base_layer(*args, **kwargs)
-        # W + delta shadows the parameter for the call, as ParamSlice does (torch.func.functional_call costs about as
-        # much as a small norm itself)
-        base = self.base_layer
-        base.__dict__.update(patched)
+        _shadow_parameters(self.base_layer, patched)  # W + delta, for this call
         try:
-            return base(*args, **kwargs)
+            return self.base_layer(*args, **kwargs)
         finally:
-            for name in patched:
-                base.__dict__.pop(name, None)
+            _unshadow_parameters(self.base_layer, patched)
 
     def __repr__(self) -> str:
         return "slice." + super().__repr__()
@@ -572,12 +580,10 @@ class ParamSlice(nn.Module, SliceLayer):
             return
         if self.merged:
             return
-        for pname, value in self.patched_parameters().items():
-            object.__setattr__(owner, pname, value)  # shadows owner._parameters[pname] for attribute access
+        _shadow_parameters(owner, self.patched_parameters())
 
     def _remove_shadows(self, owner, args, output):
-        for pname in self.sliced_parameters():
-            owner.__dict__.pop(pname, None)
+        _unshadow_parameters(owner, self.sliced_parameters())
 
     def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names):
         """PEFT's unload: merge if asked, drop the hooks; the model tuner then removes this child."""
