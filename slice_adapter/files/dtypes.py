@@ -107,6 +107,11 @@ def from_float(values: np.ndarray, code: str) -> np.ndarray:
         return values.astype(numpy_dtype(code), copy=False)
 
 
+def cast(values: np.ndarray, code: str, out_code: str) -> np.ndarray:
+    """`code`'s values as `out_code`, rounded once (as torch's `.to(dtype)`)."""
+    return from_float(to_float(values, code), out_code)
+
+
 def _bf16_bits(values: np.ndarray) -> np.ndarray:
     """float32 -> bf16 bits: add 0x7fff, plus 1 when the kept half is odd, and keep the upper half (round to
     nearest, ties to even; overflow carries into the exponent: infinity). A NaN stays a quiet NaN."""

@@ -341,7 +341,7 @@ def _stream(ckpt: Checkpoint, names: _Names, plan, touched, loaded, writer: Stre
                                                    disjoint)
                     changed += count
                 else:
-                    merged = dtypes.from_float(dtypes.to_float(base, entry.dtype), dt)
+                    merged = dtypes.cast(base, entry.dtype, dt)
                 if keep[i]:  # copied too: overwritten whole
                     data = tensor_bytes(merged)
                     writer.patch(key, [(0, 0, data.nbytes)], data)
@@ -382,7 +382,7 @@ def _merged_tensor(base: np.ndarray, code: str, out_code: str, name: str, slices
     rounded once into the output. When the dtype does not change, `base` itself is updated in place and returned (no
     other full-size array exists); else the cast copy."""
     flat = base.reshape(-1)
-    out = flat if out_code == code else dtypes.from_float(dtypes.to_float(flat, code), out_code)
+    out = flat if out_code == code else dtypes.cast(flat, code, out_code)
     parts = [(s.indices(name), s.values(name, handles[id(s)])) for s in slices]
     return out.reshape(base.shape), _apply(flat, out, code, out_code, parts, disjoint)
 
