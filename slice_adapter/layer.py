@@ -7,6 +7,8 @@
 - `Elementwise` wraps a leaf module with small parameters (norms): it runs the base module with W + delta.
 - `ParamSlice` serves raw parameters of a container module (`scale_shift_table` on a Wan block): it is attached to
   that module as the child `sliced_params` and shadows the parameter with W + delta for the duration of its forward.
+  On a Wan block it also tells attn1's q/k/v which input gradient columns the modulation's slice reads
+  (`modulation.py`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from . import _module_imported
+from .modulation import modulation_input_grad
 from .selection import ParamLayout, _hash64
 
 INIT_STD = 0.02  # spread of the random deltas `init_weights=False` draws (tests)
@@ -153,6 +156,9 @@ class _SliceLinearDelta(torch.autograd.Function):
         return grad_result, grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
+VALUES_AT = 8  # position of the first slice value among `_LinearWithSlice.apply`'s arguments
+
+
 class _LinearWithSlice(torch.autograd.Function):
     """A frozen Linear computed with its slices merged into the weight: `x @ (W + dW).T + (b + db)`, one matmul.
 
@@ -169,7 +175,7 @@ class _LinearWithSlice(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x2d, weight, bias, owned, base_dtype, dtype, slices, *values):
+    def forward(ctx, x2d, weight, bias, owned, base_dtype, dtype, slices, input_columns, *values):
         w = weight.to(base_dtype)
         owned = owned or w is not weight
         merged, originals = _merged_weight(weight, w, owned, slices, values)
@@ -179,29 +185,34 @@ class _LinearWithSlice(torch.autograd.Function):
             out2d = torch.nn.functional.linear(x_base, merged, b)
         finally:
             _restore_weight(merged, originals)
-        wants_w = any(ctx.needs_input_grad[7:])
+        wants_w = any(ctx.needs_input_grad[VALUES_AT:])
         x_src = x_base if base_dtype == dtype else x2d  # the tiles' gradient reads the cast input when it can
         # a copy made for this matmul is kept for the input gradient (autocast's linear keeps its cast too); the
         # base weight itself is patched again in backward
-        ctx.save_for_backward(x_src if wants_w else None, merged if owned else None, *values)
+        ctx.save_for_backward(x_src if wants_w else None, merged if owned else None, input_columns, *values)
         ctx.weight, ctx.slices, ctx.dtype, ctx.x_dtype = weight, slices, dtype, x2d.dtype
         return out2d
 
     @staticmethod
     def backward(ctx, grad_out):
-        x_src, merged, *values = ctx.saved_tensors
+        x_src, merged, input_columns, *values = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
             originals = None
             if merged is None:
                 merged, originals = _merged_weight(ctx.weight, ctx.weight, False, ctx.slices, values)
             try:
-                grad_x = grad_out.to(merged.dtype).mm(merged).to(ctx.x_dtype)
+                if input_columns is None:
+                    grad_x = grad_out.to(merged.dtype).mm(merged).to(ctx.x_dtype)
+                else:  # only these columns are read (modulation.py): the rest stays zero
+                    part = grad_out.to(merged.dtype).mm(merged.index_select(1, input_columns))
+                    grad_x = grad_out.new_zeros((grad_out.shape[0], merged.shape[1]), dtype=ctx.x_dtype)
+                    grad_x.index_copy_(1, input_columns, part.to(ctx.x_dtype))
             finally:
                 _restore_weight(merged, originals)
         grads = []
         for k, (kind, index, scale, nmax) in enumerate(ctx.slices):
-            if not ctx.needs_input_grad[7 + k]:
+            if not ctx.needs_input_grad[VALUES_AT + k]:
                 grads.append(None)
             elif kind == "weight":
                 _, grad_w, _ = _slice_backward(grad_out, x_src, ctx.x_dtype, values[k], index["seg_ids"],
@@ -211,7 +222,7 @@ class _LinearWithSlice(torch.autograd.Function):
             else:
                 grads.append(grad_out.index_select(1, index["flat"]).float().sum(0) * scale)
         ctx.weight = None
-        return (grad_x, None, None, None, None, None, None, *grads)
+        return (grad_x, *([None] * (VALUES_AT - 1)), *grads)
 
 
 def _merged_weight(source, w, owned, slices, values):
@@ -462,11 +473,16 @@ class SliceLayer(BaseTunerLayer):
 
 
 class Linear(nn.Module, SliceLayer):
-    """Slice of an `nn.Linear`: row tiles of the weight, elements of the bias."""
+    """Slice of an `nn.Linear`: row tiles of the weight, elements of the bias.
+
+    `input_grad_columns`: None (the whole input gradient), or the only input columns whose gradient anything reads,
+    set for one call of its block by `modulation.ModulationInputGrad`.
+    """
 
     def __init__(self, base_layer: nn.Linear, adapter_name: str, entries: dict, init_weights=True, **kwargs):
         super().__init__()
         SliceLayer.__init__(self, base_layer, **kwargs)
+        self.input_grad_columns: Optional[torch.Tensor] = None
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, entries, init_weights=init_weights)
 
@@ -495,7 +511,7 @@ class Linear(nn.Module, SliceLayer):
                     values.append(v)
             base_dtype = dtype if autocast else weight.dtype
             result = _LinearWithSlice.apply(x2d, weight, base.bias, weight is not base.weight, base_dtype, dtype,
-                                            tuple(slices), *values)
+                                            tuple(slices), self.input_grad_columns, *values)
             return result.view(*x.shape[:-1], result.shape[-1])
         result = base(x2d, *args, **kwargs)  # 2-D in: the output is not a view, so it can take the slice in place
         if result._base is not None or not result.is_contiguous():
@@ -561,6 +577,7 @@ class ParamSlice(nn.Module, SliceLayer):
             owner.register_forward_pre_hook(self._shadow_parameters),
             owner.register_forward_hook(self._remove_shadows, always_call=True),
         ]
+        object.__setattr__(self, "_modulation", modulation_input_grad(owner))
         self.update_layer(adapter_name, entries, init_weights=init_weights)
 
     @property
@@ -581,9 +598,13 @@ class ParamSlice(nn.Module, SliceLayer):
         if self.merged:
             return
         _shadow_parameters(owner, self.patched_parameters())
+        if self._modulation is not None:
+            self._modulation.enter(args, self)
 
     def _remove_shadows(self, owner, args, output):
         _unshadow_parameters(owner, self.sliced_parameters())
+        if self._modulation is not None:
+            self._modulation.leave()
 
     def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names):
         """PEFT's unload: merge if asked, drop the hooks; the model tuner then removes this child."""

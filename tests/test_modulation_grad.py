@@ -1,0 +1,167 @@
+"""The first block's modulation slice gets its gradient from the q/k/v input columns it holds (modulation.py): the
+same gradients as the dense model, fewer matmul FLOPs, and the whole input gradient wherever anything upstream trains."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import slice_adapter
+from slice_adapter import SliceConfig
+from slice_adapter.modulation import ModulationInputGrad
+
+from conftest import TINY_WAN, make_wan, wan_inputs
+from test_adapter import dense_weights_with_slices
+
+TOKENS = 3 * 8 * 8 // 4  # wan_inputs' latents (F=3, H=W=8) in Wan's 1x2x2 patches
+DIM = TINY_WAN["num_attention_heads"] * TINY_WAN["attention_head_dim"]
+
+
+def loss_of(model, inputs):
+    return model(**inputs, return_dict=False)[0].square().mean()
+
+
+def slice_grads(model, inputs, autocast=False):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = loss_of(model, inputs)
+    loss.float().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def whole_input_gradients(monkeypatch):
+    """Turn the column rule off: every q/k/v computes its whole input gradient (the path before modulation.py)."""
+    monkeypatch.setattr(ModulationInputGrad, "enter", lambda self, args, param_slice: None)
+
+
+def held_columns(model, adapter="default"):
+    """Columns of the entries the slice holds in rows 0 and 1 (shift_msa, scale_msa) of block 0's table."""
+    plan = slice_adapter.plan(make_wan(), model.peft_config[adapter])
+    flat = torch.from_numpy(plan.flat_indices("blocks.0.scale_shift_table"))
+    return torch.unique(flat[flat < 2 * DIM] % DIM)
+
+
+def sliced_model(fraction=0.25, **config):
+    model = make_wan()
+    model.add_adapter(SliceConfig(fraction=fraction, slice_id=1, init_weights=False, **config))
+    return model
+
+
+def dense_reference_grads(model, inputs, latents_grad=False):
+    """Gradients of the model with dense W + dW, every parameter trainable: (by name, the latents' gradient)."""
+    reference = make_wan()
+    reference.load_state_dict(dense_weights_with_slices(model))
+    reference.requires_grad_(True)
+    latents = inputs["hidden_states"].clone().requires_grad_(latents_grad)
+    loss_of(reference, dict(inputs, hidden_states=latents)).backward()
+    return dict(reference.named_parameters()), latents.grad
+
+
+def assert_slice_grads_equal_dense(model, ref_params):
+    plan = slice_adapter.plan(make_wan(), model.peft_config["default"])
+    checked = 0
+    for name, module in slice_adapter.model.slice_layers(model):
+        owner = name.removesuffix(".sliced_params").replace(".base_layer", "")
+        for pname, value in module.slice_values["default"].items():
+            full = f"{owner}.{pname}"
+            at = torch.from_numpy(plan.flat_indices(full))
+            expected = ref_params[full].grad.reshape(-1)[at]
+            torch.testing.assert_close(value.grad.reshape(-1), expected, atol=1e-7, rtol=1e-4, msg=full)
+            checked += 1
+    assert checked > 10
+
+
+def test_every_slice_gradient_equals_the_dense_gradient_with_the_column_rule_on():
+    inputs = wan_inputs()
+    model = sliced_model()
+    assert 0 < len(held_columns(model)) < DIM  # the rule has columns to skip and columns to keep
+    slice_grads(model, inputs)
+    ref_params, _ = dense_reference_grads(model, inputs)
+    assert_slice_grads_equal_dense(model, ref_params)
+
+
+def mm_flops(model, inputs):
+    with FlopCounterMode(display=False) as counter:
+        loss_of(model, inputs).backward()
+    return counter.get_flop_counts()["Global"].get(torch.ops.aten.mm, 0)
+
+
+def test_the_first_block_computes_only_the_held_input_gradient_columns_of_q_k_v(monkeypatch):
+    inputs = wan_inputs()
+    model = sliced_model()
+    columns = len(held_columns(model))
+    restricted = mm_flops(model, inputs)
+    whole_input_gradients(monkeypatch)
+    whole = mm_flops(sliced_model(), inputs)
+    # three (tokens x dim) @ (dim x dim) input gradients became (tokens x dim) @ (dim x columns)
+    assert whole - restricted == 3 * 2 * TOKENS * DIM * (DIM - columns)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+def test_the_column_rule_gives_the_gradients_of_the_whole_input_gradient(autocast, monkeypatch):
+    inputs = wan_inputs()
+    restricted = slice_grads(sliced_model(), inputs, autocast)
+    whole_input_gradients(monkeypatch)
+    whole = slice_grads(sliced_model(), inputs, autocast)
+    assert restricted.keys() == whole.keys()
+    tol = dict(atol=1e-7, rtol=1e-5) if not autocast else dict(atol=1e-5, rtol=2e-2)
+    for name in whole:
+        torch.testing.assert_close(restricted[name], whole[name], **tol, msg=name)
+
+
+def test_latents_that_carry_gradient_get_their_whole_gradient():
+    inputs = wan_inputs()
+    model = sliced_model()
+    latents = inputs["hidden_states"].clone().requires_grad_(True)
+    loss_of(model, dict(inputs, hidden_states=latents)).backward()
+    ref_params, ref_latents_grad = dense_reference_grads(model, inputs, latents_grad=True)
+    torch.testing.assert_close(latents.grad, ref_latents_grad, atol=1e-7, rtol=1e-4)
+    assert_slice_grads_equal_dense(model, ref_params)
+
+
+def test_a_trained_time_embedding_gets_its_whole_gradient_through_the_first_block():
+    # the time embedding feeds shift/scale of every column: with its projection sliced, the rule must stay off
+    inputs = wan_inputs()
+    model = sliced_model(fraction=0.5, target_modules=["condition_embedder.time_proj", "blocks.0.scale_shift_table",
+                                                       "blocks.0.attn1.to_q"])
+    slice_grads(model, inputs)
+    ref_params, _ = dense_reference_grads(model, inputs)
+    assert_slice_grads_equal_dense_for(model, ref_params, ["condition_embedder.time_proj.weight",
+                                                            "blocks.0.scale_shift_table", "blocks.0.attn1.to_q.weight"])
+
+
+def assert_slice_grads_equal_dense_for(model, ref_params, names):
+    plan = slice_adapter.plan(make_wan(), model.peft_config["default"])
+    values = {n.replace(".base_layer", "").replace(".sliced_params", "").replace(".slice_values.default", ""): p
+              for n, p in model.named_parameters() if p.requires_grad}
+    for full in names:
+        at = torch.from_numpy(plan.flat_indices(full))
+        expected = ref_params[full].grad.reshape(-1)[at]
+        torch.testing.assert_close(values[full].grad.reshape(-1), expected, atol=1e-7, rtol=1e-4, msg=full)
+
+
+def test_the_columns_last_one_block_call_and_follow_the_active_adapters():
+    model = make_wan()
+    model.add_adapter(SliceConfig(fraction=0.25, slice_id=1), adapter_name="one")
+    model.add_adapter(SliceConfig(fraction=0.25, slice_id=2), adapter_name="two")
+    to_q = model.blocks[0].attn1.to_q
+    seen, seen_in_block_1 = [], []
+    to_q.register_forward_pre_hook(lambda module, args: seen.append(module.input_grad_columns))
+    model.blocks[1].attn1.to_q.register_forward_pre_hook(
+        lambda module, args: seen_in_block_1.append(module.input_grad_columns))
+    model.set_adapter("one")
+    loss_of(model, wan_inputs())
+    model.set_adapter(["one", "two"])
+    loss_of(model, wan_inputs())
+    assert to_q.input_grad_columns is None  # reset when the block returns
+    both = torch.unique(torch.cat([held_columns(model, "one"), held_columns(model, "two")]))
+    assert torch.equal(seen[0], held_columns(model, "one"))
+    assert torch.equal(seen[1], both)
+    assert seen_in_block_1 == [None, None]  # block 1's input carries gradient: its q/k/v compute all of it
+
+
+def test_a_block_with_its_own_forward_keeps_the_whole_input_gradient():
+    from slice_adapter.modulation import modulation_input_grad
+
+    block = make_wan().blocks[0]
+    assert modulation_input_grad(block) is not None
+    block.forward = lambda *args: args[0]
+    assert modulation_input_grad(block) is None
