@@ -156,6 +156,21 @@ class _SliceLinearDelta(torch.autograd.Function):
         return grad_result, grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
+def _linear_with_slice(x2d, weight, bias, owned, base_dtype, slices, values):
+    """`_LinearWithSlice`'s forward without autograd (inference calls it directly: no node, nothing saved):
+    (output, x in the matmul's dtype, the patched copy of the weight if one was made, else None)."""
+    w = weight.to(base_dtype)
+    owned = owned or w is not weight
+    merged, originals = _merged_weight(weight, w, owned, slices, values)
+    x_base = x2d.to(base_dtype)
+    try:
+        b = None if bias is None else _patched_bias(bias, base_dtype, slices, values)
+        out2d = torch.nn.functional.linear(x_base, merged, b)
+    finally:
+        _restore_weight(merged, originals)
+    return out2d, x_base, (merged if owned else None)
+
+
 VALUES_AT = 8  # position of the first slice value among `_LinearWithSlice.apply`'s arguments
 
 
@@ -176,15 +191,8 @@ class _LinearWithSlice(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2d, weight, bias, owned, base_dtype, dtype, slices, input_columns, *values):
-        w = weight.to(base_dtype)
-        owned = owned or w is not weight
-        merged, originals = _merged_weight(weight, w, owned, slices, values)
-        x_base = x2d.to(base_dtype)
-        try:
-            b = None if bias is None else _patched_bias(bias, base_dtype, slices, values)
-            out2d = torch.nn.functional.linear(x_base, merged, b)
-        finally:
-            _restore_weight(merged, originals)
+        out2d, x_base, merged = _linear_with_slice(x2d, weight, bias, owned, base_dtype, slices, values)
+        owned = merged is not None
         wants_w = any(ctx.needs_input_grad[VALUES_AT:])
         x_src = x_base if base_dtype == dtype else x2d  # the tiles' gradient reads the cast input when it can
         # a copy made for this matmul is kept for the input gradient (autocast's linear keeps its cast too); the
@@ -510,8 +518,12 @@ class Linear(nn.Module, SliceLayer):
                     slices.append((kind, index.on(x.device), scale, index.nmax if kind == "weight" else 0))
                     values.append(v)
             base_dtype = dtype if autocast else weight.dtype
-            result = _LinearWithSlice.apply(x2d, weight, base.bias, weight is not base.weight, base_dtype, dtype,
-                                            tuple(slices), self.input_grad_columns, *values)
+            owned = weight is not base.weight
+            if torch.is_grad_enabled() and (x2d.requires_grad or any(v.requires_grad for v in values)):
+                result = _LinearWithSlice.apply(x2d, weight, base.bias, owned, base_dtype, dtype, tuple(slices),
+                                                self.input_grad_columns, *values)
+            else:
+                result = _linear_with_slice(x2d, weight, base.bias, owned, base_dtype, tuple(slices), values)[0]
             return result.view(*x.shape[:-1], result.shape[-1])
         result = base(x2d, *args, **kwargs)  # 2-D in: the output is not a view, so it can take the slice in place
         if result._base is not None or not result.is_contiguous():
