@@ -2,8 +2,10 @@
 
 - `Linear` wraps an `nn.Linear`: the matmul runs on the weight with the slice's tiles written in (in place and
   restored, or into the copy autocast or an fp8 base makes anyway), so forward and input gradient cost what the base
-  costs; the tiles' gradient is one batched matmul over x. A base layer that cannot be computed that way (one with
-  its own forward) is called as it is and the tiles are added to its output (gather, batched matmul, `index_add`).
+  costs; the tiles' gradient is one batched matmul over x (where x = gelu(h), x is recomputed from h, which gelu
+  keeps anyway). A call that needs no gradient runs without an autograd node. A base layer that cannot be computed
+  that way (one with its own forward) is called as it is and the tiles are added to its output (gather, batched
+  matmul, `index_add`).
 - `Elementwise` wraps a leaf module with small parameters (norms): it runs the base module with W + delta.
 - `ParamSlice` serves raw parameters of a container module (`scale_shift_table` on a Wan block): it is attached to
   that module as the child `sliced_params` and shadows the parameter with W + delta for the duration of its forward.
@@ -171,7 +173,24 @@ def _linear_with_slice(x2d, weight, bias, owned, base_dtype, slices, values):
     return out2d, x_base, (merged if owned else None)
 
 
-VALUES_AT = 8  # position of the first slice value among `_LinearWithSlice.apply`'s arguments
+def _gelu_input(x: torch.Tensor):
+    """(h, approximate) when autograd recorded `x` as `gelu(h)` (a Wan FFN's hidden activation, the input of
+    `ffn.net.2` and the widest activation of a block), else None. Why: gelu's backward keeps h anyway, so the tiles'
+    gradient can recompute x from it instead of keeping a second activation of that size. Not under saved-tensor
+    hooks (checkpointing, offloading): they decide what is kept, and reading h there would unpack it."""
+    node = x.grad_fn
+    if node is None or type(node).__name__ != "GeluBackward0":
+        return None
+    top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top_hooks is None or top_hooks(False) is not None:
+        return None
+    h = node._saved_self
+    if h.shape != x.shape or h.dtype != x.dtype:
+        return None
+    return h.detach(), node._saved_approximate
+
+
+VALUES_AT = 9  # position of the first slice value among `_LinearWithSlice.apply`'s arguments
 
 
 class _LinearWithSlice(torch.autograd.Function):
@@ -190,11 +209,15 @@ class _LinearWithSlice(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x2d, weight, bias, owned, base_dtype, dtype, slices, input_columns, *values):
+    def forward(ctx, x2d, weight, bias, owned, base_dtype, dtype, slices, input_columns, gelu, *values):
         out2d, x_base, merged = _linear_with_slice(x2d, weight, bias, owned, base_dtype, slices, values)
         owned = merged is not None
         wants_w = any(ctx.needs_input_grad[VALUES_AT:])
         x_src = x_base if base_dtype == dtype else x2d  # the tiles' gradient reads the cast input when it can
+        ctx.gelu_approximate = None
+        if wants_w and gelu is not None:  # keep gelu's input (its own node keeps it too), not x = gelu(h) as well
+            x_src, ctx.gelu_approximate = gelu
+            ctx.x_shape, ctx.cast_to = x2d.shape, (base_dtype if base_dtype == dtype else None)
         # a copy made for this matmul is kept for the input gradient (autocast's linear keeps its cast too); the
         # base weight itself is patched again in backward
         ctx.save_for_backward(x_src if wants_w else None, merged if owned else None, input_columns, *values)
@@ -204,6 +227,9 @@ class _LinearWithSlice(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x_src, merged, input_columns, *values = ctx.saved_tensors
+        if ctx.gelu_approximate is not None:  # x again, bit for bit: the same kernel on the same input
+            x_src = torch.nn.functional.gelu(x_src, approximate=ctx.gelu_approximate).reshape(ctx.x_shape)
+            x_src = x_src.to(ctx.cast_to) if ctx.cast_to is not None else x_src
         grad_x = None
         if ctx.needs_input_grad[0]:
             originals = None
@@ -521,7 +547,7 @@ class Linear(nn.Module, SliceLayer):
             owned = weight is not base.weight
             if torch.is_grad_enabled() and (x2d.requires_grad or any(v.requires_grad for v in values)):
                 result = _LinearWithSlice.apply(x2d, weight, base.bias, owned, base_dtype, dtype, tuple(slices),
-                                                self.input_grad_columns, *values)
+                                                self.input_grad_columns, _gelu_input(x), *values)
             else:
                 result = _linear_with_slice(x2d, weight, base.bias, owned, base_dtype, tuple(slices), values)[0]
             return result.view(*x.shape[:-1], result.shape[-1])

@@ -1,5 +1,9 @@
-"""The first block's modulation slice gets its gradient from the q/k/v input columns it holds (modulation.py): the
-same gradients as the dense model, fewer matmul FLOPs, and the whole input gradient wherever anything upstream trains."""
+"""What a slice's training step leaves out, with the gradients unchanged:
+
+- the first block's modulation slice gets its gradient from the q/k/v input columns it holds (modulation.py): the same
+  gradients as the dense model, fewer matmul FLOPs, and the whole input gradient wherever anything upstream trains;
+- the FFN's hidden activation is not kept a second time for the tiles' gradient: it is recomputed from gelu's input.
+"""
 
 import pytest
 import torch
@@ -165,3 +169,48 @@ def test_a_block_with_its_own_forward_keeps_the_whole_input_gradient():
     assert modulation_input_grad(block) is not None
     block.forward = lambda *args: args[0]
     assert modulation_input_grad(block) is None
+
+
+# -- the FFN's hidden activation: the tiles' gradient recomputes it from gelu's input ------------------------------
+def ffn_out_node(model, inputs):
+    """(the loss, the autograd node of blocks.1.ffn.net.2's slice matmul, the gelu node that feeds it)."""
+    captured = {}
+    layer = model.blocks[1].ffn.net[2]
+    layer.register_forward_hook(lambda module, args, out: captured.update(out=out, x=args[0]))
+    loss = loss_of(model, inputs)
+    node = captured["out"].grad_fn
+    while type(node).__name__ != "_LinearWithSliceBackward":
+        node = node.next_functions[0][0]
+    return loss, node, captured["x"].grad_fn
+
+
+def test_the_ffn_hidden_activation_is_not_kept_twice():
+    model = sliced_model()
+    model.train()
+    _, node, gelu = ffn_out_node(model, wan_inputs())
+    assert type(gelu).__name__ == "GeluBackward0"
+    kept = node.saved_tensors[0]  # what the tiles' gradient reads x from
+    assert kept.data_ptr() == gelu._saved_self.data_ptr()  # gelu's own input, which gelu's backward keeps anyway
+    assert kept.shape == gelu._saved_self.shape
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+def test_recomputing_the_ffn_hidden_activation_gives_the_same_gradients_bit_for_bit(autocast, monkeypatch):
+    import slice_adapter.layer as layer
+
+    inputs = wan_inputs()
+    recomputed = slice_grads(sliced_model(), inputs, autocast)
+    monkeypatch.setattr(layer, "_gelu_input", lambda x: None)
+    kept = slice_grads(sliced_model(), inputs, autocast)
+    assert recomputed.keys() == kept.keys()
+    for name in kept:
+        assert torch.equal(recomputed[name], kept[name]), name
+
+
+def test_under_saved_tensor_hooks_the_ffn_input_is_kept_as_it_is():
+    # checkpointing and activation offloading decide what is kept: the layer must not unpack gelu's input there
+    model = sliced_model()
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t.shape) or t, lambda t: t):
+        _, node, gelu = ffn_out_node(model, wan_inputs())
+    assert node.saved_tensors[0].shape == (TOKENS, TINY_WAN["ffn_dim"])  # x itself, 2-D
