@@ -187,8 +187,11 @@ def sweep_rows(results: dict, specs: dict, tokens: int, compiled: bool, on_gpu: 
         res = results[name]
         if on_gpu:
             return res.memory.get("cuda_peak_mb", float("nan")) - res.info.get("cuda_ready_mb", 0.0)
+        return res.memory.get("tensor_peak_mb")  # the CPU's counterpart of the CUDA peak: tensors only
+
+    def rss_rise_mb(name):
         # first call in a fresh process; a compiled row built its kernels before it, so its rise is not comparable
-        return None if compiled else res.info.get("first_call_rss_rise_mb")
+        return None if compiled or on_gpu else results[name].info.get("first_call_rss_rise_mb")
 
     frozen_act = act_mb("frozen")
     for name, spec in specs.items():
@@ -204,6 +207,9 @@ def sweep_rows(results: dict, specs: dict, tokens: int, compiled: bool, on_gpu: 
             act = act_mb(name)
             row["activation_mb"] = act
             row["activation_x_frozen"] = act / frozen_act if act is not None and frozen_act else None
+            rss = rss_rise_mb(name)
+            row["rss_rise_mb"] = rss
+            row["rss_rise_x_frozen"] = (rss / rss_rise_mb("frozen")) if rss is not None and rss_rise_mb("frozen") else None
         if name.startswith("slice"):
             vs_lora = common.ratio_summary(results, name, "lora", "wall")
             row["x_lora_wall"] = vs_lora.as_dict()
@@ -243,8 +249,10 @@ def run_sweep(size: dict, args, device: str, partial=None, profile: tuple = ()) 
             keep |= {"infer base"} if "infer slice" in wanted else set()
             specs = {n: spec for n, spec in specs.items() if n in keep}
         print(f"sweep: {t} tokens, {'compiled' if compiled else 'eager'}: {len(specs)} configurations", flush=True)
+        training = tuple(n for n, spec in specs.items() if spec.get("mode", "train") == "train")
         results = common.run_interleaved(setup, specs, repeats=repeats_at[t], calls=1, warmup=sw["warmup"],
-                                         threads=args.threads, inline=args.smoke, profile=profile)
+                                         threads=args.threads, inline=args.smoke, profile=profile,
+                                         tensor_peak=training if device == "cpu" else ())
         group = sweep_rows(results, specs, t, compiled, device != "cpu")
         if profile:
             for row in group:

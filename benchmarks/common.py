@@ -155,6 +155,23 @@ def _memory() -> dict:
     return out
 
 
+def _tensor_peak(step) -> float:
+    """The peak rise of the memory tensors hold during one `step()` (MB), summed from the profiler's allocation
+    events: on the CPU the counterpart of `torch.cuda.max_memory_allocated`, exact and free of the C allocator's
+    reuse and trimming, which the RSS high-water mark includes."""
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    level = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        level += event.nbytes()
+        peak = max(peak, level)
+    return peak / MB
+
+
 def _profile(step, n: int) -> dict:
     """Self CPU milliseconds and calls per step of each op over `n` profiled steps."""
     import torch
@@ -200,6 +217,8 @@ def _worker_main(conn, setup: Callable, spec: dict, threads: int):
                 conn.send(("profile", _profile(step, arg)))
             elif cmd == "memory":
                 conn.send(("memory", _memory()))
+            elif cmd == "tensor_peak":
+                conn.send(("tensor_peak", _tensor_peak(step)))
             else:
                 conn.send(("bye", None))
                 return
@@ -236,6 +255,9 @@ class _ProcessWorker:
     def profile(self, n: int):
         return self._ask(("profile", n))
 
+    def tensor_peak(self) -> float:
+        return self._ask(("tensor_peak", None))
+
     def memory(self) -> dict:
         return self._ask(("memory", None))
 
@@ -267,6 +289,9 @@ class _InlineWorker:
 
     def profile(self, n: int):
         return _profile(self.step, n)
+
+    def tensor_peak(self) -> float:
+        return _tensor_peak(self.step)
 
     def memory(self) -> dict:
         return _memory()
@@ -303,13 +328,14 @@ ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD
 
 def run_interleaved(setup: Callable, specs: dict[str, dict], *, repeats: int, calls: int, warmup: int = 1,
                     threads: int = 1, inline: bool = False, profile: tuple = (), profile_steps: int = 2,
-                    log=print) -> dict[str, Result]:
+                    tensor_peak: tuple = (), log=print) -> dict[str, Result]:
     """Time `step()` of each configuration, interleaved; one spawned worker per configuration, all alive together.
 
     `setup(spec) -> (step, info)` runs in the worker (it must be a module-level function). Each of `repeats`
     rounds runs `calls` timed calls of every configuration, in a fresh random order each round. `inline=True` runs
     every configuration in this process instead (smoke runs: seconds, but no per-configuration memory). The
-    configurations named in `profile` are then profiled op by op (after the memory is read: the profiler allocates).
+    configurations named in `profile` are then profiled op by op (after the memory is read: the profiler allocates),
+    and those in `tensor_peak` get one more call whose peak of tensor memory goes in `memory["tensor_peak_mb"]`.
     """
     ctx = mp.get_context("spawn")
     workers = {}
@@ -337,6 +363,8 @@ def run_interleaved(setup: Callable, specs: dict[str, dict], *, repeats: int, ca
                 f"{n} {results[n].per_repeat()[-1] * 1e3:.0f} ms" for n in names))
         for name, worker in workers.items():
             results[name].memory = worker.memory()
+        for name in tensor_peak:
+            results[name].memory["tensor_peak_mb"] = workers[name].tensor_peak()
         for name in profile:
             results[name].profile = workers[name].profile(profile_steps)
     finally:

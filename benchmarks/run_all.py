@@ -131,9 +131,10 @@ SWEEP_WHY = {
     "step ≤ LoRA's": "the default slice also trains norms and `scale_shift_table`, whose gradients need tokens x width "
                      "reductions and the first block's attn1 input gradients, which a LoRA of the Linears never "
                      "computes (the Linear-only row is the like-for-like comparison)",
-    "activation memory ≤ 1.1× frozen": "the tiles' gradient needs each sliced Linear's input, which a frozen Linear "
-                                       "does not keep (LoRA's A gradient needs the same: see its row); the largest "
-                                       "is the FFN's second Linear's, tokens x ffn",
+    "activation memory ≤ 1.1× frozen": "training `scale_shift_table` and the norm weights keeps what their gradients "
+                                       "read: the normalized activations the modulation scales and the outputs the "
+                                       "gates scale, about 4 tokens x width per block that autograd keeps in full "
+                                       "for a few held entries, on top of the Linear-only slice's (see its row)",
     "unmerged ≤ 1.03× base": "a fixed cost per sliced layer and call (writing the tiles into the weight and back, "
                              "the patched norm weights, Python dispatch), felt most by short clips; merge the slice "
                              "for inference",
@@ -146,6 +147,11 @@ LINEAR_ONLY_WHY = {
                      "matmul over each Linear's input for their own gradient (the tiles', LoRA's A)",
     "step ≤ 1.05× frozen": "inside this machine's round-to-round spread (see the min–max ranges): the tiles' gradient "
                            "is one batched matmul over each Linear's input",
+    "activation memory ≤ 1.1× frozen": "the tiles' gradient reads the input of each sliced Linear, and three of a "
+                                       "block's inputs no frozen op keeps: attn1's q/k/v input (one tensor), attn2's "
+                                       "query input and the FFN's input, 3 tokens x width per block (the FFN's "
+                                       "hidden activation, tokens x ffn, is recomputed from gelu's input); LoRA's A "
+                                       "gradient reads the same inputs and keeps more (see its row)",
 }
 
 
@@ -176,11 +182,12 @@ def section_train_sweep(sweep: dict, plots_rel: str | None) -> tuple[str, list]:
                 summary.append(("Inference sweep", f"{label} @ {r['tokens']:,} tokens", *t, SWEEP_WHY.get(t[0], "")))
         act = r.get("activation_mb")
         ax = r.get("activation_x_frozen")
+        rss_x = r.get("rss_rise_x_frozen")
         rows.append([f"{r['tokens']:,}", mode, label, _n(r["trainable"]) if r["mode"] != "infer" else "—",
                      _s(r["wall_s"]), _x(r["x_base_wall"]), _x(r["x_base_cpu"]),
                      _x(r["x_lora_wall"]) if r.get("x_lora_wall") else "—",
                      "—" if act is None else f"{act:.0f} MB", "—" if ax is None else f"{ax:.2f}×",
-                     _verdicts(r["targets"], _why(label))])
+                     "—" if rss_x is None else f"{rss_x:.2f}×", _verdicts(r["targets"], _why(label))])
     device = sweep.get("device", "cpu")
     text = [
         f"### Training step and inference against clip size ({device.upper()})",
@@ -194,15 +201,19 @@ def section_train_sweep(sweep: dict, plots_rel: str | None) -> tuple[str, list]:
         f"{_rounds(sweep['repeats'])} rounds after {sweep['warmup']} warm-up call(s), {sweep['threads']} thread(s), "
         "each configuration in its own process with the same fixed glibc allocator rules (`common.ALLOCATOR_ENV`: "
         "otherwise page faults from the allocator's adaptive trimming differ by configuration). "
-        "*× baseline*: the frozen step (training rows) or the base forward (inference rows). *activation*: the "
-        "first call's rise of the resident high-water mark in the row's fresh process (activations, gradients, "
-        "first optimizer state; compiled rows built their kernels first, so theirs is not comparable: —)"
-        + ("; on a GPU: peak allocated minus allocated before the step." if device != "cpu" else ".")
+        "*× baseline*: the frozen step (training rows) or the base forward (inference rows). *activation*: "
+        + ("the step's peak of memory held by tensors above what is held between steps (activations and "
+           "gradients), summed from the profiler's allocation events over one step after the timing: the CPU's "
+           "counterpart of `torch.cuda.max_memory_allocated`, exact and free of the C allocator's reuse. *RSS rise*: "
+           "the first call's rise of the process's resident high-water mark, as measured before (it adds the "
+           "allocator's behaviour and the first optimizer state; compiled rows built their kernels first: —)."
+           if device == "cpu" else "peak allocated minus allocated before the step.")
         + " Wall ratios swing with the machine's other load (see the min–max ranges and the load average in the "
         "header); the CPU-time column is steadier.",
         "",
         common.md_table(["tokens", "mode", "configuration", "trainable", "time", "× baseline (wall)",
-                         "× baseline (CPU)", "× LoRA (wall)", "activation", "activation × frozen", "targets"], rows),
+                         "× baseline (CPU)", "× LoRA (wall)", "activation", "activation × frozen",
+                         "RSS rise × frozen", "targets"], rows),
     ]
     if plots_rel:
         text += ["", f"![ratio to the frozen base against tokens]({plots_rel}/{SWEEP_PLOT})"]
