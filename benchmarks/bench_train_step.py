@@ -30,9 +30,8 @@ SMOKE = dict(blocks=1, latent=(1, 16, 1, 4, 4), text_len=4, repeats=2, calls=1, 
 GPU = dict(blocks=1, text_len=512, layout_name="wan2.1-t2v-14b",
            sweep=dict(tokens=(3072, 8190, 16380, 32760), compiled_tokens=(3072, 8190, 16380, 32760), repeats=5,
                       warmup=2))
-# Depth: the default slice's extra over the Linear-only slice and LoRA, at 2 and 8 blocks. Its modulation's gradient
-# needs the first block's attn1 q/k/v input gradients, which no other block adds: the share that costs falls with depth
-# (Wan 1.3B has 30 blocks, 14B 40).
+# Depth: the default slice's extra over the Linear-only slice and LoRA, at 2 and 8 blocks: a cost of the first block
+# alone would weigh less as blocks are added (Wan 1.3B has 30 blocks, 14B 40), a cost of every block would not.
 DEPTH = dict(blocks=(2, 8), sweep=dict(tokens=(192, 768), compiled_tokens=(), repeats=2, warmup=1))
 SMOKE_DEPTH = dict(blocks=(1, 2), sweep=dict(tokens=(16,), compiled_tokens=(), repeats=2, warmup=1))
 SWEEP_FRACTION = 1e-3

@@ -126,15 +126,15 @@ def _profile_note(data: dict) -> tuple[str, str]:
 SWEEP_WHY = {
     "step ≤ 1.05× frozen": "the tiles' gradient (one batched matmul over each sliced Linear's input) and, in the "
                            "default slice, the gradients of norm weights and `scale_shift_table`: tokens x width "
-                           "reductions, and in the first block the input gradients of attn1's q/k/v, which the "
-                           "modulation's gradient needs (compare the Linear-only row)",
+                           "reductions and products in every block (compare the Linear-only row)",
     "step ≤ LoRA's": "the default slice also trains norms and `scale_shift_table`, whose gradients need tokens x width "
-                     "reductions and the first block's attn1 input gradients, which a LoRA of the Linears never "
-                     "computes (the Linear-only row is the like-for-like comparison)",
+                     "reductions and products in every block, which a LoRA of the Linears never computes (the "
+                     "Linear-only row is the like-for-like comparison)",
     "activation memory ≤ 1.1× frozen": "training `scale_shift_table` and the norm weights keeps what their gradients "
                                        "read: the normalized activations the modulation scales and the outputs the "
-                                       "gates scale, about 4 tokens x width per block that autograd keeps in full "
-                                       "for a few held entries, on top of the Linear-only slice's (see its row)",
+                                       "gates scale, several tokens x width activations per block that autograd "
+                                       "keeps in full for a few held entries, on top of the Linear-only slice's "
+                                       "(see its row)",
     "unmerged ≤ 1.03× base": "a fixed cost per sliced layer and call (writing the tiles into the weight and back, "
                              "the patched norm weights, Python dispatch), felt most by short clips; merge the slice "
                              "for inference",
@@ -254,11 +254,12 @@ def section_train_depth(depth: dict) -> tuple[str, list]:
         f"text {depth['text_len']} tokens) with {' and '.join(str(b) for b in depth['blocks'])} blocks, eager, slices "
         f"at fraction {depth['fraction']:g}, LoRA at the rank of equal trainable weights; per depth and token count "
         f"the rows run interleaved with their own frozen base, {_rounds(depth['repeats'])} rounds. The default "
-        "slice trains norms and `scale_shift_table` too: their gradients need tokens × width reductions in every "
-        "block, and in the first block the attn1 q/k/v input gradients (the attn1 modulation's gradient needs "
-        "them), which neither the Linear-only slice nor a LoRA computes and no other block adds: that part weighs "
-        "less as blocks are added (Wan 1.3B has 30, 14B 40). *default − Linear-only*: what the extra targets "
-        "cost, in units of the frozen step.",
+        "slice trains norms and `scale_shift_table` too: their gradients need tokens × width reductions and "
+        "products in every block, which neither the Linear-only slice nor a LoRA computes. In the first block the "
+        "modulation's gradient reads attn1's q/k/v input gradient, which nothing else there needs: the slice asks "
+        "q/k/v only for the columns it holds (`slice_adapter/modulation.py`; before, that block paid three tokens "
+        "× width × width matmuls more, a share that fell as blocks were added). *default − Linear-only*: what the "
+        "extra targets cost, in units of the frozen step.",
         "",
         common.md_table(["configuration", "blocks", "tokens", "× frozen (wall)", "× frozen (CPU)", "× LoRA (wall)",
                          "default − Linear-only", "op time: default ÷ Linear-only"], rows),

@@ -177,7 +177,10 @@ def _gelu_input(x: torch.Tensor):
     """(h, approximate) when autograd recorded `x` as `gelu(h)` (a Wan FFN's hidden activation, the input of
     `ffn.net.2` and the widest activation of a block), else None. Why: gelu's backward keeps h anyway, so the tiles'
     gradient can recompute x from it instead of keeping a second activation of that size. Not under saved-tensor
-    hooks (checkpointing, offloading): they decide what is kept, and reading h there would unpack it."""
+    hooks (checkpointing, offloading): they decide what is kept, and reading h there would unpack it; nor under
+    torch.compile, whose own partitioner decides what to keep and recompute."""
+    if torch.compiler.is_compiling():
+        return None
     node = x.grad_fn
     if node is None or type(node).__name__ != "GeluBackward0":
         return None
