@@ -155,7 +155,7 @@ def _memory() -> dict:
     return out
 
 
-def _tensor_peak(step) -> float:
+def tensor_peak_mb(step) -> float:
     """The peak rise of the memory tensors hold during one `step()` (MB), summed from the profiler's allocation
     events: on the CPU the counterpart of `torch.cuda.max_memory_allocated`, exact and free of the C allocator's
     reuse and trimming, which the RSS high-water mark includes."""
@@ -218,7 +218,7 @@ def _worker_main(conn, setup: Callable, spec: dict, threads: int):
             elif cmd == "memory":
                 conn.send(("memory", _memory()))
             elif cmd == "tensor_peak":
-                conn.send(("tensor_peak", _tensor_peak(step)))
+                conn.send(("tensor_peak", tensor_peak_mb(step)))
             else:
                 conn.send(("bye", None))
                 return
@@ -291,7 +291,7 @@ class _InlineWorker:
         return _profile(self.step, n)
 
     def tensor_peak(self) -> float:
-        return _tensor_peak(self.step)
+        return tensor_peak_mb(self.step)
 
     def memory(self) -> dict:
         return _memory()

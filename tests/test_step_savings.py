@@ -2,7 +2,8 @@
 
 - the first block's modulation slice gets its gradient from the q/k/v input columns it holds (modulation.py): the same
   gradients as the dense model, fewer matmul FLOPs, and the whole input gradient wherever anything upstream trains;
-- the FFN's hidden activation is not kept a second time for the tiles' gradient: it is recomputed from gelu's input.
+- the FFN's hidden activation is not kept a second time for the tiles' gradient: it is recomputed from gelu's input;
+- a compiled step keeps no patched copy of a sliced weight from forward to backward.
 """
 
 import pytest
@@ -214,3 +215,58 @@ def test_under_saved_tensor_hooks_the_ffn_input_is_kept_as_it_is():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t.shape) or t, lambda t: t):
         _, node, gelu = ffn_out_node(model, wan_inputs())
     assert node.saved_tensors[0].shape == (TOKENS, TINY_WAN["ffn_dim"])  # x itself, 2-D
+
+
+# -- torch.compile: the compiled step keeps no copy of a sliced weight from forward to backward ---------------------
+def test_a_compiled_step_keeps_no_patched_weight_copy_and_gives_eager_gradients():
+    import sys
+    from pathlib import Path
+
+    from peft import inject_adapter_in_model
+    from torch import nn
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from common import tensor_peak_mb
+
+    names = ("to_q", "to_k", "to_v", "to_out")
+
+    class Stack(nn.Module):  # four Linears of one width, as a block's attention holds
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.ModuleDict({n: nn.Linear(256, 256) for n in names})])
+
+        def forward(self, x):
+            for n in names:
+                x = torch.nn.functional.gelu(self.blocks[0][n](x))
+            return x
+
+    def run(model, x, compiled):
+        call = torch.compile(model) if compiled else model
+        x = x.clone().requires_grad_(True)
+
+        def step():
+            call(x).square().sum().backward()
+
+        for _ in range(2):
+            step()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        grads["input"] = x.grad.clone()
+        for p in [*model.parameters(), x]:
+            p.grad = None
+        return grads, tensor_peak_mb(step)
+
+    x = torch.randn(64, 256)
+    peaks, grads = {}, {}
+    for name in ("frozen", "slice"):
+        for compiled in (False, True):
+            torch.manual_seed(0)
+            model = Stack().requires_grad_(False)
+            if name == "slice":
+                model = inject_adapter_in_model(SliceConfig(fraction=0.01, init_weights=False), model)
+            grads[name, compiled], peaks[name, compiled] = run(model, x, compiled)
+    weight_mb = 256 * 256 * 4 / 2**20
+    # one patched copy at a time while its matmul runs, not one per Linear kept until backward
+    assert peaks["slice", True] - peaks["frozen", True] < 2 * weight_mb, peaks
+    assert grads["slice", True].keys() == grads["slice", False].keys()
+    for key in grads["slice", False]:
+        torch.testing.assert_close(grads["slice", True][key], grads["slice", False][key], atol=1e-5, rtol=1e-4)
