@@ -69,11 +69,9 @@ class ModulationInputGrad:
         return self._columns[key]
 
     def _qkv_slice_layers(self):
-        from .layer import Linear
-
         for name in QKV:
             layer = getattr(self.attn1, name, None)
-            if isinstance(layer, Linear):
+            if hasattr(layer, "input_grad_columns"):  # a slice `Linear` (layer.py imports this module, not back)
                 yield layer
 
 
