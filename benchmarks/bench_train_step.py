@@ -192,7 +192,7 @@ def sweep_rows(results: dict, specs: dict, tokens: int, compiled: bool, on_gpu: 
         # first call in a fresh process; a compiled row built its kernels before it, so its rise is not comparable
         return None if compiled or on_gpu else results[name].info.get("first_call_rss_rise_mb")
 
-    frozen_act = act_mb("frozen")
+    frozen_act, frozen_rss = act_mb("frozen"), rss_rise_mb("frozen")
     for name, spec in specs.items():
         infer = spec.get("mode") == "infer"
         baseline = "infer base" if infer else "frozen"
@@ -208,7 +208,7 @@ def sweep_rows(results: dict, specs: dict, tokens: int, compiled: bool, on_gpu: 
             row["activation_x_frozen"] = act / frozen_act if act is not None and frozen_act else None
             rss = rss_rise_mb(name)
             row["rss_rise_mb"] = rss
-            row["rss_rise_x_frozen"] = (rss / rss_rise_mb("frozen")) if rss is not None and rss_rise_mb("frozen") else None
+            row["rss_rise_x_frozen"] = rss / frozen_rss if rss is not None and frozen_rss else None
         if name.startswith("slice"):
             vs_lora = common.ratio_summary(results, name, "lora", "wall")
             row["x_lora_wall"] = vs_lora.as_dict()

@@ -104,6 +104,18 @@ def _add_slice_forward(out2d, x_src, w_values, b_values, seg_ids, slot, rows_pad
         out2d.index_add_(1, bias_idx, (b_values * scale).to(out2d.dtype).expand(out2d.shape[0], -1))
 
 
+def _tiles_grad_part(grad_out, rows_padded, groups, nmax, dtype, scale):
+    """(groups, T, nmax): the output gradient at the rows each segment's tiles write to, times `scale`."""
+    grad_part = grad_out.to(dtype).index_select(1, rows_padded).view(grad_out.shape[0], groups, nmax).transpose(0, 1)
+    return grad_part * scale if scale != 1.0 else grad_part
+
+
+def _tiles_input_grad(grad_part, w_values, slot, nmax, dtype):
+    """(T, groups, width): the tiles' part of the input gradient, per segment they hold."""
+    deltas = _padded_deltas(w_values, slot, grad_part.shape[0], nmax, dtype, 1.0)
+    return torch.bmm(grad_part, deltas).transpose(0, 1)
+
+
 def _slice_backward(grad_out, x_src, x_dtype, w_values, seg_ids, slot, rows_padded, bias_idx, nmax, dtype, scale,
                     need_x, need_w, need_b):
     """Gradients of the slice's own part: (grad_x, grad_w, grad_b)."""
@@ -111,16 +123,13 @@ def _slice_backward(grad_out, x_src, x_dtype, w_values, seg_ids, slot, rows_padd
     if w_values is not None and (need_x or need_w):
         tokens, in_features, width = x_src.shape[0], x_src.shape[1], w_values.shape[1]
         groups = seg_ids.numel()
-        grad_part = grad_out.to(dtype).index_select(1, rows_padded).view(tokens, groups, nmax).transpose(0, 1)
-        if scale != 1.0:
-            grad_part = grad_part * scale
+        grad_part = _tiles_grad_part(grad_out, rows_padded, groups, nmax, dtype, scale)
         if need_w:
             xs = _gather(x_src, seg_ids, width, dtype)
             grad_deltas = torch.bmm(grad_part.transpose(1, 2), xs).reshape(groups * nmax, width)
             grad_w = grad_deltas.index_select(0, slot).to(w_values.dtype)
         if need_x:
-            deltas = _padded_deltas(w_values, slot, groups, nmax, dtype, 1.0)
-            grad_xs = torch.bmm(grad_part, deltas).transpose(0, 1).to(x_dtype)  # (T, groups, w)
+            grad_xs = _tiles_input_grad(grad_part, w_values, slot, nmax, dtype).to(x_dtype)
             if groups == in_features // width:
                 grad_x = grad_xs.reshape(tokens, in_features)
             else:
@@ -160,7 +169,8 @@ class _SliceLinearDelta(torch.autograd.Function):
 
 def _linear_with_slice(x2d, weight, bias, owned, base_dtype, slices, values):
     """`_LinearWithSlice`'s forward without autograd (inference calls it directly: no node, nothing saved):
-    (output, x in the matmul's dtype, the patched copy of the weight if one was made, else None)."""
+    (output, x in the matmul's dtype, the patched cast copy of the weight (autocast, fp8) if one was made, else None:
+    backward then patches the weight again)."""
     w = weight.to(base_dtype)
     owned = owned or w.dtype != weight.dtype  # a cast copy (not `w is not weight`: under torch.compile `.to` gives a
     # new tensor even where it copies nothing)
@@ -215,7 +225,6 @@ class _LinearWithSlice(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, weight, bias, owned, base_dtype, dtype, slices, input_columns, gelu, *values):
         out2d, x_base, merged = _linear_with_slice(x2d, weight, bias, owned, base_dtype, slices, values)
-        owned = merged is not None
         wants_w = any(ctx.needs_input_grad[VALUES_AT:])
         x_src = x_base if base_dtype == dtype else x2d  # the tiles' gradient reads the cast input when it can
         ctx.gelu_approximate = None
@@ -224,7 +233,7 @@ class _LinearWithSlice(torch.autograd.Function):
             ctx.x_shape, ctx.cast_to = x2d.shape, (base_dtype if base_dtype == dtype else None)
         # a copy made for this matmul is kept for the input gradient (autocast's linear keeps its cast too); the
         # base weight itself is patched again in backward
-        ctx.save_for_backward(x_src if wants_w else None, merged if owned else None, input_columns, *values)
+        ctx.save_for_backward(x_src if wants_w else None, merged, input_columns, *values)
         ctx.weight, ctx.slices, ctx.dtype, ctx.x_dtype = weight, slices, dtype, x2d.dtype
         return out2d
 
@@ -275,12 +284,9 @@ def _input_grad_of_parts(grad_out, weight, slices, values, dtype, input_columns)
     for (kind, index, scale, nmax), v in zip(slices, values):
         if kind != "weight":
             continue
-        seg_ids, width = index["seg_ids"], v.shape[1]
-        groups = seg_ids.numel()
-        grad_part = grad_out.to(dtype).index_select(1, index["rows_padded"]).view(tokens, groups, nmax).transpose(0, 1)
-        deltas = _padded_deltas(v.detach(), index["slot"], groups, nmax, dtype, scale)
-        part = torch.bmm(grad_part, deltas).transpose(0, 1).to(grad_x.dtype)  # (tokens, groups, width)
-        grad_x = grad_x.view(tokens, -1, width).index_add(1, seg_ids, part).view(tokens, -1)
+        grad_part = _tiles_grad_part(grad_out, index["rows_padded"], index["seg_ids"].numel(), nmax, dtype, scale)
+        part = _tiles_input_grad(grad_part, v, index["slot"], nmax, dtype).to(grad_x.dtype)
+        grad_x = grad_x.view(tokens, -1, v.shape[1]).index_add(1, index["seg_ids"], part).view(tokens, -1)
     if input_columns is not None:  # the same zeros as the eager path where nothing reads the gradient
         grad_x = torch.zeros_like(grad_x).index_copy(1, input_columns, grad_x.index_select(1, input_columns))
     return grad_x
