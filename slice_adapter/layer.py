@@ -24,6 +24,7 @@ from torch import nn
 
 from . import _module_imported
 from .modulation import modulation_input_grad
+from .saved_columns import held_columns, keep_held_columns, saved_tensor_hooks_active
 from .selection import ParamLayout, _hash64
 
 INIT_STD = 0.02  # spread of the random deltas `init_weights=False` draws (tests)
@@ -193,10 +194,7 @@ def _gelu_input(x: torch.Tensor):
     if torch.compiler.is_compiling():
         return None
     node = x.grad_fn
-    if node is None or type(node).__name__ != "GeluBackward0":
-        return None
-    top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    if top_hooks is None or top_hooks(False) is not None:
+    if node is None or type(node).__name__ != "GeluBackward0" or saved_tensor_hooks_active():
         return None
     h = node._saved_self
     if h.shape != x.shape or h.dtype != x.dtype:
@@ -467,6 +465,14 @@ class SliceLayer(BaseTunerLayer):
     def _adapters_to_apply(self) -> list[str]:
         return [a for a in self.active_adapters if a in self.slice_values]
 
+    def _keep_held_columns(self, output, patched: dict) -> None:
+        """Autograd keeps, of each activation multiplied by a patched parameter, the held columns only
+        (`saved_columns.py`)."""
+        if torch.is_grad_enabled() and any(t.requires_grad for t in patched.values()):
+            columns = {name: held_columns(self, name, t.shape[-1], t.device) for name, t in patched.items()}
+            patched = {name: t for name, t in patched.items() if columns[name] is not None}
+            keep_held_columns(output, patched, columns)
+
     def _selected(self, adapter: str, pname: str, tensor: torch.Tensor):
         """(view, index) of `tensor` (shaped like parameter `pname`) such that `view[index]` are the entries the
         adapter's values hold, in the values' shape: (rows, segments) of the tile view, or flat elements."""
@@ -623,9 +629,11 @@ class Elementwise(nn.Module, SliceLayer):
             return self.base_layer(*args, **kwargs)
         _shadow_parameters(self.base_layer, patched)  # W + delta, for this call
         try:
-            return self.base_layer(*args, **kwargs)
+            output = self.base_layer(*args, **kwargs)
         finally:
             _unshadow_parameters(self.base_layer, patched)
+        self._keep_held_columns(output, patched)
+        return output
 
     def __repr__(self) -> str:
         return "slice." + super().__repr__()
@@ -673,7 +681,11 @@ class ParamSlice(nn.Module, SliceLayer):
             self._modulation.enter(args, self)
 
     def _remove_shadows(self, owner, args, output):
-        _unshadow_parameters(owner, self.sliced_parameters())
+        names = self.sliced_parameters()
+        patched = {name: owner.__dict__[name] for name in names if name in owner.__dict__}
+        if patched and output is not None:
+            self._keep_held_columns(output, patched)
+        _unshadow_parameters(owner, names)
         if self._modulation is not None:
             self._modulation.leave()
 

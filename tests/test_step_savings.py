@@ -260,3 +260,91 @@ def test_a_compiled_step_keeps_no_patched_weight_copy_and_gives_eager_gradients(
     assert grads["slice", True].keys() == grads["slice", False].keys()
     for key in grads["slice", False]:
         torch.testing.assert_close(grads["slice", True][key], grads["slice", False][key], atol=1e-5, rtol=1e-4)
+
+
+# -- products with a sliced norm weight or modulation table keep the held columns of the activation only ------------
+def norm1_outputs_alive(model, inputs, autocast=False):
+    """Run a forward and say, per block, whether its norm1 output (which `* (1 + scale_msa)` reads) is still kept."""
+    import weakref
+
+    refs = []
+    hooks = [block.norm1.register_forward_hook(lambda module, args, out: refs.append(weakref.ref(out)))
+             for block in model.blocks]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = loss_of(model, inputs)
+    for hook in hooks:
+        hook.remove()
+    return loss, [ref() is not None for ref in refs]
+
+
+def record_products(monkeypatch):
+    """Collect (node, kept name, parameter name) of every product `saved_columns` shrinks."""
+    from slice_adapter import saved_columns
+
+    found, products_of = [], saved_columns._products_of
+    monkeypatch.setattr(saved_columns, "_products_of", lambda *a: [found.append(p) or p for p in products_of(*a)])
+    return found
+
+
+def test_the_modulation_and_norm_products_keep_only_the_held_columns(monkeypatch):
+    found = record_products(monkeypatch)
+    model = sliced_model(fraction=0.02)
+    loss, alive = norm1_outputs_alive(model, wan_inputs())
+    assert alive == [False, False]  # autograd no longer holds the whole norm1 output of either block
+    tables = [(node, kept) for node, kept, name in found if name == "scale_shift_table"]
+    assert len(tables) == 4 * len(model.blocks)  # scale_msa, gate_msa, c_scale_msa, c_gate_msa of every block
+    assert any(name == "weight" for _, _, name in found)  # the q/k RMSNorm weights
+    node, kept = tables[-1]  # the last block's
+    activation = getattr(node, kept.replace("_raw", ""))  # unpacked as backward will see it
+    table_index = model.blocks[-1].sliced_params.slice_index["default"]["scale_shift_table"]
+    held = torch.unique(table_index.on("cpu")["flat"] % DIM)
+    outside = torch.ones(DIM, dtype=torch.bool)
+    outside[held] = False
+    assert 0 < len(held) < DIM
+    assert activation.shape[-1] == DIM and activation[..., outside].abs().sum() == 0
+    assert activation[..., held].abs().sum() > 0
+    loss.backward()
+
+
+@pytest.mark.parametrize("case", ["float32", "bf16-autocast", "per-token-timestep"])
+def test_keeping_held_columns_gives_the_same_gradients_bit_for_bit(case, monkeypatch):
+    import slice_adapter.layer as layer
+
+    inputs = wan_inputs()
+    if case == "per-token-timestep":  # Wan 2.2 TI2V: a timestep per token, a 4-D time embedding
+        inputs["timestep"] = torch.arange(TOKENS).unsqueeze(0) * 10
+    found = record_products(monkeypatch)
+    kept_columns = slice_grads(sliced_model(fraction=0.02), inputs, case == "bf16-autocast")
+    assert sum(name == "scale_shift_table" for _, _, name in found) == 4 * TINY_WAN["num_layers"]
+    monkeypatch.setattr(layer, "keep_held_columns", lambda *args: 0)
+    kept_whole = slice_grads(sliced_model(fraction=0.02), inputs, case == "bf16-autocast")
+    assert kept_columns.keys() == kept_whole.keys()
+    for name in kept_whole:
+        assert torch.equal(kept_columns[name], kept_whole[name]), name
+
+
+def test_a_trained_time_embedding_keeps_the_modulation_products_whole(monkeypatch):
+    # scale_msa's gradient then also reaches the time embedding, for every column: nothing may be dropped
+    found = record_products(monkeypatch)
+    model = sliced_model(fraction=0.5, target_modules=["condition_embedder.time_proj", "scale_shift_table"])
+    _, alive = norm1_outputs_alive(model, wan_inputs())
+    assert alive == [True, True]
+    assert not [name for _, _, name in found if name == "scale_shift_table"]
+
+
+def test_under_saved_tensor_hooks_the_products_are_kept_as_the_hooks_decide(monkeypatch):
+    found = record_products(monkeypatch)
+    model = sliced_model(fraction=0.02)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        _, alive = norm1_outputs_alive(model, wan_inputs())
+    assert found == [] and alive == [True, True]
+
+
+def test_a_sliced_matrix_in_an_elementwise_layer_is_left_alone():
+    from slice_adapter.saved_columns import held_columns as held
+
+    model = sliced_model(fraction=0.02)
+    to_q = model.blocks[0].attn1.to_q
+    assert held(to_q, "weight", DIM, torch.device("cpu")) is None  # row tiles: matmul products, not this rule's
+    table = held(model.blocks[0].sliced_params, "scale_shift_table", DIM, torch.device("cpu"))
+    assert table is not None and table.dtype == torch.long and bool((table < DIM).all())
