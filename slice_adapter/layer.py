@@ -6,11 +6,12 @@
   keeps anyway). A call that needs no gradient runs without an autograd node. A base layer that cannot be computed
   that way (one with its own forward) is called as it is and the tiles are added to its output (gather, batched
   matmul, `index_add`).
-- `Elementwise` wraps a leaf module with small parameters (norms): it runs the base module with W + delta.
+- `Elementwise` wraps a leaf module with small parameters (norms): it runs the base module with W + delta; the
+  activations that W + delta multiplies are kept for backward in the held columns only (`saved_columns.py`).
 - `ParamSlice` serves raw parameters of a container module (`scale_shift_table` on a Wan block): it is attached to
   that module as the child `sliced_params` and shadows the parameter with W + delta for the duration of its forward.
   On a Wan block it also tells attn1's q/k/v which input gradient columns the modulation's slice reads
-  (`modulation.py`).
+  (`modulation.py`); the activations the table multiplies are kept in the held columns only (`saved_columns.py`).
 """
 
 from __future__ import annotations
@@ -468,6 +469,8 @@ class SliceLayer(BaseTunerLayer):
     def _keep_held_columns(self, output, patched: dict) -> None:
         """Autograd keeps, of each activation multiplied by a patched parameter, the held columns only
         (`saved_columns.py`)."""
+        if torch.compiler.is_compiling():  # the compiler decides what to keep; and no graph break for this
+            return
         if torch.is_grad_enabled() and any(t.requires_grad for t in patched.values()):
             columns = {name: held_columns(self, name, t.shape[-1], t.device) for name, t in patched.items()}
             patched = {name: t for name, t in patched.items() if columns[name] is not None}

@@ -3,7 +3,8 @@
 - the first block's modulation slice gets its gradient from the q/k/v input columns it holds (modulation.py): the same
   gradients as the dense model, fewer matmul FLOPs, and the whole input gradient wherever anything upstream trains;
 - the FFN's hidden activation is not kept a second time for the tiles' gradient: it is recomputed from gelu's input;
-- a compiled step keeps no patched copy of a sliced weight from forward to backward.
+- a compiled step keeps no patched copy of a sliced weight from forward to backward;
+- a product of a sliced norm weight or modulation table with an activation keeps only the held columns of it.
 """
 
 import pytest
@@ -348,3 +349,16 @@ def test_a_sliced_matrix_in_an_elementwise_layer_is_left_alone():
     assert held(to_q, "weight", DIM, torch.device("cpu")) is None  # row tiles: matmul products, not this rule's
     table = held(model.blocks[0].sliced_params, "scale_shift_table", DIM, torch.device("cpu"))
     assert table is not None and table.dtype == torch.long and bool((table < DIM).all())
+
+
+def test_a_compiled_block_with_sliced_norms_and_modulation_traces_as_one_graph():
+    # the held-columns rule is eager-only: inside a compiled block it must not split the graph
+    from slice_ft.compile import compile_blocks
+
+    model = sliced_model(fraction=0.02)
+    compile_blocks(model, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break raises
+    grads = slice_grads(model, wan_inputs())
+    eager = slice_grads(sliced_model(fraction=0.02), wan_inputs())
+    assert grads.keys() == eager.keys()
+    for name in eager:
+        torch.testing.assert_close(grads[name], eager[name], atol=1e-6, rtol=1e-4, msg=name)
