@@ -130,11 +130,10 @@ SWEEP_WHY = {
     "step ≤ LoRA's": "the default slice also trains norms and `scale_shift_table`, whose gradients need tokens x width "
                      "reductions and products in every block, which a LoRA of the Linears never computes (the "
                      "Linear-only row is the like-for-like comparison)",
-    "activation memory ≤ 1.1× frozen": "training `scale_shift_table` and the norm weights keeps what their gradients "
-                                       "read: the normalized activations the modulation scales and the outputs the "
-                                       "gates scale, several tokens x width activations per block that autograd "
-                                       "keeps in full for a few held entries, on top of the Linear-only slice's "
-                                       "(see its row)",
+    "activation memory ≤ 1.1× frozen": "what the Linear-only slice keeps (see its row): the products of "
+                                       "`scale_shift_table` and the norm weights with activations keep only the "
+                                       "columns the slice holds (`slice_adapter/saved_columns.py`; before, 7 tokens "
+                                       "x width activations per block, 1.43× frozen at 192 tokens)",
     "unmerged ≤ 1.03× base": "a fixed cost per sliced layer and call (writing the tiles into the weight and back, "
                              "the patched norm weights, Python dispatch), felt most by short clips; merge the slice "
                              "for inference",
@@ -162,6 +161,11 @@ COMPILED_WHY = {
                            "batched matmul and one pass over that gradient) rather than keep a patched copy of every "
                            "sliced weight from forward to backward, which cost the whole model's size in memory "
                            "(this table's activation column before the change: 1.80× and 1.75× frozen)",
+    "activation memory ≤ 1.1× frozen": "the compiler's partitioner decides what a compiled block keeps: the tiles' "
+                                       "gradient reads each sliced Linear's input, and the held-columns rule for "
+                                       "norm and modulation products (`slice_adapter/saved_columns.py`) is eager-only, "
+                                       "so the default slice keeps what their gradients read in full (LoRA: see its "
+                                       "row)",
 }
 
 
@@ -269,8 +273,10 @@ def section_train_depth(depth: dict) -> tuple[str, list]:
         "products in every block, which neither the Linear-only slice nor a LoRA computes. In the first block the "
         "modulation's gradient reads attn1's q/k/v input gradient, which nothing else there needs: the slice asks "
         "q/k/v only for the columns it holds (`slice_adapter/modulation.py`; before, that block paid three tokens "
-        "× width × width matmuls more, a share that fell as blocks were added). *default − Linear-only*: what the "
-        "extra targets cost, in units of the frozen step.",
+        "× width × width matmuls more, a share that fell as blocks were added). Their products with activations keep "
+        "only the held columns of those activations for backward (`slice_adapter/saved_columns.py`), which backward "
+        "fills out with zeros again. *default − Linear-only*: what the extra targets cost, in units of the frozen "
+        "step.",
         "",
         common.md_table(["configuration", "blocks", "tokens", "× frozen (wall)", "× frozen (CPU)", "× LoRA (wall)",
                          "default − Linear-only", "op time: default ÷ Linear-only"], rows),
