@@ -469,12 +469,7 @@ class SliceLayer(BaseTunerLayer):
     def _keep_held_columns(self, output, patched: dict) -> None:
         """Autograd keeps, of each activation multiplied by a patched parameter, the held columns only
         (`saved_columns.py`)."""
-        if torch.compiler.is_compiling():  # the compiler decides what to keep; and no graph break for this
-            return
-        if torch.is_grad_enabled() and any(t.requires_grad for t in patched.values()):
-            columns = {name: held_columns(self, name, t.shape[-1], t.device) for name, t in patched.items()}
-            patched = {name: t for name, t in patched.items() if columns[name] is not None}
-            keep_held_columns(output, patched, columns)
+        keep_held_columns(output, patched, lambda name, t: held_columns(self, name, t.shape[-1], t.device))
 
     def _selected(self, adapter: str, pname: str, tensor: torch.Tensor):
         """(view, index) of `tensor` (shaped like parameter `pname`) such that `view[index]` are the entries the

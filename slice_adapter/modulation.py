@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .saved_columns import held_columns
+
 MODULATION_ROWS = 2  # scale_shift_table rows read before attn1: shift_msa (0) and scale_msa (1)
 QKV = ("to_q", "to_k", "to_v")
 
@@ -34,7 +36,6 @@ class ModulationInputGrad:
     def __init__(self, owner: nn.Module):
         self.norm1, self.attn1 = owner.norm1, owner.attn1
         self.dim = owner.scale_shift_table.shape[-1]
-        self._columns: dict[tuple, torch.Tensor] = {}
 
     def enter(self, args: tuple, param_slice) -> None:
         columns = None
@@ -58,15 +59,7 @@ class ModulationInputGrad:
 
     def columns(self, param_slice, device: torch.device) -> torch.Tensor:
         """Sorted input columns of the entries the active adapters hold in rows 0 and 1 of `scale_shift_table`."""
-        indexes = tuple(param_slice.slice_index[a]["scale_shift_table"] for a in param_slice._adapters_to_apply()
-                        if "scale_shift_table" in param_slice.slice_index[a])
-        key = (indexes, torch.device(device))  # the index objects themselves: an adapter re-added gets new ones
-        if key not in self._columns:
-            flat = [index.on("cpu")["flat"] for index in indexes]
-            flat = torch.cat(flat) if flat else torch.empty(0, dtype=torch.long)
-            held = flat[flat < MODULATION_ROWS * self.dim] % self.dim
-            self._columns[key] = torch.unique(held).to(device)
-        return self._columns[key]
+        return held_columns(param_slice, "scale_shift_table", self.dim, device, rows=MODULATION_ROWS)
 
     def _qkv_slice_layers(self):
         for name in QKV:

@@ -18,7 +18,7 @@ Why by hand: autograd keeps what an op's whole gradient needs and cannot be told
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -36,36 +36,43 @@ def saved_tensor_hooks_active() -> bool:
     return top_hooks is None or top_hooks(False) is not None
 
 
-def held_columns(layer, pname: str, width: int, device: torch.device) -> Optional[torch.Tensor]:
-    """Sorted last-dimension columns of the entries the active adapters hold in parameter `pname` (cached); None
-    where a slice of it holds row tiles (a matrix: its products are matmuls, not this module's business)."""
+def held_columns(layer, pname: str, width: int, device: torch.device, rows: Optional[int] = None
+                 ) -> Optional[torch.Tensor]:
+    """Sorted last-dimension columns of the entries the active adapters hold in parameter `pname` (of its first
+    `rows` rows of `width` entries, or of all), cached; None where a slice of it holds row tiles (a matrix: its
+    products are matmuls, not this module's business)."""
     indexes = tuple(layer.slice_index[a][pname] for a in layer._adapters_to_apply() if pname in layer.slice_index[a])
     cache = layer.__dict__.setdefault("_held_columns", {})
-    key = (pname, indexes, torch.device(device))  # the index objects themselves: an adapter re-added gets new ones
+    key = (pname, indexes, torch.device(device), rows)  # the index objects themselves: a re-added adapter gets new ones
     if key not in cache:
         if any(index.layout.tiled_rows for index in indexes):
             cache[key] = None
         else:
             flat = [index.on("cpu")["flat"] for index in indexes]
             flat = torch.cat(flat) if flat else torch.empty(0, dtype=torch.long)
+            if rows is not None:
+                flat = flat[flat < rows * width]
             cache[key] = torch.unique(flat % width).to(device)
     return cache[key]
 
 
-def keep_held_columns(output, patched: dict, columns: dict) -> int:
+def keep_held_columns(output, patched: dict, columns_of: Callable[[str, torch.Tensor], Optional[torch.Tensor]]) -> int:
     """After a forward that read the patched tensors `patched` (name: W + delta), make each product of a patched tensor
-    with an activation keep only `columns[name]` of that activation. Returns how many kept activations were shrunk."""
+    with an activation keep only the columns `columns_of(name, tensor)` of that activation (None: leave it whole).
+    Returns how many kept activations were shrunk. Nothing is read under the compiler: it decides what to keep, and
+    reading `grad_fn` or computing columns there would split the compiled graph."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled() or saved_tensor_hooks_active():
+        return 0
     outputs = [t for t in (output if isinstance(output, (tuple, list)) else (output,))
                if isinstance(t, torch.Tensor) and t.grad_fn is not None]
-    sources = {t.grad_fn: name for name, t in patched.items() if t.grad_fn is not None}
-    if (not outputs or not sources or not torch.is_grad_enabled() or torch.compiler.is_compiling()
-            or saved_tensor_hooks_active()):
+    columns = {name: columns_of(name, t) for name, t in patched.items() if t.grad_fn is not None}
+    sources = {patched[name].grad_fn: name for name, c in columns.items() if c is not None}
+    if not outputs or not sources:
         return 0
     start = min(node._sequence_nr() for node in sources)
     shrunk = 0
     for node, saved_name, name in _products_of(outputs, sources, start):
-        width = patched[name].shape[-1]
-        if _shrink(getattr(node, saved_name), columns[name], width):
+        if _shrink(getattr(node, saved_name), columns[name], patched[name].shape[-1]):
             shrunk += 1
     return shrunk
 

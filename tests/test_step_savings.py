@@ -264,15 +264,14 @@ def test_a_compiled_step_keeps_no_patched_weight_copy_and_gives_eager_gradients(
 
 
 # -- products with a sliced norm weight or modulation table keep the held columns of the activation only ------------
-def norm1_outputs_alive(model, inputs, autocast=False):
+def norm1_outputs_alive(model, inputs):
     """Run a forward and say, per block, whether its norm1 output (which `* (1 + scale_msa)` reads) is still kept."""
     import weakref
 
     refs = []
     hooks = [block.norm1.register_forward_hook(lambda module, args, out: refs.append(weakref.ref(out)))
              for block in model.blocks]
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss = loss_of(model, inputs)
+    loss = loss_of(model, inputs)
     for hook in hooks:
         hook.remove()
     return loss, [ref() is not None for ref in refs]
@@ -341,7 +340,7 @@ def test_under_saved_tensor_hooks_the_products_are_kept_as_the_hooks_decide(monk
     assert found == [] and alive == [True, True]
 
 
-def test_a_sliced_matrix_in_an_elementwise_layer_is_left_alone():
+def test_held_columns_are_none_for_row_tiles_and_table_columns_for_a_table():
     from slice_adapter.saved_columns import held_columns as held
 
     model = sliced_model(fraction=0.02)
