@@ -150,7 +150,7 @@ def main(args: argparse.Namespace) -> dict:
 
     # --- the slice adapter -------------------------------------------------------------------------------------
     slice_config = SliceConfig(fraction=args.slice_fraction, slice_id=args.slice_id, seed=args.slice_seed,
-                               lossless_for=args.lossless_for)
+                               tile_order=args.slice_tile_order, lossless_for=args.lossless_for)
     plan = slice_adapter.plan(transformer, slice_config)
     check_slice_selects(plan, args.slice_fraction, args.slice_id, args.slice_seed)
     transformer.add_adapter(slice_config)

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
         return 0
     c = r["config"]
     print(f"slice {r['path']}: fraction {c['fraction']} id {c['slice_id']} seed {c['seed']} "
-          f"(of {c['num_slices']}), layout {c['fingerprint']}")
+          f"(of {c['num_slices']}), {c['tile_order']} tiles, layout {c['fingerprint']}")
     print(f"targets {c['target_modules'] or 'all block parameters'}"
           f"{', excluding ' + str(c['exclude_modules']) if c['exclude_modules'] else ''}")
     print(f"{r['selected_weights']:,} of {r['targeted_weights']:,} targeted weights ({r['percent_of_targeted']:.4f}%) "

@@ -10,7 +10,7 @@ from peft.config import PeftConfig
 from peft.utils.peft_types import PeftType
 
 from . import _module_imported
-from .selection import check_slice_fields, num_slices_for
+from .selection import TILE_ORDER, TILE_ORDERS, check_slice_fields, check_tile_order, num_slices_for, recorded_tile_order
 
 SLICE_NAME = "slice"  # the method's name in PEFT; its type (`peft_type`) is defined here, registered in registry.py
 
@@ -73,6 +73,10 @@ class SliceConfig(PeftConfig):
         slice_id (`int`): Which slice (`--ffid`), in [0, num_slices); slices with different ids at the same fraction
             and seed never share a weight.
         seed (`int`): Selection seed; the same model layout, fraction, slice id and seed give the same weights anywhere.
+        tile_order (`str`): How a matrix's tiles are ranked (`selection.py`): `"banded"` (new slices: a small slice
+            reads one band of each matrix's input, so training keeps a fraction of the activations) or
+            `"scattered"` (slices saved before tile orders were recorded). Slices at one fraction and seed are
+            disjoint only within one order. A saved config takes the order its layout record names.
         target_modules (`list[str] | str | None`): What to slice. `None`: every parameter of the transformer blocks
             (`blocks.<i>.`: attention projections, FFN, norms, biases, `scale_shift_table`); a model without `blocks`
             needs explicit targets. A list entry matches a module name or a parameter name exactly or as a
@@ -92,6 +96,11 @@ class SliceConfig(PeftConfig):
     fraction: float = field(default=0.001, metadata={"help": "Share of the targeted weights to train (--ff), in (0, 1]."})
     slice_id: int = field(default=0, metadata={"help": "Which disjoint slice to train (--ffid), in [0, num_slices)."})
     seed: int = field(default=0, metadata={"help": "Selection seed: same layout, fraction, id and seed give the same slice."})
+    tile_order: str = field(
+        default=TILE_ORDER,
+        metadata={"help": f"How each matrix's tiles are ranked: one of {list(TILE_ORDERS)} (a saved config takes the "
+                  "order its layout record names)."},
+    )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
         metadata={
@@ -129,6 +138,8 @@ class SliceConfig(PeftConfig):
             self.exclude_modules = list(self.exclude_modules)
         self.exclude_modules = exclusion_with_client(self.exclude_modules, self.lossless_for)
         check_slice_fields(self.fraction, self.slice_id, self.seed)  # ValueErrors naming the field and the value
+        # a saved slice's tiles are where its record says: records without an order predate orders ("scattered")
+        self.tile_order = recorded_tile_order(self.layout) if self.layout else check_tile_order(self.tile_order)
 
     @property
     def num_slices(self) -> int:

@@ -2,8 +2,9 @@
 
 - `Linear` wraps an `nn.Linear`: the matmul runs on the weight with the slice's tiles written in (in place and
   restored, or into the copy autocast or an fp8 base makes anyway), so forward and input gradient cost what the base
-  costs; the tiles' gradient is one batched matmul over x (where x = gelu(h), x is recomputed from h, which gelu
-  keeps anyway). A call that needs no gradient runs without an autograd node. A base layer that cannot be computed
+  costs; the tiles' gradient is one batched matmul over the segments of x the tiles read, which are all autograd
+  keeps of x: one band of its columns for a banded slice (`selection.py`); where x = gelu(h), x is recomputed from h,
+  which gelu keeps anyway. A call that needs no gradient runs without an autograd node. A base layer that cannot be computed
   that way (one with its own forward) is called as it is and the tiles are added to its output (gather, batched
   matmul, `index_add`).
 - `Elementwise` wraps a leaf module with small parameters (norms): it runs the base module with W + delta; the
@@ -95,11 +96,17 @@ def _gather(x2d, seg_ids, width, dtype):
     return xs.transpose(0, 1).to(dtype)
 
 
-def _add_slice_forward(out2d, x_src, w_values, b_values, seg_ids, slot, rows_padded, bias_idx, nmax, dtype, scale):
-    """`out[:, row] += x[:, seg] @ tile` for every tile (one gather, one bmm, one index_add), plus bias elements."""
+def _keeps_segments(seg_ids, in_features: int, width: int) -> bool:
+    """Whether the tiles' gradient keeps their gathered segments of x rather than x: they are a copy of part of x
+    (a banded slice holds one band of the input), not a view of all of it."""
+    return seg_ids.numel() < in_features // width
+
+
+def _add_slice_forward(out2d, xs, w_values, b_values, slot, rows_padded, bias_idx, nmax, dtype, scale):
+    """`out[:, row] += x[:, seg] @ tile` for every tile (`xs`: `_gather` of x; one bmm, one index_add), plus bias
+    elements."""
     if w_values is not None:
-        tokens, width, groups = x_src.shape[0], w_values.shape[1], seg_ids.numel()
-        xs = _gather(x_src, seg_ids, width, dtype)
+        tokens, groups = xs.shape[1], xs.shape[0]
         part = torch.bmm(xs, _padded_deltas(w_values, slot, groups, nmax, dtype, scale).transpose(1, 2))
         out2d.index_add_(1, rows_padded, part.transpose(0, 1).reshape(tokens, groups * nmax).to(out2d.dtype))
     if b_values is not None:
@@ -118,16 +125,15 @@ def _tiles_input_grad(grad_part, w_values, slot, nmax, dtype):
     return torch.bmm(grad_part, deltas).transpose(0, 1)
 
 
-def _slice_backward(grad_out, x_src, x_dtype, w_values, seg_ids, slot, rows_padded, bias_idx, nmax, dtype, scale,
-                    need_x, need_w, need_b):
-    """Gradients of the slice's own part: (grad_x, grad_w, grad_b)."""
+def _slice_backward(grad_out, xs, in_features, x_dtype, w_values, seg_ids, slot, rows_padded, bias_idx, nmax, dtype,
+                    scale, need_x, need_w, need_b):
+    """Gradients of the slice's own part: (grad_x, grad_w, grad_b); `xs`: `_gather` of x (read for grad_w only)."""
     grad_w = grad_b = grad_x = None
     if w_values is not None and (need_x or need_w):
-        tokens, in_features, width = x_src.shape[0], x_src.shape[1], w_values.shape[1]
+        tokens, width = grad_out.shape[0], w_values.shape[1]
         groups = seg_ids.numel()
         grad_part = _tiles_grad_part(grad_out, rows_padded, groups, nmax, dtype, scale)
         if need_w:
-            xs = _gather(x_src, seg_ids, width, dtype)
             grad_deltas = torch.bmm(grad_part.transpose(1, 2), xs).reshape(groups * nmax, width)
             grad_w = grad_deltas.index_select(0, slot).to(w_values.dtype)
         if need_x:
@@ -146,26 +152,32 @@ class _SliceLinearDelta(torch.autograd.Function):
     """Adds a Linear's slice to an output the base layer computed itself, in place (a base that cannot run as a
     plain matmul on a patched weight: its own forward, a trainable weight, extra arguments).
 
-    The output is not a view and the producer does not save it, so autograd adds no copy; x is saved, not copied:
-    the gather is redone in backward.
+    The output is not a view and the producer does not save it, so autograd adds no copy. For the tiles' gradient
+    the held segments of x are kept where they are a part of x (`_kept_segments`), else x itself (its gather is a
+    view, redone in backward).
     """
 
     @staticmethod
     def forward(ctx, result, x2d, w_values, b_values, seg_ids, slot, rows_padded, bias_idx, nmax, dtype, scale):
         out2d = result.view(-1, result.shape[-1])
-        _add_slice_forward(out2d, x2d, w_values, b_values, seg_ids, slot, rows_padded, bias_idx, nmax, dtype, scale)
+        xs = _gather(x2d, seg_ids, w_values.shape[1], dtype) if w_values is not None else None
+        _add_slice_forward(out2d, xs, w_values, b_values, slot, rows_padded, bias_idx, nmax, dtype, scale)
         ctx.mark_dirty(result)
-        ctx.save_for_backward(x2d, w_values, seg_ids, slot, rows_padded, bias_idx)
-        ctx.nmax, ctx.dtype, ctx.scale = nmax, dtype, scale
+        ctx.gathered = w_values is not None and _keeps_segments(seg_ids, x2d.shape[1], w_values.shape[1])
+        ctx.save_for_backward(xs if ctx.gathered else x2d, w_values, seg_ids, slot, rows_padded, bias_idx)
+        ctx.nmax, ctx.dtype, ctx.scale, ctx.x_dtype, ctx.in_features = nmax, dtype, scale, x2d.dtype, x2d.shape[1]
         return result
 
     @staticmethod
     def backward(ctx, grad_result):
-        x2d, w_values, seg_ids, slot, rows_padded, bias_idx = ctx.saved_tensors
+        x_kept, w_values, seg_ids, slot, rows_padded, bias_idx = ctx.saved_tensors
         grad_out = grad_result.reshape(-1, grad_result.shape[-1])
+        xs = x_kept
+        if w_values is not None and not ctx.gathered and ctx.needs_input_grad[2]:
+            xs = _gather(x_kept, seg_ids, w_values.shape[1], ctx.dtype)
         grad_x, grad_w, grad_b = _slice_backward(
-            grad_out, x2d, x2d.dtype, w_values, seg_ids, slot, rows_padded, bias_idx, ctx.nmax, ctx.dtype, ctx.scale,
-            ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
+            grad_out, xs, ctx.in_features, ctx.x_dtype, w_values, seg_ids, slot, rows_padded, bias_idx, ctx.nmax,
+            ctx.dtype, ctx.scale, ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
         return grad_result, grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
@@ -226,14 +238,19 @@ class _LinearWithSlice(torch.autograd.Function):
         out2d, x_base, merged = _linear_with_slice(x2d, weight, bias, owned, base_dtype, slices, values)
         wants_w = any(ctx.needs_input_grad[VALUES_AT:])
         x_src = x_base if base_dtype == dtype else x2d  # the tiles' gradient reads the cast input when it can
-        ctx.gelu_approximate = None
+        ctx.gelu_approximate, ctx.gathered = None, False
+        weight_slices = [(index, v) for (kind, index, _, _), v in zip(slices, values) if kind == "weight"]
         if wants_w and gelu is not None:  # keep gelu's input (its own node keeps it too), not x = gelu(h) as well
             x_src, ctx.gelu_approximate = gelu
             ctx.x_shape, ctx.cast_to = x2d.shape, (base_dtype if base_dtype == dtype else None)
+        elif wants_w and len(weight_slices) == 1:
+            index, v = weight_slices[0]
+            if _keeps_segments(index["seg_ids"], x2d.shape[1], v.shape[1]):
+                x_src, ctx.gathered = _gather(x_src, index["seg_ids"], v.shape[1], dtype), True
         # a copy made for this matmul is kept for the input gradient (autocast's linear keeps its cast too); the
         # base weight itself is patched again in backward
         ctx.save_for_backward(x_src if wants_w else None, merged, input_columns, *values)
-        ctx.weight, ctx.slices, ctx.dtype, ctx.x_dtype = weight, slices, dtype, x2d.dtype
+        ctx.weight, ctx.slices, ctx.dtype, ctx.x_dtype, ctx.in_features = weight, slices, dtype, x2d.dtype, x2d.shape[1]
         return out2d
 
     @staticmethod
@@ -264,9 +281,11 @@ class _LinearWithSlice(torch.autograd.Function):
             if not ctx.needs_input_grad[VALUES_AT + k]:
                 grads.append(None)
             elif kind == "weight":
-                _, grad_w, _ = _slice_backward(grad_out, x_src, ctx.x_dtype, values[k], index["seg_ids"],
-                                               index["slot"], index["rows_padded"], None, nmax, ctx.dtype, scale,
-                                               False, True, False)
+                width = values[k].shape[1]
+                xs = x_src if ctx.gathered else _gather(x_src, index["seg_ids"], width, ctx.dtype)
+                _, grad_w, _ = _slice_backward(grad_out, xs, ctx.in_features, ctx.x_dtype,
+                                               values[k], index["seg_ids"], index["slot"], index["rows_padded"],
+                                               None, nmax, ctx.dtype, scale, False, True, False)
                 grads.append(grad_w)
             else:
                 grads.append(grad_out.index_select(1, index["flat"]).float().sum(0) * scale)

@@ -36,7 +36,7 @@ def plan_for_model(model: nn.Module, config: SliceConfig) -> SlicePlan:
         raise ValueError(f"no parameter to slice: {hint}; pass target_modules naming modules or parameters of the model")
     if config.layout:
         check_layout(config.layout, layouts)
-    plan = plan_layouts(layouts, config.fraction, config.slice_id, config.seed)
+    plan = plan_layouts(layouts, config.fraction, config.slice_id, config.seed, config.tile_order)
     plan.shapes = {canonical_name(n): tuple(p.shape) for n, p in model.named_parameters() if not _is_adapter_name(n)}
     return plan
 

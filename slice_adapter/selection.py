@@ -12,17 +12,23 @@ The design, in three steps:
 2. Ranking. Each parameter's N tiles are ranked by a keyed pseudo-random permutation of [0, N) (a Feistel network
    keyed by blake2b(seed, parameter name), with cycle walking). The permutation is evaluated only at the ranks a slice
    needs, so planning the 14B model costs O(selected), not O(weights).
+   Tile order "banded" (new slices): a Linear's input columns are cut into up to 8 equal bands (`bands_for`), and its
+   ranks run band by band (the bands in a keyed order, the tiles of a band, over all rows, in a keyed permutation),
+   so a small slice's tiles in one matrix read one band of its input. Why: the tiles' gradient reads the input
+   columns they cover, which training must keep from forward to backward; a band keeps 1/8 of a 1.3B Linear's input
+   instead of all of it (benchmarks/bench_train_step.py measures the step's activation memory). "scattered": one
+   permutation over all tiles, the order of slices saved before tile orders were recorded.
 3. Windows. Slice k at fraction f takes the ranks [floor(k f N + u), floor((k+1) f N + u)) where u in [0, 1) is a
    per-parameter offset: a golden-ratio (Weyl) sequence over the block index plus a hash of the block-free name, so
    the rounding of f N to whole tiles evens out over the blocks.
 
 Consequences:
-- Slices 0 .. num_slices-1 (num_slices = floor(1/f)) at one fraction and seed are pairwise disjoint, and cover every
-  targeted weight when 1/f is an integer.
+- Slices 0 .. num_slices-1 (num_slices = floor(1/f)) at one fraction, seed and tile order are pairwise disjoint, and
+  cover every targeted weight when 1/f is an integer.
 - Nested fractions: the offset does not depend on f, so slices 2k and 2k+1 at f/2 are exactly the two halves of slice
   k at f (likewise for any integer divisor m: slice k at f/m lies inside slice floor(k/m) at f). Slices at unrelated
   fractions may share weights; `overlap()` counts them exactly.
-- Different seeds give unrelated slices.
+- Different seeds give unrelated slices; so do different tile orders.
 """
 
 from __future__ import annotations
@@ -38,6 +44,10 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 MAX_TILE_WIDTH = 64
+MAX_BANDS = 8
+TILE_ORDERS = ("banded", "scattered")
+TILE_ORDER = "banded"  # what new slices use
+LEGACY_TILE_ORDER = "scattered"  # what a layout record without a tile order means (saved before orders existed)
 _BLOCK_RE = re.compile(r"(^|\.)blocks\.(\d+)\.")
 _PHI64 = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: the Weyl step of the low-discrepancy offsets
 _MASK64 = (1 << 64) - 1
@@ -65,6 +75,18 @@ def tile_width_for(in_features: int) -> int:
         if in_features % w == 0:
             return w
     return 1
+
+
+def check_tile_order(tile_order) -> str:
+    if tile_order not in TILE_ORDERS:
+        raise ValueError(f"tile_order must be one of {list(TILE_ORDERS)}, got {tile_order!r}: use {TILE_ORDER!r} for "
+                         f"a new slice")
+    return tile_order
+
+
+def recorded_tile_order(layout_record: Optional[dict]) -> str:
+    """The tile order a saved layout record names; records written before orders were recorded are "scattered"."""
+    return check_tile_order((layout_record or {}).get("tile_order", LEGACY_TILE_ORDER))
 
 
 def block_index(name: str) -> Optional[int]:
@@ -96,6 +118,13 @@ class ParamLayout:
     @property
     def segments_per_row(self) -> int:
         return self.shape[1] // self.tile_width if self.tiled_rows else 1
+
+    @property
+    def bands(self) -> int:
+        """Input bands of a "banded" tile order: the largest divisor of the segments per row up to MAX_BANDS (equal
+        bands of whole tiles; 1 for element tiles)."""
+        segs = self.segments_per_row
+        return max(d for d in range(1, min(MAX_BANDS, segs) + 1) if segs % d == 0)
 
 
 def _hash64(*parts) -> int:
@@ -169,43 +198,71 @@ def rank_window(num_tiles: int, fraction: Fraction, slice_id: int, offset: Fract
     return lo, min(hi, num_tiles)
 
 
-def select_tiles(layout: ParamLayout, fraction, slice_id: int, seed: int) -> np.ndarray:
+def select_tiles(layout: ParamLayout, fraction, slice_id: int, seed: int, tile_order: str = TILE_ORDER) -> np.ndarray:
     """Sorted tile indices of `layout` that slice `slice_id` owns."""
-    return select_tiles_many([layout], fraction, slice_id, seed)[layout.name]
+    return select_tiles_many([layout], fraction, slice_id, seed, tile_order)[layout.name]
 
 
 BATCH_RANKS = 1 << 16  # windows smaller than this are permuted together, this many ranks at a time
 
 
-def select_tiles_many(layouts: Sequence[ParamLayout], fraction, slice_id: int, seed: int) -> dict[str, np.ndarray]:
+def _band_order(layout: ParamLayout, seed: int) -> np.ndarray:
+    """The bands of `layout` in rank order (a keyed shuffle of the few bands: sorted by a hash of each)."""
+    return np.array(sorted(range(layout.bands), key=lambda j: _hash64("band", seed, layout.name, j)), dtype=np.int64)
+
+
+def _permuted_domain(layout: ParamLayout, ranks: np.ndarray, tile_order: str):
+    """(the positions to permute, the size of the permuted domain, a function from permuted positions to tiles)."""
+    if tile_order == "scattered" or layout.bands == 1:
+        return ranks, layout.num_tiles, None
+    band_tiles = layout.num_tiles // layout.bands  # rows x segments of one band
+    width = layout.segments_per_row // layout.bands  # segments per row in one band
+
+    def to_tiles(within, band_pos, order):
+        rows, seg = within // width, within % width
+        return rows * layout.segments_per_row + order[band_pos] * width + seg
+
+    return ranks % band_tiles, band_tiles, (to_tiles, ranks // band_tiles)
+
+
+def select_tiles_many(layouts: Sequence[ParamLayout], fraction, slice_id: int, seed: int,
+                      tile_order: str = TILE_ORDER) -> dict[str, np.ndarray]:
     """{name: `select_tiles` of it} for every layout; small windows are permuted in batches (same tiles, faster)."""
     frac = parse_fraction(fraction)
+    check_tile_order(tile_order)
     out: dict[str, np.ndarray] = {}
-    batch: list = []  # (name, ranks, n, key) of small windows waiting
+    batch: list = []  # (layout, positions, n, key, mapping) of small windows waiting
     waiting = 0  # their ranks
+
+    def finish(lay, permuted, mapping):
+        if mapping is not None:
+            to_tiles, band_pos = mapping
+            permuted = to_tiles(permuted, band_pos, _band_order(lay, seed))
+        out[lay.name] = np.sort(permuted)
 
     def permute_batch():
         if not batch:
             return
-        sizes = [len(r) for _, r, _, _ in batch]
-        keys = [_feistel_keys(n, key) for _, _, n, key in batch]
+        sizes = [len(r) for _, r, _, _, _ in batch]
+        keys = [_feistel_keys(n, key) for _, _, n, key, _ in batch]
         per_element = lambda values: np.repeat(np.array(values, dtype=np.uint64), sizes)  # noqa: E731
-        tiles = _keyed_permutations(np.concatenate([r for _, r, _, _ in batch]),
-                                    per_element([n for _, _, n, _ in batch]), per_element([k[0] for k in keys]),
+        tiles = _keyed_permutations(np.concatenate([r for _, r, _, _, _ in batch]),
+                                    per_element([n for _, _, n, _, _ in batch]), per_element([k[0] for k in keys]),
                                     per_element([k[1] for k in keys]),
                                     np.repeat(np.stack([k[2] for k in keys], axis=1), sizes, axis=1))
-        for (name, _, _, _), part in zip(batch, np.split(tiles, np.cumsum(sizes)[:-1])):
-            out[name] = np.sort(part)
+        for (lay, _, _, _, mapping), part in zip(batch, np.split(tiles, np.cumsum(sizes)[:-1])):
+            finish(lay, part, mapping)
         batch.clear()
 
     for lay in layouts:
         lo, hi = rank_window(lay.num_tiles, frac, slice_id, _offset(lay.name, seed))
         ranks = np.arange(lo, max(hi, lo), dtype=np.int64)
+        positions, n, mapping = _permuted_domain(lay, ranks, tile_order)
         key = _hash64("rank", seed, lay.name)
-        if lay.num_tiles <= 1 or len(ranks) >= BATCH_RANKS or not len(ranks):
-            out[lay.name] = np.sort(keyed_permutation(ranks, lay.num_tiles, key))
+        if n <= 1 or len(ranks) >= BATCH_RANKS or not len(ranks):
+            finish(lay, keyed_permutation(positions, n, key), mapping)
             continue
-        batch.append((lay.name, ranks, lay.num_tiles, key))
+        batch.append((lay, positions, n, key, mapping))
         waiting += len(ranks)
         if waiting >= BATCH_RANKS:
             permute_batch()
@@ -233,6 +290,7 @@ class SlicePlan:
     fraction: Fraction
     slice_id: int
     seed: int
+    tile_order: str = TILE_ORDER
     selected: int = 0
     targeted: int = 0
     per_block: dict[int, tuple[int, int]] = field(default_factory=dict)
@@ -279,14 +337,15 @@ class SlicePlan:
         return out.view(tuple(shape))
 
 
-def plan_layouts(layouts: Iterable[ParamLayout], fraction, slice_id: int, seed: int = 0) -> SlicePlan:
+def plan_layouts(layouts: Iterable[ParamLayout], fraction, slice_id: int, seed: int = 0,
+                 tile_order: str = TILE_ORDER) -> SlicePlan:
     """Plan a slice over explicit parameter layouts (no model needed)."""
     frac = parse_fraction(fraction)
     validate_slice_id(slice_id, frac)
     by_name = {lay.name: lay for lay in layouts}
-    selected = select_tiles_many(list(by_name.values()), frac, slice_id, seed)
+    selected = select_tiles_many(list(by_name.values()), frac, slice_id, seed, tile_order)
     tiles = {name: t for name, t in selected.items() if len(t)}
-    return SlicePlan(layouts=by_name, tiles=tiles, fraction=frac, slice_id=slice_id, seed=seed)
+    return SlicePlan(layouts=by_name, tiles=tiles, fraction=frac, slice_id=slice_id, seed=seed, tile_order=tile_order)
 
 
 def smallest_fraction(layouts: Iterable[ParamLayout], seed: int = 0) -> Optional[Fraction]:

@@ -80,7 +80,8 @@ def check_concept_args(args) -> None:
     """Parse and check the concept/preservation flags, read the base's ledger and resolve `--ffid auto`.
 
     Sets `args.concept_prompt_list`, `args.preserve_prompt_list` (every prompt to generate preservation clips for),
-    `args.base_ledger` and `args.slice_id_auto`; raises a ValueError naming the flag, the value and the fix.
+    `args.base_ledger`, `args.slice_tile_order` (the order of the slices merged into the base, so ids stay disjoint
+    from theirs) and `args.slice_id_auto`; raises a ValueError naming the flag, the value and the fix.
     """
     args.concept_prompt_list = read_prompts(args.concept_prompts, "--concept_prompts")
     prompts = read_prompts(args.preserve_prompts, "--preserve_prompts") or []
@@ -98,7 +99,13 @@ def check_concept_args(args) -> None:
                          "e.g. 20")
 
     needs_ledger = args.preserve_previous or args.slice_id == "auto"
-    args.base_ledger = base_ledger(args) if needs_ledger else []
+    try:
+        args.base_ledger = base_ledger(args)
+    except ValueError:
+        if needs_ledger:
+            raise
+        args.base_ledger = []  # only the tile order was asked: the model loader reports an unreadable base itself
+    args.slice_tile_order = ledger.ledger_tile_order(args.base_ledger)
     if args.preserve_previous:
         previous = ledger.ledger_prompts(args.base_ledger)
         if not previous:
@@ -119,7 +126,8 @@ def check_concept_args(args) -> None:
         if base is None or not base.exists() or not args.base_ledger:
             args.slice_id = 0
         else:
-            args.slice_id, _ = ledger.free_slice_id(base, args.slice_fraction, args.slice_seed)
+            args.slice_id, _ = ledger.free_slice_id(base, args.slice_fraction, args.slice_seed,
+                                                    tile_order=args.slice_tile_order)
 
 
 def describe_auto_id(args) -> Optional[str]:

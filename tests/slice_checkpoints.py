@@ -107,12 +107,12 @@ def synthetic_checkpoint(path, shapes: dict, dtype=torch.float32, fmt="diffusers
 
 
 def synthetic_slice(folder, shapes: dict, fraction, slice_id, seed=0, target_modules=None, exclude_modules=None,
-                    value_seed=0) -> Path:
+                    value_seed=0, tile_order="banded") -> Path:
     """A slice folder made from shapes alone, following io's layout (config with layout record + values file)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     layouts = layouts_from_shapes(shapes, target_modules, exclude_modules)
-    plan = plan_layouts(layouts, fraction, slice_id, seed)
+    plan = plan_layouts(layouts, fraction, slice_id, seed, tile_order)
     g = torch.Generator().manual_seed(value_seed)
     values = {}
     for name, tiles in plan.tiles.items():
@@ -124,7 +124,7 @@ def synthetic_slice(folder, shapes: dict, fraction, slice_id, seed=0, target_mod
         values[values_key(module, pname)] = torch.randn(shape, generator=g) * 0.02
     save_file(values, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     cfg = SliceConfig(fraction=fraction, slice_id=slice_id, seed=seed, target_modules=target_modules,
-                      exclude_modules=exclude_modules, layout=layout_record(layouts), inference_mode=True)
+                      exclude_modules=exclude_modules, layout=layout_record(layouts, tile_order), inference_mode=True)
     cfg.save_pretrained(str(folder))
     assert (folder / CONFIG_NAME).is_file()
     return folder

@@ -255,6 +255,7 @@ def test_save_then_load_round_trip(tmp_path, inputs):
     assert sorted(os.listdir(folder)) == ["adapter_config.json", "adapter_model.safetensors"]
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["peft_type"] == "SLICE" and config["slice_id"] == 3 and config["layout"]["fingerprint"]
+    assert config["tile_order"] == config["layout"]["tile_order"] == "banded"
     selected = slice_adapter.plan(make_wan(), model.peft_config["default"]).selected
     size = os.path.getsize(folder / "adapter_model.safetensors")
     assert 4 * selected <= size <= 4 * selected + 16_384  # values only, plus the header
@@ -267,6 +268,27 @@ def test_save_then_load_round_trip(tmp_path, inputs):
     second = slice_adapter.load_adapter(fresh, folder, is_trainable=True)
     assert second == "default_1"
     assert any(p.requires_grad for n, p in fresh.named_parameters() if ".default_1." in n)
+
+
+def test_a_slice_saved_before_tile_orders_were_recorded_loads_onto_its_own_weights(tmp_path, inputs):
+    """Folders written before the banded order recorded no tile order: their tiles are the scattered order's, and
+    loading one puts every value back where it was trained."""
+    model = make_wan(ffn_dim=256)  # the FFN's output Linear reads 4 tile segments: 4 bands
+    model.add_adapter(SliceConfig(fraction=0.1, slice_id=3, tile_order="scattered", init_weights=False))
+    expected = run(model, inputs)
+    folder = slice_adapter.save_adapter(model, tmp_path / "slice")
+    cfg_file = folder / "adapter_config.json"
+    config = json.loads(cfg_file.read_text())
+    assert config["tile_order"] == config["layout"]["tile_order"] == "scattered"
+    del config["tile_order"], config["layout"]["tile_order"]  # what an older version wrote
+    cfg_file.write_text(json.dumps(config))
+    fresh = make_wan(ffn_dim=256)
+    slice_adapter.load_adapter(fresh, folder)
+    assert fresh.peft_config["default"].tile_order == "scattered"
+    torch.testing.assert_close(run(fresh, inputs), expected, atol=0, rtol=0)
+    banded = make_wan(ffn_dim=256)  # the same values at the banded order's weights give another model: the order matters
+    banded.add_adapter(SliceConfig(fraction=0.1, slice_id=3, tile_order="banded", init_weights=False))
+    assert not torch.allclose(run(banded, inputs), expected)
 
 
 def test_peft_model_from_pretrained_loads_every_key(tmp_path, inputs):
@@ -469,6 +491,35 @@ def test_slice_linear_is_the_merged_weight_bit_for_bit_and_leaves_the_base_intac
             assert (got.float() - expected.float()).norm() <= 2e-2 * expected.float().norm()
         else:
             torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("own_forward", [False, True], ids=["merged-matmul", "own-forward"])
+def test_a_banded_slice_keeps_one_band_of_the_input_for_its_gradient(own_forward):
+    """What autograd keeps of x for the tiles' gradient: the band the tiles read (a copy of 1/8 of x's columns, or
+    2/8 where the window crosses a band's end) for a banded slice, all of x for a scattered one, on both of the
+    Linear's paths."""
+    kept = {}
+    for order in ("banded", "scattered"):
+        torch.manual_seed(0)
+        owner = torch.nn.Module()
+        owner.blocks = torch.nn.ModuleList([torch.nn.Module()])
+        owner.blocks[0].proj = torch.nn.Linear(4096, 64)
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(SliceConfig(fraction=0.03, slice_id=3, tile_order=order, init_weights=False), owner)
+        layer = owner.blocks[0].proj
+        if own_forward:
+            base = layer.base_layer
+            base.forward = lambda t, base=base: torch.nn.functional.linear(t, base.weight, base.bias)
+        x = torch.randn(24, 4096)  # needs no gradient: what is kept is for the tiles' gradient alone
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            out = layer(x)
+        kept[order] = max(sizes)
+        out.square().sum().backward()
+        assert layer.slice_values["default"]["weight"].grad.abs().sum() > 0
+    assert kept["scattered"] == 24 * 4096  # 123 tiles over 64 segments: nearly every segment, so x itself
+    assert kept["banded"] <= 24 * 4096 // 4  # one band of 8 segments (two where the window crosses a band's end)
 
 
 @pytest.mark.parametrize("in_features,out_features,fraction", LAYOUTS, ids=["gathered", "every-segment"])

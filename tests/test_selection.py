@@ -149,21 +149,34 @@ def test_keyed_permutation_is_a_bijection():
         assert sorted(perm.tolist()) == list(range(n))
 
 
+def _tiles_alone(lay, fraction, slice_id, seed, tile_order):
+    """The documented order evaluated for one parameter: ranks -> (band, tile in band) -> tile."""
+    frac = selection_module.parse_fraction(fraction)
+    lo, hi = selection_module.rank_window(lay.num_tiles, frac, slice_id, selection_module._offset(lay.name, seed))
+    ranks = np.arange(lo, max(hi, lo))
+    key = selection_module._hash64("rank", seed, lay.name)
+    if tile_order == "scattered" or lay.bands == 1:
+        return np.sort(keyed_permutation(ranks, lay.num_tiles, key))
+    band_tiles, width = lay.num_tiles // lay.bands, lay.segments_per_row // lay.bands
+    bands = sorted(range(lay.bands), key=lambda j: selection_module._hash64("band", seed, lay.name, j))
+    within = keyed_permutation(ranks % band_tiles, band_tiles, key)
+    band = np.array(bands)[ranks // band_tiles]
+    return np.sort(within // width * lay.segments_per_row + band * width + within % width)
+
+
+@pytest.mark.parametrize("tile_order", ["banded", "scattered"])
 @pytest.mark.parametrize("batch_ranks", [1, 7, 1 << 16])
-def test_batched_permutation_gives_the_tiles_of_one_parameter_at_a_time(wan, monkeypatch, batch_ranks):
+def test_batched_permutation_gives_the_tiles_of_one_parameter_at_a_time(wan, monkeypatch, batch_ranks, tile_order):
     """Small windows are permuted many parameters at once (in batches of BATCH_RANKS ranks): the same tiles as
-    evaluating each parameter's keyed permutation alone."""
+    evaluating each parameter's order alone."""
     monkeypatch.setattr(selection_module, "BATCH_RANKS", batch_ranks)
-    layouts = model_layouts(wan) + [ParamLayout("one.weight", (1,), False), ParamLayout("odd.weight", (5, 96), True)]
+    layouts = model_layouts(wan) + [ParamLayout("one.weight", (1,), False), ParamLayout("odd.weight", (5, 96), True),
+                                    ParamLayout("wide.weight", (8, 512), True)]
     for fraction, slice_id, seed in [(0.01, 3, 0), (0.25, 1, 7), (1 / 3, 2, 5)]:
-        tiles = selection_module.select_tiles_many(layouts, fraction, slice_id, seed)
-        frac = selection_module.parse_fraction(fraction)
+        tiles = selection_module.select_tiles_many(layouts, fraction, slice_id, seed, tile_order)
         for lay in layouts:
-            offset = selection_module._offset(lay.name, seed)
-            lo, hi = selection_module.rank_window(lay.num_tiles, frac, slice_id, offset)
-            alone = np.sort(keyed_permutation(np.arange(lo, max(hi, lo)), lay.num_tiles,
-                                              selection_module._hash64("rank", seed, lay.name)))
-            assert np.array_equal(tiles[lay.name], alone), (lay.name, fraction)
+            assert np.array_equal(tiles[lay.name], _tiles_alone(lay, fraction, slice_id, seed, tile_order)), \
+                (lay.name, fraction)
         assert sum(len(t) for t in tiles.values()) > 0
 
 
@@ -183,3 +196,57 @@ def test_target_modules_and_exclude_modules_narrow_the_slice(wan):
     no_norms = slice_adapter.plan(wan, SliceConfig(fraction=0.5, exclude_modules=["norm_q", "norm_k", "norm2"]))
     assert not any("norm" in n for n in no_norms.layouts)
     assert no_norms.targeted < slice_adapter.plan(wan, SliceConfig(fraction=0.5)).targeted
+
+
+def test_a_small_banded_slice_reads_one_band_of_each_matrix_input(wan14b_layouts):
+    """At 14B and --ff 0.001, each Linear's tiles lie in one band (rarely two) of its input: 1/8 of the columns the
+    tiles' gradient must keep from forward to backward. The scattered order reads most of the input."""
+    linears = [lay for lay in wan14b_layouts if lay.tiled_rows and lay.name.startswith("blocks.3.")]
+    assert linears and all(lay.bands == 8 for lay in linears)
+    for order, at_most in (("banded", 2 / 8), ("scattered", 1.0)):
+        plan = plan_layouts(linears, 1e-3, slice_id=5, seed=0, tile_order=order)
+        for lay in linears:
+            segments = np.unique(plan.tiles[lay.name] % lay.segments_per_row)
+            band_width = lay.segments_per_row // lay.bands
+            if order == "banded":
+                assert len(np.unique(segments // band_width)) <= 2, lay.name
+                assert len(segments) <= at_most * lay.segments_per_row
+            else:
+                assert len(segments) > 2 / 8 * lay.segments_per_row, lay.name
+
+
+@pytest.mark.parametrize("tile_order", ["banded", "scattered"])
+def test_each_tile_order_partitions_the_targets_and_nests(wan, tile_order):
+    plans = [slice_adapter.plan(wan, SliceConfig(fraction=0.125, slice_id=k, tile_order=tile_order))
+             for k in range(8)]
+    for name, param in wan.named_parameters():
+        counts = sum(p.mask(name, param.shape).to(torch.int64) for p in plans)
+        assert torch.all(counts == (1 if name.startswith("blocks.") else 0)), name
+    layouts = [ParamLayout("blocks.0.ffn.weight", (96, 1024), True)]
+    coarse = plan_layouts(layouts, 0.1, 3, seed=5, tile_order=tile_order)
+    fine = [plan_layouts(layouts, 0.05, k, seed=5, tile_order=tile_order) for k in (6, 7)]
+    union = np.union1d(fine[0].flat_indices(layouts[0].name), fine[1].flat_indices(layouts[0].name))
+    assert np.array_equal(union, coarse.flat_indices(layouts[0].name))
+
+
+def test_the_two_tile_orders_choose_different_weights():
+    from conftest import make_wan
+
+    wan = make_wan(ffn_dim=256)  # the tiny model's inputs are one tile wide (one band); the FFN's output Linear's: 4
+    banded, scattered = (slice_adapter.plan(wan, SliceConfig(fraction=0.05, slice_id=3, tile_order=o))
+                         for o in ("banded", "scattered"))
+    assert banded.selected == scattered.selected
+    wide = [n for n, lay in banded.layouts.items() if lay.bands > 1]
+    assert wide and any(not np.array_equal(banded.tiles.get(n, []), scattered.tiles.get(n, [])) for n in wide)
+
+
+def test_a_saved_layout_record_decides_the_tile_order():
+    """A config read from disk takes the order its layout record names; records written before orders were
+    recorded mean "scattered", so slices saved then still load onto their own weights."""
+    record = {"fingerprint": "0" * 16, "parameters": {}}
+    assert SliceConfig().tile_order == "banded"
+    assert SliceConfig(layout=record).tile_order == "scattered"
+    assert SliceConfig(tile_order="banded", layout=record).tile_order == "scattered"
+    assert SliceConfig(layout={**record, "tile_order": "banded"}).tile_order == "banded"
+    with pytest.raises(ValueError, match=r"tile_order must be one of \['banded', 'scattered'\], got 'rows'"):
+        SliceConfig(tile_order="rows")

@@ -321,3 +321,27 @@ def test_the_flag_choices_are_the_library_modes():
     from slice_ft import choices, preservation
 
     assert choices.PRESERVATION_LOSSES == preservation.LOSS_MODES
+
+
+def test_a_new_slice_takes_the_tile_order_of_the_slices_merged_into_its_base(tmp_path):
+    """Slices of one fraction and seed are disjoint by id only within one tile order: a run on a base whose ledger
+    records scattered slices (saved before the banded order) trains a scattered slice, and `--ffid auto` picks an
+    id disjoint from them by that rule."""
+    base = save_base(tiny_state(0), tmp_path / "base.safetensors", "diffusers")
+    old = merge_slices(base, [make_slice(tmp_path / "s0", 0.25, 0, tile_order="scattered")],
+                       tmp_path / "old.safetensors", progress=False).output
+    [record] = ledger.read_ledger(old)
+    assert ledger.record_tile_order(record) == "scattered"
+    assert ledger.record_tile_order({k: v for k, v in record.items() if k != "tile_order"}) == "scattered"
+    assert ledger.ledger_tile_order([record]) == "scattered" and ledger.ledger_tile_order([]) == "banded"
+    assert ledger.free_slice_id(old, 0.25)[0] == 1
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"_class_name": "WanTransformer3DModel", **TINY_TRANSFORMER_CONFIG}))
+    common = ["--pretrained_model_name_or_path", "tiny", "--generate_demo_corpus", "--transformer_config", str(cfg),
+              "--ff", "0.25", "--output_dir", str(tmp_path / "out")]
+    args = train_slice_ft.parse_args(common + ["--transformer_file", str(old), "--ffid", "auto"])
+    assert (args.slice_tile_order, args.slice_id) == ("scattered", 1)
+    new = merge_slices(base, [make_slice(tmp_path / "b0", 0.25, 0)], tmp_path / "new.safetensors",
+                       progress=False).output
+    assert train_slice_ft.parse_args(common + ["--transformer_file", str(new), "--ffid", "2"]).slice_tile_order == \
+        "banded"

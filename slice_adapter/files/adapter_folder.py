@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-from ..selection import ADAPTER_CHILD, ParamLayout, check_slice_fields, layout_fingerprint, num_slices_for
+from ..selection import (ADAPTER_CHILD, ParamLayout, check_slice_fields, layout_fingerprint, num_slices_for,
+                         recorded_tile_order)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -57,6 +58,10 @@ class SliceSettings:
     def num_slices(self) -> int:
         return num_slices_for(self.fraction)
 
+    @property
+    def tile_order(self) -> str:
+        return recorded_tile_order(self.layout)
+
 
 def read_adapter_settings(path) -> SliceSettings:
     """The slice fields of an adapter folder's config, with clear errors for a missing or broken folder."""
@@ -86,10 +91,11 @@ def slice_files(path) -> list[Path]:
     return [path, path / CONFIG_NAME, path / WEIGHTS_NAME]
 
 
-def layout_record(layouts: list[ParamLayout]) -> dict:
-    """What a saved config records about the targeted parameters."""
+def layout_record(layouts: list[ParamLayout], tile_order: str) -> dict:
+    """What a saved config records about the targeted parameters and how their tiles are ranked."""
     return {
         "fingerprint": layout_fingerprint(layouts),
+        "tile_order": tile_order,
         "parameters": {lay.name: [list(lay.shape), lay.tiled_rows] for lay in layouts},
     }
 

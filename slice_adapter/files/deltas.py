@@ -15,6 +15,7 @@ import numpy as np
 from . import dtypes
 from .safetensors_stream import TensorEntry, read_header, read_stored
 from .adapter_folder import WEIGHTS_NAME, SliceSettings, param_name_for_key, read_adapter_settings, recorded_layouts
+from .ledger import record_tile_order
 from ..selection import ParamLayout, SlicePlan, is_targeted, layout_fingerprint, plan_layouts
 
 _BLOCK_NUM = re.compile(r"(^|\.)blocks\.\d+\.")
@@ -93,6 +94,7 @@ class SliceDeltas:
             "fraction": cfg.fraction,
             "slice_id": cfg.slice_id,
             "seed": cfg.seed,
+            "tile_order": cfg.tile_order,
             "target_modules": cfg.target_modules,
             "exclude_modules": cfg.exclude_modules,
             "fingerprint": self.fingerprint,
@@ -114,7 +116,7 @@ def read_slice(path) -> SliceDeltas:
     if not values_file.is_file():
         raise ValueError(f"{str(path)!r} has no {WEIGHTS_NAME}: the adapter folder is incomplete")
     header, _ = read_header(values_file)  # checked as every base is: truncation, damage, safetensors' own parser
-    plan = plan_layouts(layouts, config.fraction, config.slice_id, config.seed)
+    plan = plan_layouts(layouts, config.fraction, config.slice_id, config.seed, config.tile_order)
     by_param: dict[str, TensorEntry] = {}
     for key, entry in header.items():
         try:
@@ -196,4 +198,5 @@ def prior_plan(slice_: SliceDeltas, record: dict) -> Optional[SlicePlan]:
     """The plan of a slice recorded in a checkpoint's provenance, if it was made on the same layout as `slice_`."""
     if record.get("fingerprint") != slice_.fingerprint:
         return None
-    return plan_layouts(slice_.layouts.values(), record["fraction"], record["slice_id"], record.get("seed", 0))
+    return plan_layouts(slice_.layouts.values(), record["fraction"], record["slice_id"], record.get("seed", 0),
+                        record_tile_order(record))

@@ -108,7 +108,7 @@ def save_adapter(model: nn.Module, path, adapter_name: str = "default") -> Path:
     if config.peft_type != SLICE_PEFT_TYPE:
         raise ValueError(f"adapter {adapter_name!r} is a {config.peft_type} adapter, not a slice")
     layouts = model_layouts(bare, config.target_modules, config.exclude_modules)
-    record = layout_record(layouts)
+    record = layout_record(layouts, config.tile_order)
     state = adapter_state_dict(model, adapter_name)
     saved_config = SliceConfig(**{**config.to_dict(), "layout": record, "inference_mode": True})
     metadata = {"format": "pt", "slice_fingerprint": record["fingerprint"],

@@ -67,6 +67,22 @@ def slice_record(slice_deltas) -> dict:
     return {**slice_deltas.provenance(), "concept": read_concept(slice_deltas.path)}
 
 
+def record_tile_order(record: dict) -> str:
+    """The tile order of a recorded slice: records written before tile orders were recorded are "scattered"."""
+    from ..selection import LEGACY_TILE_ORDER, check_tile_order
+
+    return check_tile_order(record.get("tile_order", LEGACY_TILE_ORDER))
+
+
+def ledger_tile_order(records: list[dict]) -> str:
+    """The tile order a new slice on a base with these records should use: theirs when they all share one (only
+    slices of one order and fraction are disjoint by id), else the default."""
+    from ..selection import TILE_ORDER
+
+    orders = {record_tile_order(r) for r in records}
+    return orders.pop() if len(orders) == 1 else TILE_ORDER
+
+
 def metadata_records(metadata: Optional[dict]) -> list[dict]:
     """The ledger records in a checkpoint's header metadata ([] when it has none or they are unreadable)."""
     raw = (metadata or {}).get(LEDGER_KEY)
@@ -129,7 +145,7 @@ def format_ledger(records: list[dict], where: str) -> list[str]:
     for i, r in enumerate(records, 1):
         concept = r.get("concept")
         lines.append(f"  [{i}] fraction {r.get('fraction')} slice_id {r.get('slice_id')} seed {r.get('seed', 0)} "
-                     f"layout {r.get('fingerprint')}: "
+                     f"{record_tile_order(r)} tiles, layout {r.get('fingerprint')}: "
                      + (f"{len(concept['prompts'])} prompt(s) from {concept['source']}" if concept
                         else "no concept recorded (merged before the ledger existed)"))
         for p in (concept or {}).get("prompts", []):
@@ -148,18 +164,21 @@ def _diffusers_shapes(ckpt) -> dict:
     return {to_d(k[len(prefix):]): e.shape for k, e in ckpt.entries.items()}
 
 
-def free_slice_id(base, fraction, seed: int = 0, target_modules=None, exclude_modules=None) -> tuple[int, list[dict]]:
-    """(the lowest slice id at `fraction`/`seed` sharing no weight with any slice the base's ledger records as
-    merged, those records). Overlap is counted exactly on the base's layout (from its header; no model)."""
+def free_slice_id(base, fraction, seed: int = 0, target_modules=None, exclude_modules=None,
+                  tile_order: Optional[str] = None) -> tuple[int, list[dict]]:
+    """(the lowest slice id at `fraction`/`seed`/`tile_order` (default: `ledger_tile_order` of the base's records)
+    sharing no weight with any slice the base's ledger records as merged, those records). Overlap is counted exactly
+    on the base's layout (from its header; no model)."""
     from .safetensors_stream import open_checkpoint
     from .deltas import layouts_from_shapes
-    from ..selection import layout_fingerprint, num_slices_for, overlap_count, plan_layouts
+    from ..selection import check_tile_order, layout_fingerprint, num_slices_for, overlap_count, plan_layouts
 
     ckpt = open_checkpoint(base)
     records = metadata_records(ckpt.metadata)
     n = num_slices_for(fraction)
     if not records:
         return 0, records
+    tile_order = check_tile_order(tile_order or ledger_tile_order(records))
     shapes = _diffusers_shapes(ckpt)
     layouts = layouts_from_shapes(shapes, target_modules, exclude_modules)
     same_rule = []  # records whose slices are disjoint from ours exactly when the ids differ
@@ -170,16 +189,16 @@ def free_slice_id(base, fraction, seed: int = 0, target_modules=None, exclude_mo
             raise ValueError(f"{str(base)!r} records a merged slice (fraction {r.get('fraction')}, slice_id "
                              f"{r.get('slice_id')}) made on another layout ({r.get('fingerprint')}, this file: "
                              f"{layout_fingerprint(r_layouts)}): its ledger does not belong to it; pass --ffid N")
-        if (float(r["fraction"]) == float(fraction) and r.get("seed", 0) == seed
+        if (float(r["fraction"]) == float(fraction) and r.get("seed", 0) == seed and record_tile_order(r) == tile_order
                 and r.get("target_modules") == target_modules and r.get("exclude_modules") == exclude_modules):
             same_rule.append(int(r["slice_id"]))
         else:
-            baked.append(plan_layouts(r_layouts, r["fraction"], r["slice_id"], r.get("seed", 0)))
+            baked.append(plan_layouts(r_layouts, r["fraction"], r["slice_id"], r.get("seed", 0), record_tile_order(r)))
     for slice_id in range(n):
         if slice_id in same_rule:
             continue
         if baked:
-            plan = plan_layouts(layouts, fraction, slice_id, seed)
+            plan = plan_layouts(layouts, fraction, slice_id, seed, tile_order)
             if any(overlap_count(plan, other) for other in baked):
                 continue
         return slice_id, records

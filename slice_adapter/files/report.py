@@ -201,6 +201,7 @@ def inspect_report(slice_dir, overlap_with=None) -> dict:
             "fraction": cfg.fraction,
             "slice_id": cfg.slice_id,
             "seed": cfg.seed,
+            "tile_order": cfg.tile_order,
             "num_slices": cfg.num_slices,
             "target_modules": cfg.target_modules,
             "exclude_modules": cfg.exclude_modules,
@@ -224,7 +225,7 @@ def inspect_report(slice_dir, overlap_with=None) -> dict:
         report["overlap"] = {
             "other": str(other.path),
             "other_config": {"fraction": other.config.fraction, "slice_id": other.config.slice_id,
-                             "seed": other.config.seed},
+                             "seed": other.config.seed, "tile_order": other.config.tile_order},
             "shared_weights": shared,
             "same_layout": other.fingerprint == s.fingerprint,
             "percent_of_this_slice": 100.0 * shared / s.plan.selected if s.plan.selected else 0.0,
