@@ -73,9 +73,9 @@ class SliceConfig(PeftConfig):
         slice_id (`int`): Which slice (`--ffid`), in [0, num_slices); slices with different ids at the same fraction
             and seed never share a weight.
         seed (`int`): Selection seed; the same model layout, fraction, slice id and seed give the same weights anywhere.
-        tile_order (`str`): How a matrix's tiles are ranked (`selection.py`): `"banded"` (new slices: a small slice
-            reads one band of each matrix's input, so training keeps a fraction of the activations) or
-            `"scattered"` (slices saved before tile orders were recorded). Slices at one fraction and seed are
+        tile_order (`str`): How a matrix's tiles are ranked (`selection.py`): `"scattered"` (default) or `"banded"`
+            (a small slice reads one band of each matrix's input, so training keeps less activation memory, but an
+            earlier concept forgets more when a later one is trained). Slices at one fraction and seed are
             disjoint only within one order. A saved config takes the order its layout record names.
         target_modules (`list[str] | str | None`): What to slice. `None`: every parameter of the transformer blocks
             (`blocks.<i>.`: attention projections, FFN, norms, biases, `scale_shift_table`); a model without `blocks`

@@ -77,7 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Share of the block weights to train, in (0, 1] (musubi's --ff).")
     g.add_argument("--slice_id", "--ffid", type=slice_id_arg, default=0,
                    help="Which disjoint slice to train, in [0, floor(1/fraction)) (musubi's --ffid), or 'auto': the "
-                        "lowest id that shares no weight with a slice merged into the base (from its concept ledger).")
+                        "lowest id that shares no weight with a slice merged into the base (from its concept ledger). "
+                        "On a base with slices merged in, the new slice takes their tile order, so ids stay disjoint.")
     g.add_argument("--slice_seed", type=int, default=0,
                    help="Selection seed: the same model, fraction, id and seed always select the same weights.")
     g.add_argument("--lossless_for", choices=["comfy", "wan2gp", "musubi", "diffusers"], default=None,

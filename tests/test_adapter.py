@@ -255,7 +255,7 @@ def test_save_then_load_round_trip(tmp_path, inputs):
     assert sorted(os.listdir(folder)) == ["adapter_config.json", "adapter_model.safetensors"]
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["peft_type"] == "SLICE" and config["slice_id"] == 3 and config["layout"]["fingerprint"]
-    assert config["tile_order"] == config["layout"]["tile_order"] == "banded"
+    assert config["tile_order"] == config["layout"]["tile_order"] == "scattered"
     selected = slice_adapter.plan(make_wan(), model.peft_config["default"]).selected
     size = os.path.getsize(folder / "adapter_model.safetensors")
     assert 4 * selected <= size <= 4 * selected + 16_384  # values only, plus the header

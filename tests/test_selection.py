@@ -244,7 +244,7 @@ def test_a_saved_layout_record_decides_the_tile_order():
     """A config read from disk takes the order its layout record names; records written before orders were
     recorded mean "scattered", so slices saved then still load onto their own weights."""
     record = {"fingerprint": "0" * 16, "parameters": {}}
-    assert SliceConfig().tile_order == "banded"
+    assert SliceConfig().tile_order == "scattered"
     assert SliceConfig(layout=record).tile_order == "scattered"
     assert SliceConfig(tile_order="banded", layout=record).tile_order == "scattered"
     assert SliceConfig(layout={**record, "tile_order": "banded"}).tile_order == "banded"
