@@ -10,7 +10,8 @@ from peft.config import PeftConfig
 from peft.utils.peft_types import PeftType
 
 from . import _module_imported
-from .selection import TILE_ORDER, TILE_ORDERS, check_slice_fields, check_tile_order, num_slices_for, recorded_tile_order
+from .selection import (TILE_ORDER, TILE_ORDERS, check_slice_fields, check_tile_order, num_slices_for,
+                        recorded_tile_order)
 
 SLICE_NAME = "slice"  # the method's name in PEFT; its type (`peft_type`) is defined here, registered in registry.py
 

@@ -4,8 +4,8 @@
   restored, or into the copy autocast or an fp8 base makes anyway), so forward and input gradient cost what the base
   costs; the tiles' gradient is one batched matmul over the segments of x the tiles read, which are all autograd
   keeps of x: one band of its columns for a banded slice (`selection.py`); where x = gelu(h), x is recomputed from h,
-  which gelu keeps anyway. A call that needs no gradient runs without an autograd node. A base layer that cannot be computed
-  that way (one with its own forward) is called as it is and the tiles are added to its output (gather, batched
+  which gelu keeps anyway. A call that needs no gradient runs without an autograd node. A base layer that cannot be
+  computed that way (one with its own forward) is called as it is and the tiles are added to its output (gather, batched
   matmul, `index_add`).
 - `Elementwise` wraps a leaf module with small parameters (norms): it runs the base module with W + delta; the
   activations that W + delta multiplies are kept for backward in the held columns only (`saved_columns.py`).
@@ -153,7 +153,7 @@ class _SliceLinearDelta(torch.autograd.Function):
     plain matmul on a patched weight: its own forward, a trainable weight, extra arguments).
 
     The output is not a view and the producer does not save it, so autograd adds no copy. For the tiles' gradient
-    the held segments of x are kept where they are a part of x (`_kept_segments`), else x itself (its gather is a
+    the held segments of x are kept where they are a part of x (`_keeps_segments`), else x itself (its gather is a
     view, redone in backward).
     """
 
@@ -239,12 +239,11 @@ class _LinearWithSlice(torch.autograd.Function):
         wants_w = any(ctx.needs_input_grad[VALUES_AT:])
         x_src = x_base if base_dtype == dtype else x2d  # the tiles' gradient reads the cast input when it can
         ctx.gelu_approximate, ctx.gathered = None, False
-        weight_slices = [(index, v) for (kind, index, _, _), v in zip(slices, values) if kind == "weight"]
         if wants_w and gelu is not None:  # keep gelu's input (its own node keeps it too), not x = gelu(h) as well
             x_src, ctx.gelu_approximate = gelu
             ctx.x_shape, ctx.cast_to = x2d.shape, (base_dtype if base_dtype == dtype else None)
-        elif wants_w and len(weight_slices) == 1:
-            index, v = weight_slices[0]
+        elif wants_w and [kind for kind, *_ in slices].count("weight") == 1:
+            index, v = next((s[1], v) for s, v in zip(slices, values) if s[0] == "weight")
             if _keeps_segments(index["seg_ids"], x2d.shape[1], v.shape[1]):
                 x_src, ctx.gathered = _gather(x_src, index["seg_ids"], v.shape[1], dtype), True
         # a copy made for this matmul is kept for the input gradient (autocast's linear keeps its cast too); the

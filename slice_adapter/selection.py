@@ -12,14 +12,14 @@ The design, in three steps:
 2. Ranking. Each parameter's N tiles are ranked by a keyed pseudo-random permutation of [0, N) (a Feistel network
    keyed by blake2b(seed, parameter name), with cycle walking). The permutation is evaluated only at the ranks a slice
    needs, so planning the 14B model costs O(selected), not O(weights).
-   Tile order "banded" (opt-in): a Linear's input columns are cut into up to 8 equal bands (`bands_for`), and its
-   ranks run band by band (the bands in a keyed order, the tiles of a band, over all rows, in a keyed permutation),
-   so a small slice's tiles in one matrix read one band of its input. Why: the tiles' gradient reads the input
-   columns they cover, which training must keep from forward to backward; a band keeps 1/8 of a 1.3B Linear's input
-   instead of all of it (measured: the step's activation memory 1.14x -> 1.06-1.08x the frozen base's). Not the
-   default: in the quality study a concept trained before another forgot about twice as much (+52 % against +25 %
-   plain, +6.8 % against +3.3 % with distill preservation). "scattered" (default): one permutation over all tiles,
-   also the order of slices saved before tile orders were recorded.
+   Tile order "banded" (opt-in): a Linear's input columns are cut into up to 8 equal bands (`ParamLayout.bands`), and
+   its ranks run band by band (the bands in a keyed order, the tiles of a band, over all rows, in a keyed
+   permutation), so a small slice's tiles in one matrix read one band of its input. Why: the tiles' gradient reads
+   the input columns they cover, which training must keep from forward to backward; a band keeps 1/8 of a 1.3B
+   Linear's input instead of all of it (measured: the step's activation memory 1.14x -> 1.06-1.08x the frozen
+   base's). Not the default: in the quality study a concept trained before another forgot about twice as much (+52 %
+   against +25 % plain, +6.8 % against +3.3 % with distill preservation). "scattered" (default): one permutation over
+   all tiles, also the order of slices saved before tile orders were recorded.
 3. Windows. Slice k at fraction f takes the ranks [floor(k f N + u), floor((k+1) f N + u)) where u in [0, 1) is a
    per-parameter offset: a golden-ratio (Weyl) sequence over the block index plus a hash of the block-free name, so
    the rounding of f N to whole tiles evens out over the blocks.
@@ -214,17 +214,17 @@ def _band_order(layout: ParamLayout, seed: int) -> np.ndarray:
 
 
 def _permuted_domain(layout: ParamLayout, ranks: np.ndarray, tile_order: str):
-    """(the positions to permute, the size of the permuted domain, a function from permuted positions to tiles)."""
+    """(the positions to permute, the size of the permuted domain, each rank's band position or None: scattered)."""
     if tile_order == "scattered" or layout.bands == 1:
         return ranks, layout.num_tiles, None
     band_tiles = layout.num_tiles // layout.bands  # rows x segments of one band
+    return ranks % band_tiles, band_tiles, ranks // band_tiles
+
+
+def _band_tiles(layout: ParamLayout, within: np.ndarray, band_pos: np.ndarray, seed: int) -> np.ndarray:
+    """Tiles of permuted positions inside bands (row-major over the band's segments) at their bands' positions."""
     width = layout.segments_per_row // layout.bands  # segments per row in one band
-
-    def to_tiles(within, band_pos, order):
-        rows, seg = within // width, within % width
-        return rows * layout.segments_per_row + order[band_pos] * width + seg
-
-    return ranks % band_tiles, band_tiles, (to_tiles, ranks // band_tiles)
+    return within // width * layout.segments_per_row + _band_order(layout, seed)[band_pos] * width + within % width
 
 
 def select_tiles_many(layouts: Sequence[ParamLayout], fraction, slice_id: int, seed: int,
@@ -233,14 +233,11 @@ def select_tiles_many(layouts: Sequence[ParamLayout], fraction, slice_id: int, s
     frac = parse_fraction(fraction)
     check_tile_order(tile_order)
     out: dict[str, np.ndarray] = {}
-    batch: list = []  # (layout, positions, n, key, mapping) of small windows waiting
+    batch: list = []  # (layout, positions, n, key, band positions) of small windows waiting
     waiting = 0  # their ranks
 
-    def finish(lay, permuted, mapping):
-        if mapping is not None:
-            to_tiles, band_pos = mapping
-            permuted = to_tiles(permuted, band_pos, _band_order(lay, seed))
-        out[lay.name] = np.sort(permuted)
+    def finish(lay, permuted, band_pos):
+        out[lay.name] = np.sort(permuted if band_pos is None else _band_tiles(lay, permuted, band_pos, seed))
 
     def permute_batch():
         if not batch:
@@ -252,19 +249,19 @@ def select_tiles_many(layouts: Sequence[ParamLayout], fraction, slice_id: int, s
                                     per_element([n for _, _, n, _, _ in batch]), per_element([k[0] for k in keys]),
                                     per_element([k[1] for k in keys]),
                                     np.repeat(np.stack([k[2] for k in keys], axis=1), sizes, axis=1))
-        for (lay, _, _, _, mapping), part in zip(batch, np.split(tiles, np.cumsum(sizes)[:-1])):
-            finish(lay, part, mapping)
+        for (lay, _, _, _, band_pos), part in zip(batch, np.split(tiles, np.cumsum(sizes)[:-1])):
+            finish(lay, part, band_pos)
         batch.clear()
 
     for lay in layouts:
         lo, hi = rank_window(lay.num_tiles, frac, slice_id, _offset(lay.name, seed))
         ranks = np.arange(lo, max(hi, lo), dtype=np.int64)
-        positions, n, mapping = _permuted_domain(lay, ranks, tile_order)
+        positions, n, band_pos = _permuted_domain(lay, ranks, tile_order)
         key = _hash64("rank", seed, lay.name)
         if n <= 1 or len(ranks) >= BATCH_RANKS or not len(ranks):
-            finish(lay, keyed_permutation(positions, n, key), mapping)
+            finish(lay, keyed_permutation(positions, n, key), band_pos)
             continue
-        batch.append((lay, positions, n, key, mapping))
+        batch.append((lay, positions, n, key, band_pos))
         waiting += len(ranks)
         if waiting >= BATCH_RANKS:
             permute_batch()

@@ -16,6 +16,7 @@ import slice_adapter
 import train_slice_ft
 from slice_adapter import SliceConfig, ledger
 from slice_adapter.merge import merge_slices
+from slice_adapter.selection import recorded_tile_order
 from slice_ft.corpus import generate_corpus
 from slice_ft.preservation_set import draw_indices
 from slice_ft.tiny import TINY_TRANSFORMER_CONFIG, build_tiny_transformer
@@ -331,8 +332,8 @@ def test_a_new_slice_takes_the_tile_order_of_the_slices_merged_into_its_base(tmp
     old = merge_slices(base, [make_slice(tmp_path / "s0", 0.25, 0, tile_order="scattered")],
                        tmp_path / "old.safetensors", progress=False).output
     [record] = ledger.read_ledger(old)
-    assert ledger.record_tile_order(record) == "scattered"
-    assert ledger.record_tile_order({k: v for k, v in record.items() if k != "tile_order"}) == "scattered"
+    assert recorded_tile_order(record) == "scattered"
+    assert recorded_tile_order({k: v for k, v in record.items() if k != "tile_order"}) == "scattered"
     assert ledger.ledger_tile_order([record]) == "scattered" and ledger.ledger_tile_order([]) == "scattered"
     assert ledger.free_slice_id(old, 0.25)[0] == 1
     cfg = tmp_path / "config.json"

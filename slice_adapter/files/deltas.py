@@ -15,8 +15,7 @@ import numpy as np
 from . import dtypes
 from .safetensors_stream import TensorEntry, read_header, read_stored
 from .adapter_folder import WEIGHTS_NAME, SliceSettings, param_name_for_key, read_adapter_settings, recorded_layouts
-from .ledger import record_tile_order
-from ..selection import ParamLayout, SlicePlan, is_targeted, layout_fingerprint, plan_layouts
+from ..selection import ParamLayout, SlicePlan, is_targeted, layout_fingerprint, plan_layouts, recorded_tile_order
 
 _BLOCK_NUM = re.compile(r"(^|\.)blocks\.\d+\.")
 
@@ -199,4 +198,4 @@ def prior_plan(slice_: SliceDeltas, record: dict) -> Optional[SlicePlan]:
     if record.get("fingerprint") != slice_.fingerprint:
         return None
     return plan_layouts(slice_.layouts.values(), record["fraction"], record["slice_id"], record.get("seed", 0),
-                        record_tile_order(record))
+                        recorded_tile_order(record))

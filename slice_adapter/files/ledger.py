@@ -67,19 +67,12 @@ def slice_record(slice_deltas) -> dict:
     return {**slice_deltas.provenance(), "concept": read_concept(slice_deltas.path)}
 
 
-def record_tile_order(record: dict) -> str:
-    """The tile order of a recorded slice: records written before tile orders were recorded are "scattered"."""
-    from ..selection import LEGACY_TILE_ORDER, check_tile_order
-
-    return check_tile_order(record.get("tile_order", LEGACY_TILE_ORDER))
-
-
 def ledger_tile_order(records: list[dict]) -> str:
     """The tile order a new slice on a base with these records should use: theirs when they all share one (only
     slices of one order and fraction are disjoint by id), else the default."""
-    from ..selection import TILE_ORDER
+    from ..selection import TILE_ORDER, recorded_tile_order
 
-    orders = {record_tile_order(r) for r in records}
+    orders = {recorded_tile_order(r) for r in records}
     return orders.pop() if len(orders) == 1 else TILE_ORDER
 
 
@@ -139,13 +132,15 @@ def ledger_prompts(records: list[dict]) -> list[str]:
 
 def format_ledger(records: list[dict], where: str) -> list[str]:
     """Human-readable lines: one header per slice, then its prompts."""
+    from ..selection import recorded_tile_order
+
     if not records:
         return [f"{where}: no concept ledger (no slice-ft slice is recorded as merged into it)"]
     lines = [f"{where}: {len(records)} slice(s) in the ledger"]
     for i, r in enumerate(records, 1):
         concept = r.get("concept")
         lines.append(f"  [{i}] fraction {r.get('fraction')} slice_id {r.get('slice_id')} seed {r.get('seed', 0)} "
-                     f"{record_tile_order(r)} tiles, layout {r.get('fingerprint')}: "
+                     f"{recorded_tile_order(r)} tiles, layout {r.get('fingerprint')}: "
                      + (f"{len(concept['prompts'])} prompt(s) from {concept['source']}" if concept
                         else "no concept recorded (merged before the ledger existed)"))
         for p in (concept or {}).get("prompts", []):
@@ -171,7 +166,8 @@ def free_slice_id(base, fraction, seed: int = 0, target_modules=None, exclude_mo
     on the base's layout (from its header; no model)."""
     from .safetensors_stream import open_checkpoint
     from .deltas import layouts_from_shapes
-    from ..selection import check_tile_order, layout_fingerprint, num_slices_for, overlap_count, plan_layouts
+    from ..selection import (check_tile_order, layout_fingerprint, num_slices_for, overlap_count, plan_layouts,
+                             recorded_tile_order)
 
     ckpt = open_checkpoint(base)
     records = metadata_records(ckpt.metadata)
@@ -189,11 +185,13 @@ def free_slice_id(base, fraction, seed: int = 0, target_modules=None, exclude_mo
             raise ValueError(f"{str(base)!r} records a merged slice (fraction {r.get('fraction')}, slice_id "
                              f"{r.get('slice_id')}) made on another layout ({r.get('fingerprint')}, this file: "
                              f"{layout_fingerprint(r_layouts)}): its ledger does not belong to it; pass --ffid N")
-        if (float(r["fraction"]) == float(fraction) and r.get("seed", 0) == seed and record_tile_order(r) == tile_order
+        if (float(r["fraction"]) == float(fraction) and r.get("seed", 0) == seed
+                and recorded_tile_order(r) == tile_order
                 and r.get("target_modules") == target_modules and r.get("exclude_modules") == exclude_modules):
             same_rule.append(int(r["slice_id"]))
         else:
-            baked.append(plan_layouts(r_layouts, r["fraction"], r["slice_id"], r.get("seed", 0), record_tile_order(r)))
+            baked.append(plan_layouts(r_layouts, r["fraction"], r["slice_id"], r.get("seed", 0),
+                                      recorded_tile_order(r)))
     for slice_id in range(n):
         if slice_id in same_rule:
             continue
