@@ -3,10 +3,11 @@
 - `Linear` wraps an `nn.Linear`: the matmul runs on the weight with the slice's tiles written in (in place and
   restored, or into the copy autocast or an fp8 base makes anyway), so forward and input gradient cost what the base
   costs; the tiles' gradient is one batched matmul over the segments of x the tiles read, which are all autograd
-  keeps of x: one band of its columns for a banded slice (`selection.py`); where x = gelu(h), x is recomputed from h,
-  which gelu keeps anyway. A call that needs no gradient runs without an autograd node. A base layer that cannot be
-  computed that way (one with its own forward) is called as it is and the tiles are added to its output (gather, batched
-  matmul, `index_add`).
+  keeps of x: one band of its columns for a banded slice (`selection.py`); where x is gelu(h) or a Wan block's
+  (modulated) norm of h, x is recomputed in backward from h, which gelu's or the norm's node keeps anyway
+  (`recompute.py`). A call that needs no gradient runs without an autograd node. A base layer that cannot be
+  computed that way (one with its own forward) is called as it is and the tiles are added to its output (gather,
+  batched matmul, `index_add`).
 - `Elementwise` wraps a leaf module with small parameters (norms): it runs the base module with W + delta; the
   activations that W + delta multiplies are kept for backward in the held columns only (`saved_columns.py`).
 - `ParamSlice` serves raw parameters of a container module (`scale_shift_table` on a Wan block): it is attached to
@@ -26,7 +27,8 @@ from torch import nn
 
 from . import _module_imported
 from .modulation import modulation_input_grad
-from .saved_columns import held_columns, keep_held_columns, saved_tensor_hooks_active
+from .recompute import gelu_input, norm_input
+from .saved_columns import held_columns, keep_held_columns
 from .selection import ParamLayout, _hash64
 
 INIT_STD = 0.02  # spread of the random deltas `init_weights=False` draws (tests)
@@ -198,23 +200,6 @@ def _linear_with_slice(x2d, weight, bias, owned, base_dtype, slices, values):
     return out2d, x_base, (merged if owned else None)
 
 
-def _gelu_input(x: torch.Tensor):
-    """(h, approximate) when autograd recorded `x` as `gelu(h)` (a Wan FFN's hidden activation, the input of
-    `ffn.net.2` and the widest activation of a block), else None. Why: gelu's backward keeps h anyway, so the tiles'
-    gradient can recompute x from it instead of keeping a second activation of that size. Not under saved-tensor
-    hooks (checkpointing, offloading): they decide what is kept, and reading h there would unpack it; nor under
-    torch.compile, whose own partitioner decides what to keep and recompute."""
-    if torch.compiler.is_compiling():
-        return None
-    node = x.grad_fn
-    if node is None or type(node).__name__ != "GeluBackward0" or saved_tensor_hooks_active():
-        return None
-    h = node._saved_self
-    if h.shape != x.shape or h.dtype != x.dtype:
-        return None
-    return h.detach(), node._saved_approximate
-
-
 VALUES_AT = 9  # position of the first slice value among `_LinearWithSlice.apply`'s arguments
 
 
@@ -234,13 +219,13 @@ class _LinearWithSlice(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x2d, weight, bias, owned, base_dtype, dtype, slices, input_columns, gelu, *values):
+    def forward(ctx, x2d, weight, bias, owned, base_dtype, dtype, slices, input_columns, recompute, *values):
         out2d, x_base, merged = _linear_with_slice(x2d, weight, bias, owned, base_dtype, slices, values)
         wants_w = any(ctx.needs_input_grad[VALUES_AT:])
         x_src = x_base if base_dtype == dtype else x2d  # the tiles' gradient reads the cast input when it can
-        ctx.gelu_approximate, ctx.gathered = None, False
-        if wants_w and gelu is not None:  # keep gelu's input (its own node keeps it too), not x = gelu(h) as well
-            x_src, ctx.gelu_approximate = gelu
+        ctx.redo, ctx.gathered = None, False
+        if wants_w and recompute is not None:  # keep what x is made from (another node keeps it), not x as well
+            x_src, ctx.redo = recompute.source, recompute.redo
             ctx.x_shape, ctx.cast_to = x2d.shape, (base_dtype if base_dtype == dtype else None)
         elif wants_w and [kind for kind, *_ in slices].count("weight") == 1:
             index, v = next((s[1], v) for s, v in zip(slices, values) if s[0] == "weight")
@@ -255,8 +240,8 @@ class _LinearWithSlice(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x_src, merged, input_columns, *values = ctx.saved_tensors
-        if ctx.gelu_approximate is not None:  # x again, bit for bit: the same kernel on the same input
-            x_src = torch.nn.functional.gelu(x_src, approximate=ctx.gelu_approximate).reshape(ctx.x_shape)
+        if ctx.redo is not None:  # x again, bit for bit: the same kernels on the same inputs
+            x_src = ctx.redo(x_src).reshape(ctx.x_shape)
             x_src = x_src.to(ctx.cast_to) if ctx.cast_to is not None else x_src
         grad_x = None
         if ctx.needs_input_grad[0] and merged is None and torch.compiler.is_compiling():
@@ -288,7 +273,7 @@ class _LinearWithSlice(torch.autograd.Function):
                 grads.append(grad_w)
             else:
                 grads.append(grad_out.index_select(1, index["flat"]).float().sum(0) * scale)
-        ctx.weight = None
+        ctx.weight = ctx.redo = None
         return (grad_x, *([None] * (VALUES_AT - 1)), *grads)
 
 
@@ -565,13 +550,16 @@ class Linear(nn.Module, SliceLayer):
     """Slice of an `nn.Linear`: row tiles of the weight, elements of the bias.
 
     `input_grad_columns`: None (the whole input gradient), or the only input columns whose gradient anything reads,
-    set for one call of its block by `modulation.ModulationInputGrad`.
+    set for one call of its block by `modulation.ModulationInputGrad`. `norm_input`: None, or where a Wan block's
+    norm fed this call's input, set for one call of its block by `recompute.py`'s block hooks.
     """
 
     def __init__(self, base_layer: nn.Linear, adapter_name: str, entries: dict, init_weights=True, **kwargs):
         super().__init__()
         SliceLayer.__init__(self, base_layer, **kwargs)
         self.input_grad_columns: Optional[torch.Tensor] = None
+        self.norm_input = None
+        self._norm_input_checked: dict = {}  # (dtypes, rows): whether the recomputed input matched bit for bit
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, entries, init_weights=init_weights)
 
@@ -601,8 +589,9 @@ class Linear(nn.Module, SliceLayer):
             base_dtype = dtype if autocast else weight.dtype
             owned = weight is not base.weight
             if torch.is_grad_enabled() and (x2d.requires_grad or any(v.requires_grad for v in values)):
+                recompute = gelu_input(x) or norm_input(x, self.norm_input, self._norm_input_checked)
                 result = _LinearWithSlice.apply(x2d, weight, base.bias, owned, base_dtype, dtype, tuple(slices),
-                                                self.input_grad_columns, _gelu_input(x), *values)
+                                                self.input_grad_columns, recompute, *values)
             else:
                 result = _linear_with_slice(x2d, weight, base.bias, owned, base_dtype, tuple(slices), values)[0]
             return result.view(*x.shape[:-1], result.shape[-1])

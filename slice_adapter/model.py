@@ -12,6 +12,7 @@ from peft.tuners.tuners_utils import BaseTuner, _ExcludedModule
 from .config import SliceConfig
 from . import _module_imported
 from .layer import Elementwise, Linear, ParamSlice, SliceLayer
+from .recompute import install_block_hooks, remove_block_hooks
 from .selection import (
     ADAPTER_CHILD,
     SlicePlan,
@@ -85,6 +86,7 @@ class SliceModel(BaseTuner):
             module_name, _, pname = name.rpartition(".")
             owners.setdefault(module_name, {})[pname] = (plan.layouts[name], tiles)
         self._injection_owners = owners
+        install_block_hooks(model)  # the inputs a Wan block's norms feed are recomputed in backward, not kept
         excluded = set()
         if config.exclude_modules:  # tell PEFT what was excluded, or it warns that nothing was
             kept = {lay.name for lay in plan.layouts.values()}
@@ -126,6 +128,11 @@ class SliceModel(BaseTuner):
         if not any(True for _ in target.children()):
             return Elementwise(target, adapter_name, entries, init_weights=config.init_weights)
         return ParamSlice(target, adapter_name, entries, init_weights=config.init_weights)
+
+    def _unload_and_optionally_merge(self, *args, **kwargs):
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        remove_block_hooks(model)
+        return model
 
     def _replace_module(self, parent, child_name, new_module, child) -> None:
         if new_module is None:  # a ParamSlice unloaded itself: drop the child

@@ -68,12 +68,18 @@ class ModulationInputGrad:
                 yield layer
 
 
+def runs_wan_block_forward(module: nn.Module) -> bool:
+    """Whether `module` runs diffusers' `WanTransformerBlock.forward` itself (the structure this package's block
+    rules are read from), not a forward of its own."""
+    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+
+    return getattr(type(module), "forward", None) is WanTransformerBlock.forward and "forward" not in module.__dict__
+
+
 def modulation_input_grad(owner: nn.Module) -> Optional[ModulationInputGrad]:
     """A `ModulationInputGrad` for `owner` if it runs diffusers' `WanTransformerBlock.forward` (the structure the
     rule above is read from) with a (1, 6, dim) `scale_shift_table`, else None."""
-    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
-
-    if getattr(type(owner), "forward", None) is not WanTransformerBlock.forward or "forward" in owner.__dict__:
+    if not runs_wan_block_forward(owner):
         return None
     table = getattr(owner, "scale_shift_table", None)
     if table is None or tuple(table.shape[:2]) != (1, 6):

@@ -3,6 +3,7 @@
 - the first block's modulation slice gets its gradient from the q/k/v input columns it holds (modulation.py): the same
   gradients as the dense model, fewer matmul FLOPs, and the whole input gradient wherever anything upstream trains;
 - the FFN's hidden activation is not kept a second time for the tiles' gradient: it is recomputed from gelu's input;
+- nor are the inputs a block's norms feed (q/k/v, attn2's q, the FFN's input): recomputed from the norm's input;
 - a compiled step keeps no patched copy of a sliced weight from forward to backward;
 - a product of a sliced norm weight or modulation table with an activation keeps only the held columns of it.
 """
@@ -192,7 +193,7 @@ def test_recomputing_the_ffn_hidden_activation_gives_the_same_gradients_bit_for_
 
     inputs = wan_inputs()
     recomputed = slice_grads(sliced_model(), inputs, autocast)
-    monkeypatch.setattr(layer, "_gelu_input", lambda x: None)
+    monkeypatch.setattr(layer, "gelu_input", lambda x: None)
     kept = slice_grads(sliced_model(), inputs, autocast)
     assert recomputed.keys() == kept.keys()
     for name in kept:
@@ -206,6 +207,138 @@ def test_under_saved_tensor_hooks_the_ffn_input_is_kept_as_it_is():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t.shape) or t, lambda t: t):
         _, node, gelu = ffn_out_node(model, wan_inputs())
     assert node.saved_tensors[0].shape == (TOKENS, TINY_WAN["ffn_dim"])  # x itself, 2-D
+
+
+# -- the inputs a block's norms feed: the tiles' gradient recomputes them from the norm's input -------------------
+NORM_FED = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn2.to_q", "ffn.net.0.proj")
+
+
+def slice_nodes(model, inputs, block, paths=NORM_FED, autocast=False, dtype=None):
+    """{path: (the layer's input x, its _LinearWithSliceBackward node)} for one forward of `model`."""
+    captured = {}
+    handles = [model.blocks[block].get_submodule(p).register_forward_hook(
+        lambda module, args, out, p=p: captured.update({p: (args[0], out)})) for p in paths]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        model(**inputs, return_dict=False)
+    for h in handles:
+        h.remove()
+    nodes = {}
+    for p, (x, out) in captured.items():
+        node = out.grad_fn
+        while type(node).__name__ != "_LinearWithSliceBackward":
+            node = node.next_functions[0][0]
+        nodes[p] = (x, node)
+    return nodes
+
+
+def layer_norm_input(x):
+    """The input the LayerNorm's autograd node keeps, found from x's graph (`.type_as`, `+ shift`, `* (1 + scale)`)."""
+    node = x.grad_fn
+    while type(node).__name__ != "NativeLayerNormBackward0":
+        node = node.next_functions[0][0]
+    return node._saved_input
+
+
+@pytest.mark.parametrize("target", [None, "linear-only"], ids=["default", "linear-only"])
+def test_the_inputs_a_block_s_norms_feed_are_not_kept_a_second_time(target):
+    config = {} if target is None else dict(target_modules=r"blocks\.\d+\.(attn1|attn2|ffn)\..*")
+    model = sliced_model(**config)
+    model.train()
+    for path, (x, node) in slice_nodes(model, wan_inputs(), block=1).items():
+        kept, h = node.saved_tensors[0], layer_norm_input(x)
+        assert kept.data_ptr() == h.data_ptr() and kept.shape == h.shape, path  # the norm's own input, not x
+        assert kept.data_ptr() != x.data_ptr(), path
+
+
+def test_where_the_first_block_s_input_carries_no_gradient_its_q_k_v_keep_their_input():
+    # nothing before block 0 trains: its norm1 has no node that keeps its input, so x itself is kept
+    model = sliced_model(target_modules=r"blocks\.\d+\.(attn1|attn2|ffn)\..*")
+    nodes = slice_nodes(model, wan_inputs(), block=0)
+    for path in ("attn1.to_q", "attn1.to_k", "attn1.to_v"):
+        x, node = nodes[path]
+        assert node.saved_tensors[0].data_ptr() == x.data_ptr(), path
+    x, node = nodes["ffn.net.0.proj"]  # norm3's input is the residual after attention: it carries gradient
+    assert node.saved_tensors[0].data_ptr() == layer_norm_input(x).data_ptr()
+
+
+@pytest.mark.parametrize("case", ["float32", "bf16-autocast", "bf16-weights"])
+def test_recomputing_the_norm_fed_inputs_gives_the_same_gradients_bit_for_bit(case, monkeypatch):
+    import slice_adapter.layer as layer
+
+    dtype = torch.bfloat16 if case == "bf16-weights" else torch.float32
+    inputs = wan_inputs(dtype=dtype)
+
+    def grads():
+        model = make_wan(dtype=dtype)
+        model.add_adapter(SliceConfig(fraction=0.25, slice_id=1, init_weights=False))
+        if dtype != torch.float32:  # the base stays bf16; the slice's values train in float32
+            slice_adapter.model.cast_slice_values(model, "default", True)
+        return slice_grads(model, inputs, autocast=case == "bf16-autocast"), model
+
+    recomputed, model = grads()
+    checked = [ok for _, layer in slice_adapter.model.slice_layers(model)
+               for ok in getattr(layer, "_norm_input_checked", {}).values()]
+    assert len(checked) == 7 and all(checked)  # block 0: attn2's q and the FFN; block 1: all five
+    monkeypatch.setattr(layer, "norm_input", lambda x, site, checked: None)
+    kept, _ = grads()
+    assert recomputed.keys() == kept.keys() and len(kept) > 10
+    for name in kept:
+        assert torch.equal(recomputed[name], kept[name]), name
+
+
+def test_a_norm_input_that_does_not_recompute_exactly_is_kept_and_logged(monkeypatch, caplog):
+    import slice_adapter.recompute as recompute
+
+    monkeypatch.setattr(recompute, "_eps_of", lambda norm: 0.5)  # not the eps the block's norms use
+    model = sliced_model()
+    with caplog.at_level("WARNING", logger="slice_adapter.recompute"):
+        nodes = slice_nodes(model, wan_inputs(), block=1)
+    for path, (x, node) in nodes.items():
+        assert node.saved_tensors[0].data_ptr() == x.data_ptr(), path
+    assert "not what diffusers' WanTransformerBlock.forward computes" in caplog.text
+    inputs = wan_inputs()
+    slice_grads(model, inputs)
+    assert_slice_grads_equal_dense(model, dense_reference_grads(model, inputs)[0])
+
+
+def test_under_saved_tensor_hooks_the_norm_fed_inputs_are_kept_as_they_are():
+    model = sliced_model()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        nodes = slice_nodes(model, wan_inputs(), block=1)
+    for path, (x, node) in nodes.items():
+        assert node.saved_tensors[0].shape == x.reshape(-1, x.shape[-1]).shape, path
+        assert node.saved_tensors[0].data_ptr() == x.data_ptr(), path
+
+
+def test_the_block_hooks_set_the_norm_input_for_one_call_only_and_not_for_per_token_modulation():
+    from slice_adapter.recompute import _enter_block, _leave_block
+
+    model = sliced_model()
+    block = model.blocks[0]
+    to_q = block.attn1.to_q
+    assert to_q.norm_input is None
+    _enter_block(block, (None, None, torch.zeros(1, 6, DIM), None), {})
+    assert to_q.norm_input is not None and to_q.norm_input.rows == (0, 1)
+    assert block.attn2.to_q.norm_input.rows is None and block.ffn.net[0].proj.norm_input.rows == (3, 4)
+    _leave_block(block, (), {}, None)
+    assert to_q.norm_input is None
+    _enter_block(block, (None, None, torch.zeros(1, TOKENS, 6, DIM), None), {})  # Wan 2.2 TI2V: tokens wide
+    assert to_q.norm_input is None
+
+
+def test_unloading_the_slice_removes_the_block_hooks():
+    from peft.tuners.tuners_utils import BaseTuner
+
+    from slice_adapter.model import SliceModel
+    from slice_adapter.recompute import _enter_block
+
+    model = make_wan()
+    tuner = SliceModel(model, SliceConfig(fraction=0.25), "default")
+    assert isinstance(tuner, BaseTuner)
+    assert all(_enter_block in b._forward_pre_hooks.values() for b in model.blocks)
+    tuner.unload()
+    assert not any(_enter_block in b._forward_pre_hooks.values() or b._forward_hooks for b in model.blocks)
+    model(**wan_inputs())  # the model runs as it did before the slice
 
 
 # -- torch.compile: the compiled step keeps no copy of a sliced weight from forward to backward ---------------------
