@@ -146,11 +146,12 @@ LINEAR_ONLY_WHY = {
                      "matmul over each Linear's input for their own gradient (the tiles', LoRA's A)",
     "step ≤ 1.05× frozen": "inside this machine's round-to-round spread (see the min–max ranges): the tiles' gradient "
                            "is one batched matmul over each Linear's input",
-    "activation memory ≤ 1.1× frozen": "the tiles' gradient reads the input of each sliced Linear, and three of a "
-                                       "block's inputs no frozen op keeps: attn1's q/k/v input (one tensor), attn2's "
-                                       "query input and the FFN's input, 3 tokens x width per block (the FFN's "
-                                       "hidden activation, tokens x ffn, is recomputed from gelu's input); LoRA's A "
-                                       "gradient reads the same inputs and keeps more (see its row)",
+    "activation memory ≤ 1.1× frozen": "the tiles' gradient reads the input of each sliced Linear; backward "
+                                       "recomputes those a block's norms feed from the norm's input and the FFN's "
+                                       "hidden activation from gelu's (`slice_adapter/recompute.py`), except where "
+                                       "the norm's input carries no gradient (the first block's q/k/v input, kept "
+                                       "whole: one tokens x width tensor); LoRA's A gradient keeps every input it "
+                                       "reads (see its row)",
 }
 
 

@@ -1,10 +1,10 @@
 """Inputs of sliced Linears that backward recomputes from a tensor other autograd nodes keep anyway.
 
 The tiles' gradient reads the Linear's input x, which the frozen base never keeps (its input gradient needs W
-alone): kept, x is one more activation per sliced input, tokens x width (measured on Wan 1.3B's width: three of a
-block's eighteen kept activations, the step's tensor peak 1.14-1.16x the frozen base's). Where x is a cheap function
-of a tensor autograd keeps for another node, that tensor is kept instead and x is computed again in backward, bit
-for bit (the same kernels on the same inputs):
+alone): kept, x is one more activation per sliced input, tokens x width (on Wan 1.3B's width, three of a block's
+eighteen kept activations; measured on the CPU sweep, the step's tensor peak fell from 1.14-1.16x the frozen base's
+to 1.03-1.06x once they were recomputed). Where x is a cheap function of a tensor autograd keeps for another node,
+that tensor is kept instead and x is computed again in backward, bit for bit (the same kernels on the same inputs):
 - x = gelu(h), the input of a Wan FFN's `net.2`: gelu's node keeps h;
 - x = norm2(h), attn2's q input, and x = norm1(h) * (1 + scale) + shift, attn1's q/k/v input (norm3 and its rows
   for the FFN's input): the LayerNorm's node keeps h; scale and shift are rows of the block's modulation, one per

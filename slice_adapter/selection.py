@@ -16,10 +16,12 @@ The design, in three steps:
    its ranks run band by band (the bands in a keyed order, the tiles of a band, over all rows, in a keyed
    permutation), so a small slice's tiles in one matrix read one band of its input. Why: the tiles' gradient reads
    the input columns they cover, which training must keep from forward to backward; a band keeps 1/8 of a 1.3B
-   Linear's input instead of all of it (measured: the step's activation memory 1.14x -> 1.06-1.08x the frozen
-   base's). Not the default: in the quality study a concept trained before another forgot about twice as much (+52 %
-   against +25 % plain, +6.8 % against +3.3 % with distill preservation). "scattered" (default): one permutation over
-   all tiles, also the order of slices saved before tile orders were recorded.
+   Linear's input instead of all of it (measured before the inputs a block's norms feed were recomputed,
+   `recompute.py`: the step's activation memory 1.14x -> 1.06-1.08x the frozen base's; that recompute serves both
+   orders, so a band now saves the first block's q/k/v input alone). Not the default: in the quality study a concept
+   trained before another forgot about twice as much (+52 % against +25 % plain, +6.8 % against +3.3 % with distill
+   preservation). "scattered" (default): one permutation over all tiles, also the order of slices saved before tile
+   orders were recorded.
 3. Windows. Slice k at fraction f takes the ranks [floor(k f N + u), floor((k+1) f N + u)) where u in [0, 1) is a
    per-parameter offset: a golden-ratio (Weyl) sequence over the block index plus a hash of the block-free name, so
    the rounding of f N to whole tiles evens out over the blocks.
