@@ -141,24 +141,24 @@ def _enter_block(block: nn.Module, args: tuple, kwargs: dict) -> None:
     if not isinstance(temb, torch.Tensor) or temb.ndim != 3:  # Wan 2.2 TI2V's per-token modulation: tokens wide
         return
     call = _BlockCall(block, temb)
-    for _, layer, norm, rows in _norm_fed_layers(block):
+    for layer, norm, rows in _norm_fed_layers(block):
         layer.norm_input = NormInput(call, _eps_of(norm), rows)
 
 
 def _leave_block(block: nn.Module, args: tuple, kwargs: dict, output) -> None:
-    for _, layer, _, _ in _norm_fed_layers(block):
+    for layer, _, _ in _norm_fed_layers(block):
         layer.norm_input = None
 
 
 def _norm_fed_layers(block: nn.Module):
-    """(path, slice Linear, norm, rows) for the Linears of `block` that a norm feeds and a slice wraps."""
+    """(slice Linear, norm, rows) for the Linears of `block` that a norm feeds and a slice wraps."""
     for path, (norm_name, rows) in NORM_INPUTS.items():
         try:
             layer, norm = block.get_submodule(path), block.get_submodule(norm_name)
         except AttributeError:
             continue
         if hasattr(layer, "norm_input"):  # a slice `Linear` (layer.py imports this module, not back)
-            yield path, layer, norm, rows
+            yield layer, norm, rows
 
 
 def _eps_of(norm: nn.Module) -> float:

@@ -164,23 +164,37 @@ def test_a_block_with_its_own_forward_keeps_the_whole_input_gradient():
     assert modulation_input_grad(block) is None
 
 
+NORM_FED = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn2.to_q", "ffn.net.0.proj")
+
+
+def slice_nodes(model, inputs, block, paths=NORM_FED):
+    """{path: (the layer's input x, its _LinearWithSliceBackward node)} for one forward of `model`."""
+    captured = {}
+    handles = [model.blocks[block].get_submodule(p).register_forward_hook(
+        lambda module, args, out, p=p: captured.update({p: (args[0], out)})) for p in paths]
+    model(**inputs, return_dict=False)
+    for h in handles:
+        h.remove()
+    nodes = {}
+    for p, (x, out) in captured.items():
+        node = out.grad_fn
+        while type(node).__name__ != "_LinearWithSliceBackward":
+            node = node.next_functions[0][0]
+        nodes[p] = (x, node)
+    return nodes
+
+
 # -- the FFN's hidden activation: the tiles' gradient recomputes it from gelu's input ------------------------------
 def ffn_out_node(model, inputs):
-    """(the loss, the autograd node of blocks.1.ffn.net.2's slice matmul, the gelu node that feeds it)."""
-    captured = {}
-    layer = model.blocks[1].ffn.net[2]
-    layer.register_forward_hook(lambda module, args, out: captured.update(out=out, x=args[0]))
-    loss = loss_of(model, inputs)
-    node = captured["out"].grad_fn
-    while type(node).__name__ != "_LinearWithSliceBackward":
-        node = node.next_functions[0][0]
-    return loss, node, captured["x"].grad_fn
+    """(the autograd node of blocks.1.ffn.net.2's slice matmul, the gelu node that feeds it)."""
+    x, node = slice_nodes(model, inputs, block=1, paths=("ffn.net.2",))["ffn.net.2"]
+    return node, x.grad_fn
 
 
 def test_the_ffn_hidden_activation_is_not_kept_twice():
     model = sliced_model()
     model.train()
-    _, node, gelu = ffn_out_node(model, wan_inputs())
+    node, gelu = ffn_out_node(model, wan_inputs())
     assert type(gelu).__name__ == "GeluBackward0"
     kept = node.saved_tensors[0]  # what the tiles' gradient reads x from
     assert kept.data_ptr() == gelu._saved_self.data_ptr()  # gelu's own input, which gelu's backward keeps anyway
@@ -205,32 +219,11 @@ def test_under_saved_tensor_hooks_the_ffn_input_is_kept_as_it_is():
     model = sliced_model()
     packed = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t.shape) or t, lambda t: t):
-        _, node, gelu = ffn_out_node(model, wan_inputs())
+        node, gelu = ffn_out_node(model, wan_inputs())
     assert node.saved_tensors[0].shape == (TOKENS, TINY_WAN["ffn_dim"])  # x itself, 2-D
 
 
 # -- the inputs a block's norms feed: the tiles' gradient recomputes them from the norm's input -------------------
-NORM_FED = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn2.to_q", "ffn.net.0.proj")
-
-
-def slice_nodes(model, inputs, block, paths=NORM_FED, autocast=False, dtype=None):
-    """{path: (the layer's input x, its _LinearWithSliceBackward node)} for one forward of `model`."""
-    captured = {}
-    handles = [model.blocks[block].get_submodule(p).register_forward_hook(
-        lambda module, args, out, p=p: captured.update({p: (args[0], out)})) for p in paths]
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        model(**inputs, return_dict=False)
-    for h in handles:
-        h.remove()
-    nodes = {}
-    for p, (x, out) in captured.items():
-        node = out.grad_fn
-        while type(node).__name__ != "_LinearWithSliceBackward":
-            node = node.next_functions[0][0]
-        nodes[p] = (x, node)
-    return nodes
-
-
 def layer_norm_input(x):
     """The input the LayerNorm's autograd node keeps, found from x's graph (`.type_as`, `+ shift`, `* (1 + scale)`)."""
     node = x.grad_fn
