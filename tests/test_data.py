@@ -158,6 +158,29 @@ def test_resize_center_crop_and_aspect_assignment(tmp_path):
     assert y.shape == (3, 1, 64, 32) and y[:, :, :, :12].max() < -0.9 and y[:, :, :, 20:].min() > 0.9
 
 
+@pytest.mark.parametrize("bucket", [Bucket(96, 64, 5), Bucket(48, 48, 5), Bucket(128, 96, 5)],
+                         ids=["same_size", "crop_downscale", "crop_upscale"])
+def test_video_frames_match_pil_reference_pixel_for_pixel(tmp_path, bucket):
+    """load_clip's frame conversion (rgb24 array, PIL only when the size changes) gives exactly the pixels of
+    PyAV's to_image() + ImageOps.fit(bicubic, centered); for a same-size bucket that fit is an identity."""
+    import av
+    from PIL import Image, ImageOps
+
+    frames = np.random.default_rng(0).integers(0, 256, (9, 64, 96, 3), dtype=np.uint8)  # texture: any drift shows
+    path = str(tmp_path / "noise.mp4")
+    write_video(path, frames)
+    with av.open(path) as container:
+        images = [f.to_image() for f in container.decode(video=0)]
+    idx = frame_indices(len(images), bucket.num_frames)
+    fit = [np.asarray(ImageOps.fit(images[i], bucket[:2], Image.BICUBIC, centering=(0.5, 0.5))) for i in idx]
+    if bucket[:2] == images[0].size:  # the claim load_clip's skip of PIL rests on
+        assert all(np.array_equal(a, np.asarray(images[i])) for a, i in zip(fit, idx))
+    x = load_clip(path, None, "video", bucket)
+    assert x.shape == (3, bucket.num_frames, bucket.height, bucket.width)
+    got = ((x + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+    np.testing.assert_array_equal(got, np.stack(fit))
+
+
 # ----------------------------------------------------------------------------- robustness
 
 
