@@ -3,6 +3,7 @@
     python benchmarks/run_all.py                    # the full run (35-40 minutes on 2 busy CPU cores)
     python benchmarks/run_all.py --smoke            # seconds-long sizes, written to a temp folder (CI)
     python benchmarks/run_all.py --only merge       # re-measure some sections, keep the others' results
+    python benchmarks/run_all.py --only decode      # PyAV against torchcodec: from a venv with torchcodec only
     python benchmarks/run_all.py --from-json benchmarks/results/cpu   # re-render from the saved JSON results
     python benchmarks/run_all.py --gpu-results DIR  # after the GPU check (gpu_check.sh): its files into the report
 """
@@ -24,9 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("train_step", "train_depth", "inference", "merge", "plan", "quality")
+BENCHMARKS = ("train_step", "train_depth", "inference", "merge", "plan", "quality", "decode")
+# full-size runs measure these only when named: torchcodec loads beside a CUDA build of torch only, so its comparison runs from a venv that
+# has one (`--only decode`); a run without it would replace the measured comparison with PyAV alone
+ON_REQUEST = ("decode",)
 SCRIPTS = {"train_step": "bench_train_step.py", "train_depth": "bench_train_step.py", "inference": "bench_inference.py",
-           "merge": "bench_merge.py", "plan": "bench_plan.py", "quality": "quality.py"}
+           "merge": "bench_merge.py", "plan": "bench_plan.py", "quality": "quality.py", "decode": "bench_decode.py"}
 EXTRA_ARGS = {"train_depth": ["--depth"]}
 RESULTS_DIR = HERE / "results" / "cpu"  # the JSON behind BENCHMARKS.md
 QUALITY_PLOT = "quality_loss_curves.png"
@@ -345,9 +349,10 @@ def section_loader(loader: dict, sweep: dict | None) -> str:
         "Workers overlap decoding with the training step; they do not make one decode faster, so where every core "
         "is busy (as on this shared 2-core machine) they cannot raise clips/s. The seek skips decoding up to the "
         "keyframe before a clip's first frame: it saves most on long videos, and nothing on a clip shorter than "
-        "the encoder's keyframe interval (libx264: 250 frames), whose only keyframe is frame 0. torchcodec (what "
-        "`datasets`' Video feature decodes with) could not be measured against PyAV: it links FFmpeg's shared "
-        "libraries, which this machine does not have (PyAV's wheels carry their own), so PyAV stays.",
+        "the encoder's keyframe interval (libx264: 250 frames), whose only keyframe is frame 0. Each frame is "
+        "converted to RGB with one thread (`to_ndarray(format=\"rgb24\", threads=1)`): FFmpeg's threaded "
+        "conversion of one frame at a time cost about 7 ms a frame more on this busy CPU, for the same pixels. "
+        "PyAV against torchcodec (what `datasets`' Video feature decodes with): section 5.",
     ]
     if step:
         text += ["", f"The training step consumes one clip per step: on this CPU a slice step at {step[0]:,} tokens "
@@ -569,6 +574,81 @@ def section_plan(data: dict) -> str:
         "",
         common.md_table(["operation", "model weights", "selected weights", "time", "peak RSS", "command"], rows),
     ])
+
+
+def section_decode(data: dict) -> str:
+    """PyAV (load_clip's decode) against torchcodec (`datasets`' Video decoder) per clip; which the loader uses."""
+    st, ver = data["setup"], data["versions"]
+    tc_error = data.get("torchcodec_error")
+    rows, tc_x, equal = [], [], True
+    for case in data["cases"]:
+        res = case["results"]
+
+        def cell(method):
+            r = res.get(method)
+            if r is None:
+                return "not measured" + (" (failed)" if method in data.get("method_errors", {}) else "")
+            return _s(r["s_per_clip"])
+
+        ratios, diffs = [], {}
+        for method, label in (("torchcodec_exact", "exact"), ("torchcodec_approximate", "approximate")):
+            if method in res:
+                tc_x.append(res[method]["x_pyav"]["median"])
+                ratios.append(f"{label} {_x(res[method]['x_pyav'])}")
+                diffs[label] = res[method]["check"]["max_abs_diff"]
+        indices = all(r["check"]["indices_ok"] for r in res.values())
+        equal &= indices and all(d == 0 for d in diffs.values())
+        same = ("yes, bit for bit" if all(d == 0 for d in diffs.values()) else "max abs diff " + ", ".join(
+            f"{label} {'— (shape differs)' if d is None else d}" for label, d in diffs.items())) if diffs else "—"
+        rows.append([f"{case['name']}" + (f", seek from keyframe {case['seek_keyframe']}" if case["first"] else ""),
+                     cell("pyav"), cell("torchcodec_exact"), cell("torchcodec_approximate"),
+                     "<br>".join(ratios) or "—",
+                     same + ("; right frames" if indices else "; **wrong frames**"),
+                     cell("pyav_ffmpeg_threads")])
+    threads = st["decoder_threads"]
+    thread_text = ("the FFmpeg decoder threads FFmpeg chooses" if threads == 0 else "one FFmpeg decoder thread"
+                   if threads == 1 else f"{threads} FFmpeg decoder threads")
+    tc_ffmpeg = ver.get("torchcodec_ffmpeg")
+    tc_ffmpeg = tc_ffmpeg.get("ffmpeg_version", "?") if isinstance(tc_ffmpeg, dict) else tc_ffmpeg
+    if tc_x and min(tc_x) > 1:
+        speed = (f"PyAV is faster: torchcodec takes {min(tc_x):.2f}–{max(tc_x):.2f}× its time per clip (medians), "
+                 "now that load_clip converts each frame to RGB with one thread (`to_ndarray(..., threads=1)`)")
+    elif tc_x:
+        speed = (f"torchcodec takes {min(tc_x):.2f}–{max(tc_x):.2f}× PyAV's time per clip (medians), not gain "
+                 "enough to outweigh the rest")
+    else:
+        speed = f"torchcodec could not be measured in this run ({tc_error or 'see method_errors in the JSON'})"
+    text = [
+        "## 5. Video decoding: PyAV against torchcodec (CPU)",
+        "",
+        f"One {st['width']}x{st['height']} clip of {data['cases'][0]['frames']} frames decoded to uint8 RGB, the file "
+        "opened afresh per clip as the loader does. *PyAV*: `slice_ft.data.load_clip`'s decode (its "
+        "`_frames_from` seek to the keyframe before the first frame, `to_ndarray(format=\"rgb24\", threads=1)`), "
+        f"without the resize; *torchcodec*: `VideoDecoder(path, device=\"cpu\", dimension_order=\"NHWC\", "
+        "seek_mode=...).get_frames_in_range(...)` (*exact* scans the whole file first, *approximate* does not). "
+        f"Both with {thread_text}; the last column is load_clip as it runs, the thread count "
+        f"left to FFmpeg. Test videos: libx264 {st['encoder'].split()[1]}, {st['fps']} fps, every frame carrying its "
+        f"index (checked). {st['repeats']} interleaved rounds, order rotated each round; time median (min–max), "
+        "ratio per round. Versions: PyAV " + f"{ver['av']} (its own FFmpeg {ver.get('av_ffmpeg')})"
+        + (f", torchcodec {ver['torchcodec']} (the system's FFmpeg {tc_ffmpeg}), torch {ver['torch']}"
+           if ver.get("torchcodec") else f", torch {ver['torch']}; torchcodec not importable: {tc_error}") + ".",
+        "",
+        common.md_table(["case", "PyAV, per clip", "torchcodec exact", "torchcodec approximate",
+                         "torchcodec ÷ PyAV (wall)", "frames equal", "PyAV, FFmpeg's threads (load_clip as is)"],
+                        rows),
+        "",
+        f"**Chosen: PyAV stays.** {speed}" + ("; both decoders give the same pixels" if tc_x and equal else "")
+        + ". PyAV's wheel carries its own FFmpeg, while torchcodec loads the system's FFmpeg shared libraries (4–8), "
+        "which every machine that trains would have to provide; and the PyPI torchcodec wheel is tied to a CUDA torch "
+        "build (it links `libtorch_cuda.so` and `libcudart.so.13`), so it does not load with a CPU torch such as this "
+        "project's main environment's.",
+        "",
+        "Command (in a venv with torchcodec: `python -m venv /tmp/tcvenv && /tmp/tcvenv/bin/pip install torch "
+        "torchcodec -e .`, with FFmpeg's shared libraries installed, e.g. `apt-get install ffmpeg`): "
+        "`/tmp/tcvenv/bin/python benchmarks/bench_decode.py --output benchmarks/results/cpu/decode.json`; without "
+        "torchcodec the script records why and measures PyAV alone.",
+    ]
+    return "\n".join(text)
 
 
 def section_quality(data: dict, plots_rel: str | None) -> str:
@@ -812,6 +892,8 @@ def render(results: dict, output: Path, plots_dir: Path, wall_s: float | None, a
         summary += s
     if "plan" in results:
         sections.append(section_plan(results["plan"]))
+    if "decode" in results:
+        sections.append(section_decode(results["decode"]))
     if "quality" in results:
         sections.append(section_quality(results["quality"], plots_rel
                                         if (plots_dir / QUALITY_PLOT).exists() else None))
@@ -883,7 +965,8 @@ def main(argv=None):
         print(f"GPU results {', '.join(copied)} -> {gpu_report.GPU_RESULTS_DIR}")
         args.from_json = args.from_json or str(RESULTS_DIR)
     raw_argv = list(sys.argv[1:] if argv is None else argv)
-    names = [n.strip() for n in args.only.split(",")] if args.only else list(BENCHMARKS)
+    names = [n.strip() for n in args.only.split(",")] if args.only else [
+        n for n in BENCHMARKS if args.smoke or n not in ON_REQUEST]
     bad = [n for n in names if n not in BENCHMARKS]
     if bad:
         parser.error(f"--only names unknown benchmarks {bad}; choose from {', '.join(BENCHMARKS)}")

@@ -19,6 +19,7 @@ EXPECTED_ROWS = {
     "## 3. Merge": ["plain copy", "Python streaming copy", "merge CLI, end to end", "merge alone"],
     "## 4. Planning": ["build meta model", "plan 0.001", "build + add_adapter 0.001"],
     "## Quality study": ["slice", "lora"],
+    "## 5. Video decoding": ["9-frame clip, whole", "40-frame video, frames 20-28 (seek)"],
 }
 RATIO = re.compile(r"^\d+\.\d+× \(\d+\.\d+–\d+\.\d+\)$")  # median (min–max)
 
@@ -75,6 +76,37 @@ def test_smoke_run_writes_every_table_with_a_row_per_configuration(smoke_report)
     assert all(row[6] == row[7] == "not yet measured" and row[-1].startswith("`python benchmarks/gpu_lowvram.py")
                for row in gpu)
     assert "**Not yet measured**" in section(report, "## GPU (issue 6)")
+
+
+def test_decode_smoke_checks_the_frames_and_records_why_torchcodec_is_missing(tmp_path):
+    # Runs in any environment: without torchcodec (the main one) PyAV is measured alone and the reason is recorded.
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import run_all
+
+    out = tmp_path / "decode.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_decode.py"), "--smoke",
+                           "--output", str(out)], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "decode" and data["smoke"] and not data["method_errors"]
+    assert data["versions"]["av"] and data["versions"]["av_libraries"]["libavcodec"]
+    tc = data["torchcodec_error"] is None
+    assert tc or data["torchcodec_error"].startswith(("ModuleNotFoundError", "ImportError", "RuntimeError", "OSError"))
+    assert [c["first"] for c in data["cases"]] == [0, 20] and 0 < data["cases"][1]["seek_keyframe"] <= 20  # a seek
+    for case in data["cases"]:
+        res = case["results"]
+        expected = {"pyav", "pyav_ffmpeg_threads"} | ({"torchcodec_exact", "torchcodec_approximate"} if tc else set())
+        assert set(res) == expected
+        for r in res.values():
+            assert r["check"]["indices_ok"] and r["check"]["shape"] == [9, 96, 160, 3]
+            assert r["s_per_clip"]["n"] == 2 and r["s_per_clip"]["median"] > 0
+        assert res["pyav_ffmpeg_threads"]["check"]["max_abs_diff"] == 0  # the same decoder, other thread count
+    text = run_all.section_decode(data)
+    rows = first_table(text)
+    assert [row[0].split(", seek from")[0] for row in rows] == EXPECTED_ROWS["## 5. Video decoding"]
+    assert all(row[5].endswith("right frames") for row in rows)
+    assert all(("not measured" in row[2]) != tc for row in rows)
+    assert "PyAV stays" in text and "benchmarks/bench_decode.py --output benchmarks/results/cpu/decode.json" in text
 
 
 def test_gpu_section_embeds_a_measured_table_when_a_gpu_run_wrote_one(tmp_path):
