@@ -1,13 +1,14 @@
 """Slice tuner layers: the base weights stay untouched; the slice's values are added by the layer's forward.
 
 - `Linear` wraps an `nn.Linear`: the matmul runs on the weight with the slice's tiles written in (in place and
-  restored, or into the copy autocast or an fp8 base makes anyway), so forward and input gradient cost what the base
-  costs; the tiles' gradient is one batched matmul over the segments of x the tiles read, which are all autograd
-  keeps of x: one band of its columns for a banded slice (`selection.py`); where x is gelu(h) or a Wan block's
-  (modulated) norm of h, x is recomputed in backward from h, which gelu's or the norm's node keeps anyway
-  (`recompute.py`). A call that needs no gradient runs without an autograd node. A base layer that cannot be
-  computed that way (one with its own forward) is called as it is and the tiles are added to its output (gather,
-  batched matmul, `index_add`).
+  restored, or into the copy autocast or an fp8 base makes anyway; custom ops under torch.compile:
+  `patched_weight.py`), so forward and input gradient cost what the base costs; the tiles' gradient is one batched
+  matmul over the segments of x the tiles read, which are all autograd keeps of x: one band of its columns for a
+  banded slice (`selection.py`); where x is gelu(h) or a Wan block's (modulated) norm of h, x is recomputed in
+  backward from h, which gelu's or the norm's node keeps anyway (`recompute.py`; in a block compiled by
+  `slice_ft.compile`, the compiler's partitioner recomputes it). A call that needs no gradient runs without an
+  autograd node. A base layer that cannot be computed that way (one with its own forward) is called as it is and the
+  tiles are added to its output (gather, batched matmul, `index_add`).
 - `Elementwise` wraps a leaf module with small parameters (norms): it runs the base module with W + delta; the
   activations that W + delta multiplies are kept for backward in the held columns only (`saved_columns.py`).
 - `ParamSlice` serves raw parameters of a container module (`scale_shift_table` on a Wan block): it is attached to
@@ -27,6 +28,7 @@ from torch import nn
 
 from . import _module_imported
 from .modulation import modulation_input_grad
+from .patched_weight import compiled_input_grad, compiled_linear, input_grad, linear_with_slice
 from .recompute import gelu_input, norm_input
 from .saved_columns import held_columns, keep_held_columns
 from .selection import ParamLayout, _hash64
@@ -183,23 +185,6 @@ class _SliceLinearDelta(torch.autograd.Function):
         return grad_result, grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
-def _linear_with_slice(x2d, weight, bias, owned, base_dtype, slices, values):
-    """`_LinearWithSlice`'s forward without autograd (inference calls it directly: no node, nothing saved):
-    (output, x in the matmul's dtype, the patched cast copy of the weight (autocast, fp8) if one was made, else None:
-    backward then patches the weight again)."""
-    w = weight.to(base_dtype)
-    owned = owned or w.dtype != weight.dtype  # a cast copy (not `w is not weight`: under torch.compile `.to` gives a
-    # new tensor even where it copies nothing)
-    merged, originals = _merged_weight(weight, w, owned, slices, values)
-    x_base = x2d.to(base_dtype)
-    try:
-        b = None if bias is None else _patched_bias(bias, base_dtype, slices, values)
-        out2d = torch.nn.functional.linear(x_base, merged, b)
-    finally:
-        _restore_weight(merged, originals)
-    return out2d, x_base, (merged if owned else None)
-
-
 VALUES_AT = 9  # position of the first slice value among `_LinearWithSlice.apply`'s arguments
 
 
@@ -213,14 +198,17 @@ class _LinearWithSlice(torch.autograd.Function):
     model's: the patched entries are round(W + dW) in the matmul's dtype, computed from W in its own dtype (under
     autocast that is what autocast's `F.linear` of the merged fp32 weight computes, bit for bit).
 
-    The weight the matmul uses is either a copy made here (autocast's cast, an fp8 base's dequantized weight, or
-    under torch.compile) and patched, or the base weight itself, patched in place and restored exactly around
-    each matmul (through `.data`, so autograd's version checks of other users of W are not tripped).
+    How the weight is patched for each matmul, and why those matmuls are custom ops under torch.compile:
+    `patched_weight.py`.
     """
 
     @staticmethod
     def forward(ctx, x2d, weight, bias, owned, base_dtype, dtype, slices, input_columns, recompute, *values):
-        out2d, x_base, merged = _linear_with_slice(x2d, weight, bias, owned, base_dtype, slices, values)
+        if torch.compiler.is_compiling():
+            out2d, merged = compiled_linear(x2d, weight, bias, base_dtype, slices, values), None
+            x_base = x2d.to(base_dtype)
+        else:
+            out2d, x_base, merged = linear_with_slice(x2d, weight, bias, owned, base_dtype, slices, values)
         wants_w = any(ctx.needs_input_grad[VALUES_AT:])
         x_src = x_base if base_dtype == dtype else x2d  # the tiles' gradient reads the cast input when it can
         ctx.redo, ctx.gathered = None, False
@@ -235,6 +223,7 @@ class _LinearWithSlice(torch.autograd.Function):
         # base weight itself is patched again in backward
         ctx.save_for_backward(x_src if wants_w else None, merged, input_columns, *values)
         ctx.weight, ctx.slices, ctx.dtype, ctx.x_dtype, ctx.in_features = weight, slices, dtype, x2d.dtype, x2d.shape[1]
+        ctx.base_dtype = base_dtype
         return out2d
 
     @staticmethod
@@ -244,22 +233,12 @@ class _LinearWithSlice(torch.autograd.Function):
             x_src = ctx.redo(x_src).reshape(ctx.x_shape)
             x_src = x_src.to(ctx.cast_to) if ctx.cast_to is not None else x_src
         grad_x = None
-        if ctx.needs_input_grad[0] and merged is None and torch.compiler.is_compiling():
-            grad_x = _input_grad_of_parts(grad_out, ctx.weight, ctx.slices, values, ctx.dtype, input_columns)
-            grad_x = grad_x.to(ctx.x_dtype)
+        if ctx.needs_input_grad[0] and torch.compiler.is_compiling():
+            grad_x = compiled_input_grad(grad_out, ctx.weight, ctx.base_dtype, ctx.x_dtype, input_columns, ctx.slices,
+                                         values)
         elif ctx.needs_input_grad[0]:
-            originals = None
-            if merged is None:
-                merged, originals = _merged_weight(ctx.weight, ctx.weight, False, ctx.slices, values)
-            try:
-                if input_columns is None:
-                    grad_x = grad_out.to(merged.dtype).mm(merged).to(ctx.x_dtype)
-                else:  # only these columns are read (modulation.py): the rest stays zero
-                    part = grad_out.to(merged.dtype).mm(merged.index_select(1, input_columns))
-                    grad_x = grad_out.new_zeros((grad_out.shape[0], merged.shape[1]), dtype=ctx.x_dtype)
-                    grad_x.index_copy_(1, input_columns, part.to(ctx.x_dtype))
-            finally:
-                _restore_weight(merged, originals)
+            grad_x = input_grad(grad_out, ctx.weight, ctx.base_dtype, ctx.x_dtype, input_columns, ctx.slices, values,
+                                merged)
         grads = []
         for k, (kind, index, scale, nmax) in enumerate(ctx.slices):
             if not ctx.needs_input_grad[VALUES_AT + k]:
@@ -275,74 +254,6 @@ class _LinearWithSlice(torch.autograd.Function):
                 grads.append(grad_out.index_select(1, index["flat"]).float().sum(0) * scale)
         ctx.weight = ctx.redo = None
         return (grad_x, *([None] * (VALUES_AT - 1)), *grads)
-
-
-def _input_grad_of_parts(grad_out, weight, slices, values, dtype, input_columns):
-    """grad_out @ (W + dW) as grad_out @ W plus each adapter's tiles' part (bmm, `index_add`), without a patched copy
-    of W. Why: in a compiled backward the copy made for it is merged with forward's, which the compiler then keeps from
-    forward to backward, a weight-sized tensor per sliced Linear (measured: +9 MiB for one 1536 x 1536 Linear)."""
-    tokens = grad_out.shape[0]
-    grad_x = grad_out.to(weight.dtype).mm(weight)
-    for (kind, index, scale, nmax), v in zip(slices, values):
-        if kind != "weight":
-            continue
-        grad_part = _tiles_grad_part(grad_out, index["rows_padded"], index["seg_ids"].numel(), nmax, dtype, scale)
-        part = _tiles_input_grad(grad_part, v, index["slot"], nmax, dtype).to(grad_x.dtype)
-        grad_x = grad_x.view(tokens, -1, v.shape[1]).index_add(1, index["seg_ids"], part).view(tokens, -1)
-    if input_columns is not None:  # the same zeros as the eager path where nothing reads the gradient
-        grad_x = torch.zeros_like(grad_x).index_copy(1, input_columns, grad_x.index_select(1, input_columns))
-    return grad_x
-
-
-def _merged_weight(source, w, owned, slices, values):
-    """(the weight to run the matmul with, the tiles' previous values for `_restore_weight` or None): `w` (`source`
-    or a copy of it made for this matmul, `owned`) with the tiles written in. The base weight itself is patched in
-    place through `.data` (autograd's version checks of other users of W are not tripped) and must be restored;
-    under torch.compile it is cloned instead (no in-place change of a parameter inside a compiled graph)."""
-    if not owned and torch.compiler.is_compiling():
-        w, owned = w.clone(), True
-    target = w if owned else w.data
-    originals = _patch_weight(target, source, slices, values, keep_originals=not owned)
-    return target, (None if owned else originals)
-
-
-def _patch_weight(target, source, slices, values, keep_originals, kind="weight"):
-    """Write round(W + dW) into the entries of `target` (the matmul's weight or bias: `source` itself, or a copy of it
-    in another dtype) that the slices of `kind` hold, adapter after adapter as merging one by one does. W is read
-    from `source` (its own dtype), later adapters add to the entries already written. Returns what `_restore_weight`
-    needs when `keep_originals`."""
-    originals = []
-    first = True
-    for (k, index, scale, _), v in zip(slices, values):
-        if k != kind:
-            continue
-        # weight: tile t (row * segments + segment) is row t of the (-1, width) view; bias: one element per row
-        v = v.detach() if kind == "weight" else v.detach().unsqueeze(1)
-        width, at = v.shape[1], index["tiles" if kind == "weight" else "flat"]
-        rows = target.view(-1, width)
-        current = (source.view(-1, width) if first else rows).index_select(0, at)
-        first = False
-        if keep_originals:
-            originals.append((at, current))
-        acc = torch.float64 if current.dtype == torch.float64 else torch.float32
-        delta = v.to(acc) if scale == 1.0 else v.to(acc) * scale
-        rows.index_copy_(0, at, (current.to(acc) + delta).to(target.dtype))
-    return originals
-
-
-def _restore_weight(target, originals):
-    """Undo `_patch_weight` on a weight patched in place: the exact previous values, last adapter first."""
-    for at, original in reversed(originals or ()):
-        target.view(-1, original.shape[1]).index_copy_(0, at, original)
-
-
-def _patched_bias(bias, dtype, slices, values):
-    """b + db in `dtype` (a new tensor: biases are small)."""
-    if not any(kind == "bias" for kind, _, _, _ in slices):
-        return bias.to(dtype)
-    patched = bias.detach().to(dtype, copy=True)
-    _patch_weight(patched, bias, slices, values, keep_originals=False, kind="bias")
-    return patched
 
 
 def _frozen_linear_weight(base: nn.Module) -> Optional[torch.Tensor]:
@@ -592,8 +503,10 @@ class Linear(nn.Module, SliceLayer):
                 recompute = gelu_input(x) or norm_input(x, self.norm_input, self._norm_input_checked)
                 result = _LinearWithSlice.apply(x2d, weight, base.bias, owned, base_dtype, dtype, tuple(slices),
                                                 self.input_grad_columns, recompute, *values)
+            elif torch.compiler.is_compiling():
+                result = compiled_linear(x2d, weight, base.bias, base_dtype, tuple(slices), values)
             else:
-                result = _linear_with_slice(x2d, weight, base.bias, owned, base_dtype, tuple(slices), values)[0]
+                result = linear_with_slice(x2d, weight, base.bias, owned, base_dtype, tuple(slices), values)[0]
             return result.view(*x.shape[:-1], result.shape[-1])
         result = base(x2d, *args, **kwargs)  # 2-D in: the output is not a view, so it can take the slice in place
         if result._base is not None or not result.is_contiguous():

@@ -13,7 +13,8 @@ The norm rules are read from diffusers' `WanTransformerBlock.forward`: they appl
 run it (block hooks set `Linear.norm_input` for the call), and each layer checks once per dtype that the recomputed
 x equals its input bit for bit before it relies on it. Where the norm's input carries no gradient (the first block
 when nothing before it trains), no node keeps it and x is kept as before. Nothing is recomputed under saved-tensor
-hooks (checkpointing and offloading decide what is kept) or torch.compile (its partitioner does).
+hooks (checkpointing and offloading decide what is kept) or torch.compile (its partitioner does, and in blocks
+compiled by `slice_ft.compile` it recomputes these inputs too).
 
 Why by hand: autograd keeps what each op's own backward needs and cannot be told that a tensor is a cheap function
 of another node's.

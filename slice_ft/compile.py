@@ -3,7 +3,8 @@
 Each block's `forward` is compiled in place (`block.forward = torch.compile(block.forward)`): module names,
 state-dict keys, the slice's parameters and hooks stay as they are, so checkpoints, exact resume, gradient
 checkpointing (which calls the block) and block swap (whose hooks run around the call) see the same modules. The
-slice's own hooks on a block (`scale_shift_table`) run outside the compiled region too.
+slice's own hooks on a block (`scale_shift_table`) run outside the compiled region too. Each call runs with the
+partitioner setting below, so a block compiles to keep for backward what the frozen base's block keeps.
 """
 
 from __future__ import annotations
@@ -13,6 +14,11 @@ from torch import nn
 
 from .choices import COMPILE_MODES
 
+# The partitioner (which decides, when a block compiles, what forward keeps for backward) bans recomputing any
+# activation that backward reads whole, so a sliced Linear's input (gelu's output, the modulated norms), which the
+# tiles' gradient reads, was kept per block beside what it is made from: 1.5x the frozen base's saved activations.
+# Recomputed instead, the slice keeps what the frozen base keeps (measured in benchmarks/bench_train_step.py).
+_RECOMPUTE_INPUTS = torch._functorch.config.patch(ban_recompute_materialized_backward=False)
 
 
 class CompileUnavailable(RuntimeError):
@@ -52,7 +58,8 @@ def compile_blocks(transformer: nn.Module, *, mode: str | None = None, backend: 
     for block in blocks:
         if "forward" in block.__dict__:
             continue  # compiled already
-        block.forward = torch.compile(block.forward, mode=mode, backend=backend, dynamic=dynamic, fullgraph=fullgraph)
+        compiled = torch.compile(block.forward, mode=mode, backend=backend, dynamic=dynamic, fullgraph=fullgraph)
+        block.forward = _RECOMPUTE_INPUTS(compiled)
     # each block is its own code object: the same graph serves them all, so allow one cache entry per block
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 8 * len(blocks))
     return len(blocks)
