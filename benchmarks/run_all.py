@@ -162,15 +162,15 @@ LINEAR_ONLY_WHY = {
 # compiled: the backward computes a sliced Linear's input gradient as W's plus the tiles' part instead of reading a
 # patched copy of W that the compiler would keep from forward to backward (a copy of every sliced weight)
 COMPILED_WHY = {
-    "step ≤ 1.05× frozen": "the compiled backward adds the tiles' part to each sliced Linear's input gradient (one "
-                           "batched matmul and one pass over that gradient) rather than keep a patched copy of every "
-                           "sliced weight from forward to backward, which cost the whole model's size in memory "
-                           "(this table's activation column before the change: 1.80× and 1.75× frozen)",
-    "activation memory ≤ 1.1× frozen": "the compiler's partitioner decides what a compiled block keeps: the tiles' "
-                                       "gradient reads each sliced Linear's input, and the held-columns rule for "
-                                       "norm and modulation products (`slice_adapter/saved_columns.py`) is eager-only, "
-                                       "so the default slice keeps what their gradients read in full (LoRA: see its "
-                                       "row)",
+    "step ≤ 1.05× frozen": "the sliced Linears' matmuls run as custom ops on the patched weight, as eager runs them "
+                           "(`slice_adapter/patched_weight.py`), which the compiler cannot fuse with what surrounds "
+                           "them, and the tiles' gradient is one batched matmul more per Linear",
+    "activation memory ≤ 1.1× frozen": "a compiled block keeps what the frozen base's keeps (`slice_ft/compile.py`), "
+                                       "but its backward makes the FFN's hidden activation again whole for the "
+                                       "tiles' gradient (tokens × FFN width, one block at a time: a share that falls "
+                                       "as blocks are added, see the depth check); and the held-columns rule for norm "
+                                       "and modulation products (`slice_adapter/saved_columns.py`) is eager-only, so "
+                                       "the default slice keeps those products whole (LoRA: see its row)",
 }
 
 
@@ -246,32 +246,40 @@ def section_train_sweep(sweep: dict, plots_rel: str | None) -> tuple[str, list]:
 def section_train_depth(depth: dict) -> tuple[str, list]:
     """The depth check: the default slice's extra over the Linear-only slice and LoRA, at two depths."""
     lay = depth["layout"]
-    by = {(r["blocks"], r["tokens"], r["name"]): r for r in depth["rows"]}
+    compiled_tokens = sorted({r["tokens"] for r in depth["rows"] if r.get("compiled")})
+    by = {(r["blocks"], r["tokens"], r.get("compiled", False), r["name"]): r for r in depth["rows"]}
     summary, rows, notes = [], [], []
     for r in depth["rows"]:
         if not r["name"].startswith("slice"):
             continue
-        label = f"{r['name']} @ {r['tokens']:,} tokens, {r['blocks']} blocks"
-        lin = by.get((r["blocks"], r["tokens"], "slice Linear-only"))
+        compiled = r.get("compiled", False)
+        label = f"{r['name']} @ {r['tokens']:,} tokens, {r['blocks']} blocks" + (", compiled" if compiled else "")
+        lin = by.get((r["blocks"], r["tokens"], compiled, "slice Linear-only"))
         extra = (r["x_base_wall"]["median"] - lin["x_base_wall"]["median"]) if lin and r is not lin else None
         for t in r["targets"]:
-            if t[0] == "step ≤ LoRA's":
-                summary.append(("Training step depth (eager)", label, *t, _why(r["name"]).get(t[0], "")))
+            if t[0] == "step ≤ LoRA's" or (compiled and t[0] == "activation memory ≤ 1.1× frozen"):
+                summary.append((f"Training step depth ({'compiled' if compiled else 'eager'})", label, *t,
+                                _why(r["name"], compiled).get(t[0], "")))
         prof = r.get("profile") if extra is not None else None
         ops = "—"
         if prof:
             ms = prof["ms_per_step_self_cpu"]
             ops = f"{ms[prof['config']] / ms[prof['baseline']]:.3f}×"
             top = ", ".join(f"{op} {d:+.0f} ms ({round(n):+d} calls)" for op, d, n in prof["extra_ops"][:3])
-            notes.append(f"{r['blocks']} blocks, {r['tokens']:,} tokens: {ms[prof['config']]:.0f} against "
+            notes.append(f"{r['blocks']} blocks, {r['tokens']:,} tokens{', compiled' if compiled else ''}: "
+                         f"{ms[prof['config']]:.0f} against "
                          f"{ms[prof['baseline']]:.0f} ms; most of the difference in {top}")
-        rows.append([r["name"], r["blocks"], f"{r['tokens']:,}", _x(r["x_base_wall"]), _x(r["x_base_cpu"]),
-                     _x(r["x_lora_wall"]), "—" if extra is None else f"{extra:+.3f}", ops])
+        act = r.get("activation_x_frozen")
+        rows.append([r["name"] + (" (compiled)" if compiled else ""), r["blocks"], f"{r['tokens']:,}",
+                     _x(r["x_base_wall"]), _x(r["x_base_cpu"]), _x(r["x_lora_wall"]),
+                     "—" if extra is None else f"{extra:+.3f}", ops, "—" if act is None else f"{act:.3f}×"])
     text = [
         "### Training step against depth (CPU)",
         "",
         f"The sweep's layout ({lay['num_attention_heads']} heads × {lay['attention_head_dim']}, ffn {lay['ffn_dim']}, "
-        f"text {depth['text_len']} tokens) with {' and '.join(str(b) for b in depth['blocks'])} blocks, eager, slices "
+        f"text {depth['text_len']} tokens) with {' and '.join(str(b) for b in depth['blocks'])} blocks, eager"
+        + (f" (and compiled at {', '.join(f'{t:,}' for t in compiled_tokens)} tokens)" if compiled_tokens else "")
+        + ", slices "
         f"at fraction {depth['fraction']:g}, LoRA at the rank of equal trainable weights; per depth and token count "
         f"the rows run interleaved with their own frozen base, {_rounds(depth['repeats'])} rounds. The default "
         "slice trains norms and `scale_shift_table` too: their gradients need tokens × width reductions and "
@@ -281,10 +289,12 @@ def section_train_depth(depth: dict) -> tuple[str, list]:
         "× width × width matmuls more, a share that fell as blocks were added). Their products with activations keep "
         "only the held columns of those activations for backward (`slice_adapter/saved_columns.py`), which backward "
         "fills out with zeros again. *default − Linear-only*: what the extra targets cost, in units of the frozen "
-        "step.",
+        "step. *tensor peak*: the step's peak of tensor memory over the frozen base's (as in the sweep); a compiled "
+        "block keeps what the frozen base's keeps, and its backward makes one tokens × FFN-width input again at a "
+        "time, a cost that does not grow with depth.",
         "",
         common.md_table(["configuration", "blocks", "tokens", "× frozen (wall)", "× frozen (CPU)", "× LoRA (wall)",
-                         "default − Linear-only", "op time: default ÷ Linear-only"], rows),
+                         "default − Linear-only", "op time: default ÷ Linear-only", "tensor peak × frozen"], rows),
     ]
     if notes:
         text += ["", "*op time*: the self-CPU time of all ops in one step, profiled over 2 steps after the timing in "
