@@ -10,6 +10,7 @@ partitioner setting below, so a block compiles to keep for backward what the fro
 from __future__ import annotations
 
 import torch
+import torch._functorch.config as functorch_config
 from torch import nn
 
 from .choices import COMPILE_MODES
@@ -18,7 +19,9 @@ from .choices import COMPILE_MODES
 # activation that backward reads whole, so a sliced Linear's input (gelu's output, the modulated norms), which the
 # tiles' gradient reads, was kept per block beside what it is made from: 1.5x the frozen base's saved activations.
 # Recomputed instead, the slice keeps what the frozen base keeps (measured in benchmarks/bench_train_step.py).
-_RECOMPUTE_INPUTS = torch._functorch.config.patch(ban_recompute_materialized_backward=False)
+# (a torch without the option, older than this project's own, keeps its default)
+_RECOMPUTE_INPUTS = functorch_config.patch({
+    k: v for k, v in {"ban_recompute_materialized_backward": False}.items() if hasattr(functorch_config, k)})
 
 
 class CompileUnavailable(RuntimeError):

@@ -584,6 +584,14 @@ def test_compiled_blocks_train_like_eager_and_resume_exactly(tmp_path, corpus):
     assert all(torch.equal(resumed_values[k], compiled_values[k]) for k in compiled_values)
 
 
+def test_the_compile_module_imports_in_a_fresh_interpreter():
+    # it patches torch's functorch config at import: that module must not rely on another import loading it first
+    code = "import slice_ft.compile as c; print(sorted(c._RECOMPUTE_INPUTS.changes))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ban_recompute_materialized_backward" in proc.stdout
+
+
 def test_a_machine_that_cannot_compile_is_told_so_before_anything_loads(monkeypatch):
     import torch._inductor.config as inductor_config
 
