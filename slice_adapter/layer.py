@@ -28,7 +28,7 @@ from torch import nn
 
 from . import _module_imported
 from .modulation import modulation_input_grad
-from .patched_weight import compiled_input_grad, compiled_linear, input_grad, linear_with_slice
+from .patched_weight import input_grad, linear_with_slice
 from .recompute import gelu_input, norm_input
 from .saved_columns import held_columns, keep_held_columns
 from .selection import ParamLayout, _hash64
@@ -204,11 +204,7 @@ class _LinearWithSlice(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2d, weight, bias, owned, base_dtype, dtype, slices, input_columns, recompute, *values):
-        if torch.compiler.is_compiling():
-            out2d, merged = compiled_linear(x2d, weight, bias, base_dtype, slices, values), None
-            x_base = x2d.to(base_dtype)
-        else:
-            out2d, x_base, merged = linear_with_slice(x2d, weight, bias, owned, base_dtype, slices, values)
+        out2d, x_base, merged = linear_with_slice(x2d, weight, bias, owned, base_dtype, slices, values)
         wants_w = any(ctx.needs_input_grad[VALUES_AT:])
         x_src = x_base if base_dtype == dtype else x2d  # the tiles' gradient reads the cast input when it can
         ctx.redo, ctx.gathered = None, False
@@ -233,10 +229,7 @@ class _LinearWithSlice(torch.autograd.Function):
             x_src = ctx.redo(x_src).reshape(ctx.x_shape)
             x_src = x_src.to(ctx.cast_to) if ctx.cast_to is not None else x_src
         grad_x = None
-        if ctx.needs_input_grad[0] and torch.compiler.is_compiling():
-            grad_x = compiled_input_grad(grad_out, ctx.weight, ctx.base_dtype, ctx.x_dtype, input_columns, ctx.slices,
-                                         values)
-        elif ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0]:
             grad_x = input_grad(grad_out, ctx.weight, ctx.base_dtype, ctx.x_dtype, input_columns, ctx.slices, values,
                                 merged)
         grads = []
@@ -503,8 +496,6 @@ class Linear(nn.Module, SliceLayer):
                 recompute = gelu_input(x) or norm_input(x, self.norm_input, self._norm_input_checked)
                 result = _LinearWithSlice.apply(x2d, weight, base.bias, owned, base_dtype, dtype, tuple(slices),
                                                 self.input_grad_columns, recompute, *values)
-            elif torch.compiler.is_compiling():
-                result = compiled_linear(x2d, weight, base.bias, base_dtype, tuple(slices), values)
             else:
                 result = linear_with_slice(x2d, weight, base.bias, owned, base_dtype, tuple(slices), values)[0]
             return result.view(*x.shape[:-1], result.shape[-1])

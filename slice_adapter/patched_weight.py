@@ -22,7 +22,10 @@ import torch
 def linear_with_slice(x2d, weight, bias, owned, base_dtype, slices, values):
     """`x @ (W + dW).T + (b + db)` without autograd (inference calls it directly: no node, nothing saved):
     (output, x in the matmul's dtype, the patched cast copy of the weight (autocast, fp8) if one was made, else None:
-    backward then patches the weight again)."""
+    backward then patches the weight again). Under torch.compile: the custom op, and no copy is returned."""
+    if torch.compiler.is_compiling():
+        out2d = _linear_op(x2d, weight, bias, base_dtype, *_op_args(slices), list(values))
+        return out2d, x2d.to(base_dtype), None
     w = weight.to(base_dtype)
     owned = owned or w.dtype != weight.dtype  # a cast copy
     merged, originals = merged_weight(weight, w, owned, slices, values)
@@ -37,7 +40,10 @@ def linear_with_slice(x2d, weight, bias, owned, base_dtype, slices, values):
 
 def input_grad(grad_out, weight, base_dtype, x_dtype, input_columns, slices, values, merged=None):
     """`grad_out @ (W + dW)` in `x_dtype`; `merged`: forward's patched copy of W where it kept one. With
-    `input_columns`, only those columns are computed (`modulation.py`); the rest stay zero."""
+    `input_columns`, only those columns are computed (`modulation.py`); the rest stay zero. Under torch.compile: the
+    custom op (forward kept no copy there)."""
+    if torch.compiler.is_compiling():
+        return _input_grad_op(grad_out, weight, base_dtype, x_dtype, input_columns, *_op_args(slices), list(values))
     originals = None
     if merged is None:
         w = weight.to(base_dtype)
@@ -116,7 +122,8 @@ def _slices(is_weight, at, scales):
 def _linear_op(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], base_dtype: torch.dtype,
                is_weight: list[bool], at: list[torch.Tensor], scales: list[float],
                values: list[torch.Tensor]) -> torch.Tensor:
-    # W is patched in place and restored before returning: no input is changed when the op ends
+    # runs eagerly (is_compiling() is False here); W is patched in place and restored before returning: no input is
+    # changed when the op ends
     return linear_with_slice(x2d, weight, bias, False, base_dtype, _slices(is_weight, at, scales), values)[0]
 
 
@@ -135,13 +142,3 @@ def _input_grad_op(grad_out: torch.Tensor, weight: torch.Tensor, base_dtype: tor
 @_input_grad_op.register_fake
 def _(grad_out, weight, base_dtype, x_dtype, input_columns, is_weight, at, scales, values):
     return grad_out.new_empty((grad_out.shape[0], weight.shape[1]), dtype=x_dtype)
-
-
-def compiled_linear(x2d, weight, bias, base_dtype, slices, values):
-    """`linear_with_slice`'s output inside a compiled region."""
-    return _linear_op(x2d, weight, bias, base_dtype, *_op_args(slices), list(values))
-
-
-def compiled_input_grad(grad_out, weight, base_dtype, x_dtype, input_columns, slices, values):
-    """`input_grad` inside a compiled region (forward kept no patched copy)."""
-    return _input_grad_op(grad_out, weight, base_dtype, x_dtype, input_columns, *_op_args(slices), list(values))

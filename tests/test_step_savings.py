@@ -362,20 +362,19 @@ def test_a_compiled_step_keeps_no_patched_weight_copy_nor_inputs_and_gives_eager
     from pathlib import Path
 
     from peft import inject_adapter_in_model
-    from torch import nn
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from common import tensor_peak_mb
 
     from slice_ft.compile import compile_blocks
+
     def run(model, x, compiled):
         if compiled:
             compile_blocks(model)  # what --compile does
-        call = model
         x = x.clone().requires_grad_(True)
 
         def step():
-            call(x).square().sum().backward()
+            model(x).square().sum().backward()
 
         for _ in range(2):
             step()
