@@ -6,8 +6,8 @@ from which frames 300..380 are taken (the seek path: both decoders seek to the k
 from there). Every frame carries its index as a block code, so each
 decoder's frames are checked to be the right ones, and torchcodec's are compared with PyAV's pixel by pixel.
 
-*PyAV*: `slice_ft.data._frames_from` (load_clip's seek and frame counting) and load_clip's
-`frame.to_ndarray(format="rgb24", threads=1)` per wanted frame, without the resize (the bucket size is the video's).
+*PyAV*: `slice_ft.data.rgb_frames`, load_clip's decode (its seek and frame counting, and
+`frame.to_ndarray(format="rgb24", threads=1)` per wanted frame), without the resize (the bucket size is the video's).
 *torchcodec*: `VideoDecoder(path, device="cpu", dimension_order="NHWC", seek_mode=..., num_ffmpeg_threads=...)
 .get_frames_in_range(start, stop)`, seek modes "exact" (scans the file first) and "approximate". Each call opens the
 file afresh, as a loader does per clip. Both decode with `--decoder-threads` FFmpeg threads (default 1); *PyAV,
@@ -31,7 +31,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -108,26 +107,22 @@ def make_video(path: str, frames: int, width: int, height: int, gop: int | None)
 
 # -- decoders -----------------------------------------------------------------------------------------------------
 def pyav_clip(path: str, first: int, last: int, threads: int | None):
-    """load_clip's video decode up to uint8 RGB: its stream settings, `_frames_from`, its `to_ndarray` call.
+    """load_clip's video decode up to uint8 RGB: its stream settings and `slice_ft.data.rgb_frames`.
     `threads` sets the decoder's FFmpeg thread count; None leaves it as load_clip does (FFmpeg chooses)."""
     import av
     import numpy as np
 
-    from slice_ft.data import _frames_from
+    from slice_ft.data import rgb_frames
 
     wanted = list(range(first, last + 1))
-    need = Counter(wanted)
     frames = []
     with av.open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"  # as load_clip
         if threads is not None:
             stream.codec_context.thread_count = threads
-        for i, frame in _frames_from(container, stream, wanted[0]):
-            if i in need:
-                frames.extend([frame.to_ndarray(format="rgb24", threads=1)] * need[i])  # as load_clip
-            if i >= wanted[-1]:
-                break
+        for rgb, count in rgb_frames(container, stream, wanted):
+            frames.extend([rgb] * count)
     if len(frames) != len(wanted):
         raise RuntimeError(f"PyAV decoded {len(frames)} of {len(wanted)} frames of {path}")
     return np.stack(frames)

@@ -475,6 +475,18 @@ def _frames_from(container, stream, first: int) -> Iterator[tuple[int, "av.Video
     yield from enumerate(container.decode(stream))
 
 
+def rgb_frames(container, stream, wanted: list[int]) -> Iterator[tuple[np.ndarray, int]]:
+    """(uint8 (H, W, 3) RGB frame, how many times `wanted` lists it) for the sorted frame indices `wanted` (even
+    spreading of short clips may repeat one), decoding from the keyframe before the first."""
+    need = Counter(wanted)
+    for i, frame in _frames_from(container, stream, wanted[0]):
+        if i in need:
+            # threads=1: threaded RGB conversion was >10x slower on a busy CPU; DataLoader workers split clips
+            yield frame.to_ndarray(format="rgb24", threads=1), need[i]
+        if i >= wanted[-1]:
+            break
+
+
 def load_clip(path: Optional[str], data: Optional[bytes], media_type: str, bucket: Bucket, *,
               available_frames: Optional[int] = None, frame_stride: Optional[int] = None) -> torch.Tensor:
     """Decode, sample ``bucket.num_frames`` frames, resize/center-crop to the bucket size.
@@ -490,19 +502,12 @@ def load_clip(path: Optional[str], data: Optional[bytes], media_type: str, bucke
             available_frames = probe_media(path, data, media_type).num_frames
             src = _open_source(path, data)
         wanted = frame_indices(available_frames, bucket.num_frames, frame_stride)
-        need = Counter(wanted)  # even spreading of short clips may repeat an index
         frames = []
         with av.open(src) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            for i, frame in _frames_from(container, stream, wanted[0]):
-                if i in need:
-                    # threads=1: threaded RGB conversion was >10x slower on a busy CPU; DataLoader workers split clips
-                    rgb = frame.to_ndarray(format="rgb24", threads=1)
-                    arr = _resize_crop(rgb, bucket.width, bucket.height)
-                    frames.extend([arr] * need[i])
-                if i >= wanted[-1]:
-                    break
+            for rgb, count in rgb_frames(container, stream, wanted):
+                frames.extend([_resize_crop(rgb, bucket.width, bucket.height)] * count)
         if len(frames) != bucket.num_frames:
             raise ValueError(f"decoded {len(frames)} of {bucket.num_frames} frames "
                              f"(container reports {available_frames}); file is truncated or corrupt")
