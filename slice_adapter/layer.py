@@ -1,13 +1,14 @@
 """Slice tuner layers: the base weights stay untouched; the slice's values are added by the layer's forward.
 
 - `Linear` wraps an `nn.Linear`: the matmul runs on the weight with the slice's tiles written in (in place and
-  restored, or into the copy autocast or an fp8 base makes anyway; custom ops under torch.compile:
-  `patched_weight.py`), so forward and input gradient cost what the base costs; the tiles' gradient is one batched
-  matmul over the segments of x the tiles read, which are all autograd keeps of x: one band of its columns for a
-  banded slice (`selection.py`); where x is gelu(h) or a Wan block's (modulated) norm of h, x is recomputed in
-  backward from h, which gelu's or the norm's node keeps anyway (`recompute.py`; in a block compiled by
-  `slice_ft.compile`, the compiler's partitioner recomputes it). A call that needs no gradient runs without an
-  autograd node. A base layer that cannot be computed that way (one with its own forward) is called as it is and the
+  restored, or into the copy autocast or an fp8 base makes anyway: `patched_weight.py`), so forward and input
+  gradient cost what the base costs; the tiles' gradient is a batched matmul over the segments of x the tiles read
+  (one per chunk of tokens where x is wider than the output), which are all autograd keeps of x: one band of its
+  columns for a banded slice (`selection.py`); where x is gelu(h) or a Wan block's (modulated) norm of h, x is
+  recomputed in backward from h, which gelu's or the norm's node keeps anyway (`recompute.py`; in a block compiled
+  by `slice_ft.compile`, the compiler's partitioner recomputes the norms'). Under torch.compile forward and backward
+  are custom ops (`slice_adapter::linear`, `slice_adapter::linear_backward`). A call that needs no gradient runs
+  without an autograd node. A base layer that cannot be computed that way (one with its own forward) is called as it is and the
   tiles are added to its output (gather, batched matmul, `index_add`).
 - `Elementwise` wraps a leaf module with small parameters (norms): it runs the base module with W + delta; the
   activations that W + delta multiplies are kept for backward in the held columns only (`saved_columns.py`).
@@ -19,6 +20,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 import numpy as np
@@ -29,7 +31,7 @@ from torch import nn
 from . import _module_imported
 from .modulation import modulation_input_grad
 from .patched_weight import input_grad, linear_with_slice
-from .recompute import gelu_input, norm_input
+from .recompute import Recompute, compiled_gelu_input, gelu_input, gelu_of, norm_input
 from .saved_columns import held_columns, keep_held_columns
 from .selection import ParamLayout, _hash64
 
@@ -207,14 +209,13 @@ class _LinearWithSlice(torch.autograd.Function):
         out2d, x_base, merged = linear_with_slice(x2d, weight, bias, owned, base_dtype, slices, values)
         wants_w = any(ctx.needs_input_grad[VALUES_AT:])
         x_src = x_base if base_dtype == dtype else x2d  # the tiles' gradient reads the cast input when it can
-        ctx.redo, ctx.gathered = None, False
+        ctx.x_from = None
         if wants_w and recompute is not None:  # keep what x is made from (another node keeps it), not x as well
-            x_src, ctx.redo = recompute.source, recompute.redo
-            ctx.x_shape, ctx.cast_to = x2d.shape, (base_dtype if base_dtype == dtype else None)
+            x_src, ctx.x_from = recompute.source, dataclasses.replace(recompute, source=None)  # kept once: saved
         elif wants_w and [kind for kind, *_ in slices].count("weight") == 1:
             index, v = next((s[1], v) for s, v in zip(slices, values) if s[0] == "weight")
             if _keeps_segments(index["seg_ids"], x2d.shape[1], v.shape[1]):
-                x_src, ctx.gathered = _gather(x_src, index["seg_ids"], v.shape[1], dtype), True
+                x_src, ctx.x_from = _gather(x_src, index["seg_ids"], v.shape[1], dtype), GATHERED
         # a copy made for this matmul is kept for the input gradient (autocast's linear keeps its cast too); the
         # base weight itself is patched again in backward
         ctx.save_for_backward(x_src if wants_w else None, merged, input_columns, *values)
@@ -225,28 +226,127 @@ class _LinearWithSlice(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x_src, merged, input_columns, *values = ctx.saved_tensors
-        if ctx.redo is not None:  # x again, bit for bit: the same kernels on the same inputs
-            x_src = ctx.redo(x_src).reshape(ctx.x_shape)
-            x_src = x_src.to(ctx.cast_to) if ctx.cast_to is not None else x_src
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = input_grad(grad_out, ctx.weight, ctx.base_dtype, ctx.x_dtype, input_columns, ctx.slices, values,
-                                merged)
-        grads = []
-        for k, (kind, index, scale, nmax) in enumerate(ctx.slices):
-            if not ctx.needs_input_grad[VALUES_AT + k]:
-                grads.append(None)
-            elif kind == "weight":
-                width = values[k].shape[1]
-                xs = x_src if ctx.gathered else _gather(x_src, index["seg_ids"], width, ctx.dtype)
-                _, grad_w, _ = _slice_backward(grad_out, xs, ctx.in_features, ctx.x_dtype,
-                                               values[k], index["seg_ids"], index["slot"], index["rows_padded"],
-                                               None, nmax, ctx.dtype, scale, False, True, False)
-                grads.append(grad_w)
-            else:
-                grads.append(grad_out.index_select(1, index["flat"]).float().sum(0) * scale)
-        ctx.weight = ctx.redo = None
+        x_from, need = ctx.x_from, ctx.needs_input_grad
+        if torch.compiler.is_compiling():
+            grads = _linear_backward_op(grad_out, ctx.weight, x_src, input_columns, need[0], list(need[VALUES_AT:]),
+                                        ctx.base_dtype, ctx.dtype, ctx.x_dtype, x_from is GATHERED,
+                                        None if x_from is None or x_from is GATHERED else x_from.gelu, *_index_args(ctx.slices),
+                                        list(values))
+            grad_x, grads = (grads[0] if need[0] else None), [g if n else None for g, n in zip(grads[1:], need[VALUES_AT:])]
+        else:
+            grad_x, grads = linear_backward(grad_out, ctx.weight, x_src, merged, input_columns, need[0],
+                                            need[VALUES_AT:], ctx.base_dtype, ctx.dtype, ctx.x_dtype, ctx.slices,
+                                            values, x_from)
+        ctx.weight = ctx.x_from = None
         return (grad_x, *([None] * (VALUES_AT - 1)), *grads)
+
+
+GATHERED = "gathered"  # `_LinearWithSlice` kept the segments of x its tiles read, not x
+
+
+def linear_backward(grad_out, weight, x_src, merged, input_columns, need_x, need_values, base_dtype, dtype, x_dtype,
+                    slices, values, x_from):
+    """(grad of x or None, grad of each slice value or None) of `_LinearWithSlice`. `x_src`: what forward kept for
+    the tiles' gradient: x (cast), its gathered segments (`x_from` is GATHERED) or what x is made from (`x_from`:
+    a `recompute.Recompute`)."""
+    grad_x = None
+    if need_x:
+        grad_x = input_grad(grad_out, weight, base_dtype, x_dtype, input_columns, slices, values, merged)
+    grads = [None] * len(slices)
+    tiles = []  # (k, the output gradient at the rows its tiles write to) per weight slice wanting a gradient
+    for k, (kind, index, scale, nmax) in enumerate(slices):
+        if not need_values[k]:
+            continue
+        if kind == "weight":
+            groups = index["seg_ids"].numel()
+            tiles.append((k, _tiles_grad_part(grad_out, index["rows_padded"], groups, nmax, dtype, scale)))
+        else:
+            grads[k] = grad_out.index_select(1, index["flat"]).float().sum(0) * scale
+    if tiles:
+        cast_to = base_dtype if base_dtype == dtype else None  # forward's x_src was the cast input
+        for k, grad_w in _tiles_weight_grads(x_src, x_from, cast_to, weight.shape, slices, tiles, values).items():
+            grads[k] = grad_w
+    return grad_x, grads
+
+
+def _tiles_weight_grads(x_src, x_from, cast_to, shape, slices, tiles, values) -> dict:
+    """The tiles' gradients of a Linear of weight `shape`, summed over chunks of tokens where x is wider than the
+    output.
+
+    Why chunks: where x is made again for this gradient from a tensor kept per token (gelu's input, `recompute.py`)
+    and is wider than the output (a Wan FFN's hidden activation, 5.8x a block's width), whole it was a transient the
+    frozen base's backward never holds (1.15x the frozen base's peak at 2 compiled blocks, 768 tokens); a chunk of
+    tokens at a time, it is never larger than the Linear's output. The same chunks wherever x comes from (kept,
+    gathered, made again), so the arithmetic does not depend on it; not wider: the one batched matmul of before.
+    """
+    out_features, in_features = shape
+    tokens = tiles[0][1].shape[1]
+    chunks = min(-(-in_features // out_features), tokens) if in_features > out_features else 1
+    gathered = x_from is GATHERED
+    redo = None if x_from is None or gathered else x_from.redo
+
+    def redone(kept):  # x, or some of its tokens, again, bit for bit: the same kernels on the same inputs
+        x = redo(kept).reshape(-1, in_features)
+        return x.to(cast_to) if cast_to is not None else x
+
+    if redo is not None and not x_from.rowwise:  # made from every token at once
+        x_src, redo = redone(x_src), None
+    x_chunks = (x_src.reshape(-1, in_features) if redo is not None else x_src).tensor_split(chunks, int(gathered))
+    grads = {}
+    for c, x_chunk in enumerate(x_chunks):
+        if redo is not None:
+            x_chunk = redone(x_chunk)
+        for k, grad_part in tiles:
+            index, width = slices[k][1], values[k].shape[1]
+            xs = x_chunk if gathered else _gather(x_chunk, index["seg_ids"], width, grad_part.dtype)
+            part = grad_part.tensor_split(chunks, 1)[c] if chunks > 1 else grad_part
+            grad_deltas = torch.bmm(part.transpose(1, 2), xs)
+            if chunks > 1:  # summed in float32, as one matmul accumulates
+                grad_deltas = grad_deltas.float() if c == 0 else grads[k].add_(grad_deltas)
+            grads[k] = grad_deltas
+    return {k: grads[k].reshape(-1, values[k].shape[1]).index_select(0, slices[k][1]["slot"]).to(values[k].dtype)
+            for k, _ in tiles}
+
+
+# -- the same under torch.compile, as one custom op ------------------------------------------------------------------
+# Why one op: inductor schedules the tiles' gradient matmuls late in backward (they feed nothing but the optimizer),
+# which kept the FFN's hidden activation (what x is made from) alive past the frozen base's last use of it; one op for
+# the input gradient and the tiles' gradients runs them where the input gradient is needed, as eager does.
+_WEIGHT_INDEX = ("tiles", "seg_ids", "slot", "rows_padded")
+
+
+def _index_args(slices) -> tuple[list[bool], list[torch.Tensor], list[float], list[int]]:
+    """A slices tuple as custom-op arguments: (is a weight slice, its index tensors in a row, scale, nmax)."""
+    return ([kind == "weight" for kind, *_ in slices],
+            [index[key] for kind, index, *_ in slices for key in (_WEIGHT_INDEX if kind == "weight" else ("flat",))],
+            [scale for _, _, scale, _ in slices], [nmax for *_, nmax in slices])
+
+
+@torch.library.custom_op("slice_adapter::linear_backward", mutates_args=())
+def _linear_backward_op(grad_out: torch.Tensor, weight: torch.Tensor, x_src: Optional[torch.Tensor],
+                        input_columns: Optional[torch.Tensor], need_x: bool, need_values: list[bool],
+                        base_dtype: torch.dtype, dtype: torch.dtype, x_dtype: torch.dtype, gathered: bool,
+                        gelu: Optional[str], is_weight: list[bool], index: list[torch.Tensor], scales: list[float],
+                        nmax: list[int], values: list[torch.Tensor]) -> list[torch.Tensor]:
+    # runs eagerly; returns [grad of x] + [grad of each value], empty where not wanted (an op returns tensors)
+    slices, at = [], iter(index)
+    for w, scale, n in zip(is_weight, scales, nmax):
+        keys = _WEIGHT_INDEX if w else ("flat",)
+        slices.append(("weight" if w else "bias", {key: next(at) for key in keys}, scale, n))
+    x_from = GATHERED if gathered else (Recompute(x_src, gelu_of(gelu), rowwise=True, gelu=gelu) if gelu else None)
+    grad_x, grads = linear_backward(grad_out, weight, x_src, None, input_columns, need_x, need_values, base_dtype,
+                                    dtype, x_dtype, tuple(slices), values, x_from)
+    empty = grad_out.new_empty(0)
+    return [empty if grad_x is None else grad_x] + [empty if g is None else g for g in grads]
+
+
+@_linear_backward_op.register_fake
+def _(grad_out, weight, x_src, input_columns, need_x, need_values, base_dtype, dtype, x_dtype, gathered, gelu,
+      is_weight, index, scales, nmax, values):
+    empty = grad_out.new_empty(0)
+    grad_x = grad_out.new_empty((grad_out.shape[0], weight.shape[1]), dtype=x_dtype) if need_x else empty
+    return [grad_x] + [(v.new_empty(v.shape) if w else v.new_empty(v.shape, dtype=torch.float32)) if n else empty
+                       for v, w, n in zip(values, is_weight, need_values)]
 
 
 def _frozen_linear_weight(base: nn.Module) -> Optional[torch.Tensor]:
@@ -455,8 +555,11 @@ class Linear(nn.Module, SliceLayer):
 
     `input_grad_columns`: None (the whole input gradient), or the only input columns whose gradient anything reads,
     set for one call of its block by `modulation.ModulationInputGrad`. `norm_input`: None, or where a Wan block's
-    norm fed this call's input, set for one call of its block by `recompute.py`'s block hooks.
+    norm fed this call's input, set for one call of its block by `recompute.py`'s block hooks. `ffn_hidden`: None,
+    or where a FeedForward hands this layer gelu's input under torch.compile (`recompute.install_ffn_hooks`).
     """
+
+    ffn_hidden = None
 
     def __init__(self, base_layer: nn.Linear, adapter_name: str, entries: dict, init_weights=True, **kwargs):
         super().__init__()
@@ -493,7 +596,8 @@ class Linear(nn.Module, SliceLayer):
             base_dtype = dtype if autocast else weight.dtype
             owned = weight is not base.weight
             if torch.is_grad_enabled() and (x2d.requires_grad or any(v.requires_grad for v in values)):
-                recompute = gelu_input(x) or norm_input(x, self.norm_input, self._norm_input_checked)
+                recompute = (gelu_input(x) or norm_input(x, self.norm_input, self._norm_input_checked)
+                             or compiled_gelu_input(x, self.ffn_hidden))
                 result = _LinearWithSlice.apply(x2d, weight, base.bias, owned, base_dtype, dtype, tuple(slices),
                                                 self.input_grad_columns, recompute, *values)
             else:

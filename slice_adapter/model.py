@@ -12,7 +12,7 @@ from peft.tuners.tuners_utils import BaseTuner, _ExcludedModule
 from .config import SliceConfig
 from . import _module_imported
 from .layer import Elementwise, Linear, ParamSlice, SliceLayer
-from .recompute import install_block_hooks, remove_block_hooks
+from .recompute import install_block_hooks, install_ffn_hooks, remove_block_hooks
 from .selection import (
     ADAPTER_CHILD,
     SlicePlan,
@@ -94,6 +94,12 @@ class SliceModel(BaseTuner):
                 if lay.name not in kept:
                     excluded.add(lay.name.rpartition(".")[0])
         self._excluded_owners = excluded - set(owners)
+
+    def inject_adapter(self, model: nn.Module, *args, **kwargs) -> None:
+        super().inject_adapter(model, *args, **kwargs)
+        # after every injection (a later adapter may wrap net.0.proj): under torch.compile, the FFN's hidden
+        # activation is made again in chunks in backward
+        install_ffn_hooks(model)
 
     def _check_target_module_exists(self, peft_config: SliceConfig, key: str):
         if _is_adapter_name(key) or key.endswith("base_layer"):

@@ -5,11 +5,12 @@ The weight is either a copy made for the matmul (autocast's cast, an fp8 base's 
 base weight itself, patched in place and restored exactly after the matmul (through `.data`, so autograd's version
 checks of other users of W are not tripped).
 
-Under torch.compile both run as custom ops (`slice_adapter::linear`, `slice_adapter::linear_input_grad`). Why: the
-compiler cannot patch a parameter in place, and the alternatives it can trace each cost activation memory (measured
-in benchmarks/bench_train_step.py): a patched clone of W in forward and another in backward are merged into one that
-is kept from forward to backward (a weight-sized tensor per sliced Linear), and `grad_out @ W` plus the tiles' part
-materializes that part, a tokens x in_features tensor per Linear. Opaque to the compiler, the ops do what eager does.
+Under torch.compile they run inside custom ops (`slice_adapter::linear` here, `slice_adapter::linear_backward` in
+`layer.py`). Why: the compiler cannot patch a parameter in place, and the alternatives it can trace each cost
+activation memory (measured in benchmarks/bench_train_step.py): a patched clone of W in forward and another in
+backward are merged into one that is kept from forward to backward (a weight-sized tensor per sliced Linear), and
+`grad_out @ W` plus the tiles' part materializes that part, a tokens x in_features tensor per Linear. Opaque to the
+compiler, the ops do what eager does.
 """
 
 from __future__ import annotations
@@ -40,10 +41,8 @@ def linear_with_slice(x2d, weight, bias, owned, base_dtype, slices, values):
 
 def input_grad(grad_out, weight, base_dtype, x_dtype, input_columns, slices, values, merged=None):
     """`grad_out @ (W + dW)` in `x_dtype`; `merged`: forward's patched copy of W where it kept one. With
-    `input_columns`, only those columns are computed (`modulation.py`); the rest stay zero. Under torch.compile: the
-    custom op (forward kept no copy there)."""
-    if torch.compiler.is_compiling():
-        return _input_grad_op(grad_out, weight, base_dtype, x_dtype, input_columns, *_op_args(slices), list(values))
+    `input_columns`, only those columns are computed (`modulation.py`); the rest stay zero. Runs eagerly (under
+    torch.compile, inside `slice_adapter::linear_backward`)."""
     originals = None
     if merged is None:
         w = weight.to(base_dtype)
@@ -106,7 +105,7 @@ def patched_bias(bias, dtype, slices, values):
     return patched
 
 
-# -- the same under torch.compile, as custom ops --------------------------------------------------------------------
+# -- the same under torch.compile, as a custom op --------------------------------------------------------------------
 def _op_args(slices) -> tuple[list[bool], list[torch.Tensor], list[float]]:
     """A slices tuple as custom-op arguments: (is a weight slice, the entries it holds, scale) per slice."""
     return ([kind == "weight" for kind, *_ in slices], [index["tiles" if kind == "weight" else "flat"]
@@ -130,15 +129,3 @@ def _linear_op(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
 @_linear_op.register_fake
 def _(x2d, weight, bias, base_dtype, is_weight, at, scales, values):
     return x2d.new_empty((x2d.shape[0], weight.shape[0]), dtype=base_dtype)
-
-
-@torch.library.custom_op("slice_adapter::linear_input_grad", mutates_args=())
-def _input_grad_op(grad_out: torch.Tensor, weight: torch.Tensor, base_dtype: torch.dtype, x_dtype: torch.dtype,
-                   input_columns: Optional[torch.Tensor], is_weight: list[bool], at: list[torch.Tensor],
-                   scales: list[float], values: list[torch.Tensor]) -> torch.Tensor:
-    return input_grad(grad_out, weight, base_dtype, x_dtype, input_columns, _slices(is_weight, at, scales), values)
-
-
-@_input_grad_op.register_fake
-def _(grad_out, weight, base_dtype, x_dtype, input_columns, is_weight, at, scales, values):
-    return grad_out.new_empty((grad_out.shape[0], weight.shape[1]), dtype=x_dtype)

@@ -13,8 +13,9 @@ The norm rules are read from diffusers' `WanTransformerBlock.forward`: they appl
 run it (block hooks set `Linear.norm_input` for the call), and each layer checks once per dtype that the recomputed
 x equals its input bit for bit before it relies on it. Where the norm's input carries no gradient (the first block
 when nothing before it trains), no node keeps it and x is kept as before. Nothing is recomputed under saved-tensor
-hooks (checkpointing and offloading decide what is kept) or torch.compile (its partitioner does, and in blocks
-compiled by `slice_ft.compile` it recomputes these inputs too).
+hooks (checkpointing and offloading decide what is kept). Under torch.compile no autograd node can be read: there
+the FFN's layout says x = gelu(h) (`install_ffn_hooks`: net.0.proj hands h to net.2 within the call), and the
+compiler's partitioner recomputes the norm-fed inputs (in blocks compiled by `slice_ft.compile`).
 
 Why by hand: autograd keeps what each op's own backward needs and cannot be told that a tensor is a cheap function
 of another node's.
@@ -49,6 +50,12 @@ class Recompute:
 
     source: torch.Tensor  # another node keeps it anyway
     redo: Callable[[torch.Tensor], torch.Tensor]  # x, bit for bit, from `source`
+    rowwise: bool = False  # whether `redo` of some of source's rows (tokens) gives those rows of x
+    gelu: Optional[str] = None  # x = gelu(source, approximate=gelu): what a custom op can be told instead of `redo`
+
+
+def gelu_of(approximate: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda kept: torch.nn.functional.gelu(kept, approximate=approximate)
 
 
 def _recomputing_allowed() -> bool:
@@ -67,7 +74,7 @@ def gelu_input(x: torch.Tensor) -> Optional[Recompute]:
     if h.shape != x.shape or h.dtype != x.dtype:
         return None
     approximate = node._saved_approximate
-    return Recompute(h.detach(), lambda kept: torch.nn.functional.gelu(kept, approximate=approximate))
+    return Recompute(h.detach(), gelu_of(approximate), rowwise=True, gelu=approximate)
 
 
 class _BlockCall:
@@ -184,11 +191,77 @@ def install_block_hooks(model: nn.Module) -> int:
 
 
 def remove_block_hooks(model: nn.Module) -> None:
-    """Undo `install_block_hooks` (PEFT's unload leaves the model as it found it)."""
+    """Undo `install_block_hooks` and `install_ffn_hooks` (PEFT's unload leaves the model as it found it)."""
     for module in model.modules():
-        for hooks, hook in ((module._forward_pre_hooks, _enter_block), (module._forward_hooks, _leave_block)):
+        module.__dict__.pop("ffn_hidden", None)
+        for hooks, hook in ((module._forward_pre_hooks, _enter_block), (module._forward_hooks, _leave_block),
+                            (module._forward_hooks, _keep_ffn_hidden), (module._forward_pre_hooks, _drop_ffn_hidden),
+                            (module._forward_hooks, _drop_ffn_hidden)):
             for key in [k for k, fn in hooks.items() if fn is hook]:
                 del hooks[key]
                 module._forward_hooks_with_kwargs.pop(key, None)
                 module._forward_pre_hooks_with_kwargs.pop(key, None)
                 module._forward_hooks_always_called.pop(key, None)
+
+
+# -- under torch.compile: x = gelu(h) read from the FFN's layout -----------------------------------------------------
+class FfnHidden:
+    """The pre-activation h of one call of a diffusers `FeedForward` (gelu's input), handed from `net.0.proj`'s
+    output to `net.2` under torch.compile, where autograd's nodes cannot be read.
+
+    Why: without h, the compiler's partitioner makes net.2's input again whole in backward for the tiles' gradient
+    (inductor keeps a reused gelu whole on the CPU), a tokens x FFN-width transient the frozen base never holds
+    (1.15x its peak at 2 compiled blocks, 768 tokens); with h, the tiles' gradient makes it chunk by chunk."""
+
+    def __init__(self, approximate: str):
+        self.approximate, self.h = approximate, None
+
+
+def _keep_ffn_hidden(proj: nn.Module, args: tuple, output) -> None:
+    if torch.compiler.is_compiling():  # eager reads gelu's node instead (`gelu_input`)
+        proj.ffn_hidden.h = output
+
+
+def _drop_ffn_hidden(ffn: nn.Module, *args) -> None:
+    # before and after each call: h is never kept past the call (net.2 disabled or merged does not take it)
+    ffn.ffn_hidden.h = None
+
+
+def compiled_gelu_input(x: torch.Tensor, hidden: Optional[FfnHidden]) -> Optional[Recompute]:
+    """Under torch.compile, x = gelu(h) of this FFN call (`install_ffn_hooks`): keep h."""
+    if hidden is None or not torch.compiler.is_compiling():
+        return None
+    h, hidden.h = hidden.h, None
+    if h is None or h.shape != x.shape or h.dtype != x.dtype:
+        return None
+    approximate = hidden.approximate
+    return Recompute(h.detach(), gelu_of(approximate), rowwise=True, gelu=approximate)
+
+
+def install_ffn_hooks(model: nn.Module) -> int:
+    """For every diffusers `FeedForward` whose `net` is (GELU with its `proj`, dropout 0, a slice Linear), hand gelu's
+    input from net.0.proj to net.2 within each call under torch.compile; returns how many. Run after injection (the
+    hook sits on the module now at net.0.proj) and again after each one; idempotent."""
+    from diffusers.models.activations import GELU
+    from diffusers.models.attention import FeedForward
+
+    hooked = 0
+    for ffn in model.modules():
+        net = getattr(ffn, "net", None)
+        if type(ffn).forward is not FeedForward.forward or "forward" in ffn.__dict__ or len(net) < 3:
+            continue
+        gelu, dropout, out = net[0], net[1], net[2]
+        if (type(gelu).forward is not GELU.forward or type(gelu).gelu is not GELU.gelu or "forward" in gelu.__dict__
+                or not (isinstance(dropout, nn.Identity) or (type(dropout) is nn.Dropout and dropout.p == 0))
+                or not hasattr(out, "norm_input")):  # net.2 is not a slice Linear
+            continue
+        hidden = ffn.__dict__.get("ffn_hidden") or FfnHidden(gelu.approximate)
+        for module in (ffn, gelu.proj, out):
+            module.ffn_hidden = hidden
+        if _keep_ffn_hidden not in gelu.proj._forward_hooks.values():
+            gelu.proj.register_forward_hook(_keep_ffn_hidden)
+        if _drop_ffn_hidden not in ffn._forward_pre_hooks.values():
+            ffn.register_forward_pre_hook(_drop_ffn_hidden)
+            ffn.register_forward_hook(_drop_ffn_hidden, always_call=True)
+        hooked += 1
+    return hooked
