@@ -32,8 +32,8 @@ GPU = dict(blocks=1, text_len=512, layout_name="wan2.1-t2v-14b",
                       warmup=2))
 # Depth: the default slice's extra over the Linear-only slice and LoRA, at 2 and 8 blocks: a cost of the first block
 # alone would weigh less as blocks are added (Wan 1.3B has 30 blocks, 14B 40), a cost of every block would not.
-# Compiled at 768 tokens too, for the tensor peak: a compiled block's one extra transient is a share that falls with
-# depth, the memory it keeps is the frozen base's.
+# Compiled at 768 tokens too, for the tensor peak: what a compiled block keeps is the frozen base's; what the default
+# slice keeps more there (its norm and modulation products whole) grows with depth, a transient's share falls.
 DEPTH = dict(blocks=(2, 8), sweep=dict(tokens=(192, 768), compiled_tokens=(768,), repeats=2, warmup=1))
 SMOKE_DEPTH = dict(blocks=(1, 2), sweep=dict(tokens=(16,), compiled_tokens=(), repeats=2, warmup=1))
 SWEEP_FRACTION = 1e-3

@@ -159,18 +159,16 @@ LINEAR_ONLY_WHY = {
 }
 
 
-# compiled: the backward computes a sliced Linear's input gradient as W's plus the tiles' part instead of reading a
-# patched copy of W that the compiler would keep from forward to backward (a copy of every sliced weight)
+# compiled: what differs from eager (`slice_adapter/patched_weight.py`, `slice_ft/compile.py`)
 COMPILED_WHY = {
     "step ≤ 1.05× frozen": "the sliced Linears' matmuls run as custom ops on the patched weight, as eager runs them "
                            "(`slice_adapter/patched_weight.py`), which the compiler cannot fuse with what surrounds "
                            "them, and the tiles' gradient is one batched matmul more per Linear",
     "activation memory ≤ 1.1× frozen": "a compiled block keeps what the frozen base's keeps (`slice_ft/compile.py`), "
-                                       "but its backward makes the FFN's hidden activation again whole for the "
-                                       "tiles' gradient (tokens × FFN width, one block at a time: a share that falls "
-                                       "as blocks are added, see the depth check); and the held-columns rule for norm "
-                                       "and modulation products (`slice_adapter/saved_columns.py`) is eager-only, so "
-                                       "the default slice keeps those products whole (LoRA: see its row)",
+                                       "and the FFN's hidden activation is made again a chunk of tokens at a time "
+                                       "(`slice_adapter/layer.py`); but the held-columns rule for norm and "
+                                       "modulation products (`slice_adapter/saved_columns.py`) is eager-only, so the "
+                                       "default slice keeps those products whole (LoRA: see its row)",
 }
 
 
@@ -290,8 +288,8 @@ def section_train_depth(depth: dict) -> tuple[str, list]:
         "only the held columns of those activations for backward (`slice_adapter/saved_columns.py`), which backward "
         "fills out with zeros again. *default − Linear-only*: what the extra targets cost, in units of the frozen "
         "step. *tensor peak*: the step's peak of tensor memory over the frozen base's (as in the sweep); a compiled "
-        "block keeps what the frozen base's keeps, and its backward makes one tokens × FFN-width input again at a "
-        "time, a cost that does not grow with depth.",
+        "block keeps what the frozen base's keeps, and its backward makes the FFN's hidden activation again a chunk "
+        "of tokens at a time for the tiles' gradient (`slice_adapter/layer.py`).",
         "",
         common.md_table(["configuration", "blocks", "tokens", "× frozen (wall)", "× frozen (CPU)", "× LoRA (wall)",
                          "default − Linear-only", "op time: default ÷ Linear-only", "tensor peak × frozen"], rows),
