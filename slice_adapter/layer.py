@@ -8,8 +8,8 @@
   recomputed in backward from h, which gelu's or the norm's node keeps anyway (`recompute.py`; in a block compiled
   by `slice_ft.compile`, the compiler's partitioner recomputes the norms'). Under torch.compile forward and backward
   are custom ops (`slice_adapter::linear`, `slice_adapter::linear_backward`). A call that needs no gradient runs
-  without an autograd node. A base layer that cannot be computed that way (one with its own forward) is called as it is and the
-  tiles are added to its output (gather, batched matmul, `index_add`).
+  without an autograd node. A base layer that cannot be computed that way (one with its own forward) is called as it
+  is and the tiles are added to its output (gather, batched matmul, `index_add`).
 - `Elementwise` wraps a leaf module with small parameters (norms): it runs the base module with W + delta; the
   activations that W + delta multiplies are kept for backward in the held columns only (`saved_columns.py`).
 - `ParamSlice` serves raw parameters of a container module (`scale_shift_table` on a Wan block): it is attached to
@@ -228,11 +228,12 @@ class _LinearWithSlice(torch.autograd.Function):
         x_src, merged, input_columns, *values = ctx.saved_tensors
         x_from, need = ctx.x_from, ctx.needs_input_grad
         if torch.compiler.is_compiling():
-            grads = _linear_backward_op(grad_out, ctx.weight, x_src, input_columns, need[0], list(need[VALUES_AT:]),
-                                        ctx.base_dtype, ctx.dtype, ctx.x_dtype, x_from is GATHERED,
-                                        None if x_from is None or x_from is GATHERED else x_from.gelu, *_index_args(ctx.slices),
-                                        list(values))
-            grad_x, grads = (grads[0] if need[0] else None), [g if n else None for g, n in zip(grads[1:], need[VALUES_AT:])]
+            gelu = None if x_from is None or x_from is GATHERED else x_from.gelu
+            out = _linear_backward_op(grad_out, ctx.weight, x_src, input_columns, need[0], list(need[VALUES_AT:]),
+                                      ctx.base_dtype, ctx.dtype, ctx.x_dtype, x_from is GATHERED, gelu,
+                                      *_index_args(ctx.slices), list(values))
+            grad_x = out[0] if need[0] else None
+            grads = [g if n else None for g, n in zip(out[1:], need[VALUES_AT:])]
         else:
             grad_x, grads = linear_backward(grad_out, ctx.weight, x_src, merged, input_columns, need[0],
                                             need[VALUES_AT:], ctx.base_dtype, ctx.dtype, ctx.x_dtype, ctx.slices,
