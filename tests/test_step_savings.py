@@ -520,6 +520,20 @@ def test_only_a_feed_forward_of_gelu_dropout_0_and_a_sliced_linear_is_hooked():
     assert install_ffn_hooks(make_wan()) == 0  # no slice: nothing to hand over
 
 
+def test_a_later_adapter_that_wraps_net_0_proj_gets_the_hook_on_its_wrapper():
+    from slice_adapter.recompute import _keep_ffn_hidden
+
+    model = make_wan()
+    model.add_adapter(SliceConfig(fraction=0.25, target_modules=["ffn.net.2"]), adapter_name="a")
+    proj = model.blocks[0].ffn.net[0].proj
+    assert type(proj) is torch.nn.Linear and _keep_ffn_hidden in proj._forward_hooks.values()
+    model.add_adapter(SliceConfig(fraction=0.25, slice_id=1), adapter_name="b")  # wraps net.0.proj now
+    wrapper = model.blocks[0].ffn.net[0].proj
+    assert wrapper is not proj and wrapper.base_layer is proj
+    assert _keep_ffn_hidden in wrapper._forward_hooks.values()  # the module the FFN calls
+    assert wrapper.ffn_hidden is model.blocks[0].ffn.ffn_hidden is model.blocks[0].ffn.net[2].ffn_hidden
+
+
 # -- products with a sliced norm weight or modulation table keep the held columns of the activation only ------------
 def norm1_outputs_alive(model, inputs):
     """Run a forward and say, per block, whether its norm1 output (which `* (1 + scale_msa)` reads) is still kept."""
