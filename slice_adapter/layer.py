@@ -30,8 +30,8 @@ from torch import nn
 
 from . import _module_imported
 from .modulation import modulation_input_grad
-from .patched_weight import input_grad, linear_with_slice
-from .recompute import Recompute, compiled_gelu_input, gelu_input, gelu_of, norm_input
+from .patched_weight import input_grad, linear_with_slice, op_args, slices_of
+from .recompute import compiled_gelu_input, gelu_input, gelu_recompute, norm_input
 from .saved_columns import held_columns, keep_held_columns
 from .selection import ParamLayout, _hash64
 
@@ -140,8 +140,9 @@ def _slice_backward(grad_out, xs, in_features, x_dtype, w_values, seg_ids, slot,
         groups = seg_ids.numel()
         grad_part = _tiles_grad_part(grad_out, rows_padded, groups, nmax, dtype, scale)
         if need_w:
-            grad_deltas = torch.bmm(grad_part.transpose(1, 2), xs).reshape(groups * nmax, width)
-            grad_w = grad_deltas.index_select(0, slot).to(w_values.dtype)
+            weight_slice = ("weight", {"seg_ids": seg_ids, "slot": slot}, scale, nmax)
+            grad_w = _tiles_weight_grads(xs, GATHERED, None, (grad_out.shape[1], in_features), (weight_slice,),
+                                         [(0, grad_part)], [w_values])[0]
         if need_x:
             grad_xs = _tiles_input_grad(grad_part, w_values, slot, nmax, dtype).to(x_dtype)
             if groups == in_features // width:
@@ -150,8 +151,12 @@ def _slice_backward(grad_out, xs, in_features, x_dtype, w_values, seg_ids, slot,
                 grad_x = torch.zeros(tokens, in_features, dtype=x_dtype, device=grad_out.device)
                 grad_x.view(tokens, -1, width).index_add_(1, seg_ids, grad_xs)
     if need_b and bias_idx is not None:
-        grad_b = grad_out.index_select(1, bias_idx).float().sum(0) * scale
+        grad_b = _bias_grad(grad_out, bias_idx, scale)
     return grad_x, grad_w, grad_b
+
+
+def _bias_grad(grad_out, flat, scale):
+    return grad_out.index_select(1, flat).float().sum(0) * scale
 
 
 class _SliceLinearDelta(torch.autograd.Function):
@@ -219,8 +224,7 @@ class _LinearWithSlice(torch.autograd.Function):
         # a copy made for this matmul is kept for the input gradient (autocast's linear keeps its cast too); the
         # base weight itself is patched again in backward
         ctx.save_for_backward(x_src if wants_w else None, merged, input_columns, *values)
-        ctx.weight, ctx.slices, ctx.dtype, ctx.x_dtype, ctx.in_features = weight, slices, dtype, x2d.dtype, x2d.shape[1]
-        ctx.base_dtype = base_dtype
+        ctx.weight, ctx.slices, ctx.dtype, ctx.x_dtype, ctx.base_dtype = weight, slices, dtype, x2d.dtype, base_dtype
         return out2d
 
     @staticmethod
@@ -231,7 +235,7 @@ class _LinearWithSlice(torch.autograd.Function):
             gelu = None if x_from is None or x_from is GATHERED else x_from.gelu
             out = _linear_backward_op(grad_out, ctx.weight, x_src, input_columns, need[0], list(need[VALUES_AT:]),
                                       ctx.base_dtype, ctx.dtype, ctx.x_dtype, x_from is GATHERED, gelu,
-                                      *_index_args(ctx.slices), list(values))
+                                      *op_args(ctx.slices), list(values))
             grad_x = out[0] if need[0] else None
             grads = [g if n else None for g, n in zip(out[1:], need[VALUES_AT:])]
         else:
@@ -262,7 +266,7 @@ def linear_backward(grad_out, weight, x_src, merged, input_columns, need_x, need
             groups = index["seg_ids"].numel()
             tiles.append((k, _tiles_grad_part(grad_out, index["rows_padded"], groups, nmax, dtype, scale)))
         else:
-            grads[k] = grad_out.index_select(1, index["flat"]).float().sum(0) * scale
+            grads[k] = _bias_grad(grad_out, index["flat"], scale)
     if tiles:
         cast_to = base_dtype if base_dtype == dtype else None  # forward's x_src was the cast input
         for k, grad_w in _tiles_weight_grads(x_src, x_from, cast_to, weight.shape, slices, tiles, values).items():
@@ -313,16 +317,6 @@ def _tiles_weight_grads(x_src, x_from, cast_to, shape, slices, tiles, values) ->
 # Why one op: inductor schedules the tiles' gradient matmuls late in backward (they feed nothing but the optimizer),
 # which kept the FFN's hidden activation (what x is made from) alive past the frozen base's last use of it; one op for
 # the input gradient and the tiles' gradients runs them where the input gradient is needed, as eager does.
-_WEIGHT_INDEX = ("tiles", "seg_ids", "slot", "rows_padded")
-
-
-def _index_args(slices) -> tuple[list[bool], list[torch.Tensor], list[float], list[int]]:
-    """A slices tuple as custom-op arguments: (is a weight slice, its index tensors in a row, scale, nmax)."""
-    return ([kind == "weight" for kind, *_ in slices],
-            [index[key] for kind, index, *_ in slices for key in (_WEIGHT_INDEX if kind == "weight" else ("flat",))],
-            [scale for _, _, scale, _ in slices], [nmax for *_, nmax in slices])
-
-
 @torch.library.custom_op("slice_adapter::linear_backward", mutates_args=())
 def _linear_backward_op(grad_out: torch.Tensor, weight: torch.Tensor, x_src: Optional[torch.Tensor],
                         input_columns: Optional[torch.Tensor], need_x: bool, need_values: list[bool],
@@ -330,13 +324,9 @@ def _linear_backward_op(grad_out: torch.Tensor, weight: torch.Tensor, x_src: Opt
                         gelu: Optional[str], is_weight: list[bool], index: list[torch.Tensor], scales: list[float],
                         nmax: list[int], values: list[torch.Tensor]) -> list[torch.Tensor]:
     # runs eagerly; returns [grad of x] + [grad of each value], empty where not wanted (an op returns tensors)
-    slices, at = [], iter(index)
-    for w, scale, n in zip(is_weight, scales, nmax):
-        keys = _WEIGHT_INDEX if w else ("flat",)
-        slices.append(("weight" if w else "bias", {key: next(at) for key in keys}, scale, n))
-    x_from = GATHERED if gathered else (Recompute(x_src, gelu_of(gelu), rowwise=True, gelu=gelu) if gelu else None)
+    x_from = GATHERED if gathered else (gelu_recompute(x_src, gelu) if gelu else None)
     grad_x, grads = linear_backward(grad_out, weight, x_src, None, input_columns, need_x, need_values, base_dtype,
-                                    dtype, x_dtype, tuple(slices), values, x_from)
+                                    dtype, x_dtype, slices_of(is_weight, index, scales, nmax), values, x_from)
     empty = grad_out.new_empty(0)
     return [empty if grad_x is None else grad_x] + [empty if g is None else g for g in grads]
 

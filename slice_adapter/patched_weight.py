@@ -25,7 +25,7 @@ def linear_with_slice(x2d, weight, bias, owned, base_dtype, slices, values):
     (output, x in the matmul's dtype, the patched cast copy of the weight (autocast, fp8) if one was made, else None:
     backward then patches the weight again). Under torch.compile: the custom op, and no copy is returned."""
     if torch.compiler.is_compiling():
-        out2d = _linear_op(x2d, weight, bias, base_dtype, *_op_args(slices), list(values))
+        out2d = _linear_op(x2d, weight, bias, base_dtype, *op_args(slices), list(values))
         return out2d, x2d.to(base_dtype), None
     w = weight.to(base_dtype)
     owned = owned or w.dtype != weight.dtype  # a cast copy
@@ -106,26 +106,33 @@ def patched_bias(bias, dtype, slices, values):
 
 
 # -- the same under torch.compile, as a custom op --------------------------------------------------------------------
-def _op_args(slices) -> tuple[list[bool], list[torch.Tensor], list[float]]:
-    """A slices tuple as custom-op arguments: (is a weight slice, the entries it holds, scale) per slice."""
-    return ([kind == "weight" for kind, *_ in slices], [index["tiles" if kind == "weight" else "flat"]
-                                                        for kind, index, *_ in slices], [s for _, _, s, _ in slices])
+_WEIGHT_INDEX = ("tiles", "seg_ids", "slot", "rows_padded")  # what a weight slice's ops read of its index
 
 
-def _slices(is_weight, at, scales):
-    return tuple(("weight", {"tiles": a}, s, 0) if w else ("bias", {"flat": a}, s, 0)
-                 for w, a, s in zip(is_weight, at, scales))
+def op_args(slices) -> tuple[list[bool], list[torch.Tensor], list[float], list[int]]:
+    """A slices tuple as custom-op arguments (an op takes tensors, lists and scalars): (is a weight slice, the index
+    tensors of every slice in a row, scale, nmax). `slices_of` turns them back."""
+    return ([kind == "weight" for kind, *_ in slices],
+            [index[key] for kind, index, *_ in slices for key in (_WEIGHT_INDEX if kind == "weight" else ("flat",))],
+            [scale for _, _, scale, _ in slices], [nmax for *_, nmax in slices])
+
+
+def slices_of(is_weight, index, scales, nmax) -> tuple:
+    """The slices tuple `op_args` was made from."""
+    at = iter(index)
+    return tuple(("weight" if w else "bias", {key: next(at) for key in (_WEIGHT_INDEX if w else ("flat",))}, s, n)
+                 for w, s, n in zip(is_weight, scales, nmax))
 
 
 @torch.library.custom_op("slice_adapter::linear", mutates_args=())
 def _linear_op(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], base_dtype: torch.dtype,
-               is_weight: list[bool], at: list[torch.Tensor], scales: list[float],
+               is_weight: list[bool], index: list[torch.Tensor], scales: list[float], nmax: list[int],
                values: list[torch.Tensor]) -> torch.Tensor:
     # runs eagerly (is_compiling() is False here); W is patched in place and restored before returning: no input is
     # changed when the op ends
-    return linear_with_slice(x2d, weight, bias, False, base_dtype, _slices(is_weight, at, scales), values)[0]
+    return linear_with_slice(x2d, weight, bias, False, base_dtype, slices_of(is_weight, index, scales, nmax), values)[0]
 
 
 @_linear_op.register_fake
-def _(x2d, weight, bias, base_dtype, is_weight, at, scales, values):
+def _(x2d, weight, bias, base_dtype, is_weight, index, scales, nmax, values):
     return x2d.new_empty((x2d.shape[0], weight.shape[0]), dtype=base_dtype)

@@ -54,8 +54,10 @@ class Recompute:
     gelu: Optional[str] = None  # x = gelu(source, approximate=gelu): what a custom op can be told instead of `redo`
 
 
-def gelu_of(approximate: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda kept: torch.nn.functional.gelu(kept, approximate=approximate)
+def gelu_recompute(h: torch.Tensor, approximate: str) -> Recompute:
+    """x = gelu(h), made again from h a chunk of tokens at a time if need be."""
+    return Recompute(h, lambda kept: torch.nn.functional.gelu(kept, approximate=approximate), rowwise=True,
+                     gelu=approximate)
 
 
 def _recomputing_allowed() -> bool:
@@ -73,8 +75,7 @@ def gelu_input(x: torch.Tensor) -> Optional[Recompute]:
     h = node._saved_self
     if h.shape != x.shape or h.dtype != x.dtype:
         return None
-    approximate = node._saved_approximate
-    return Recompute(h.detach(), gelu_of(approximate), rowwise=True, gelu=approximate)
+    return gelu_recompute(h.detach(), node._saved_approximate)
 
 
 class _BlockCall:
@@ -195,8 +196,7 @@ def remove_block_hooks(model: nn.Module) -> None:
     for module in model.modules():
         module.__dict__.pop("ffn_hidden", None)
         for hooks, hook in ((module._forward_pre_hooks, _enter_block), (module._forward_hooks, _leave_block),
-                            (module._forward_hooks, _keep_ffn_hidden), (module._forward_pre_hooks, _drop_ffn_hidden),
-                            (module._forward_hooks, _drop_ffn_hidden)):
+                            (module._forward_hooks, _keep_ffn_hidden), (module._forward_hooks, _drop_ffn_hidden)):
             for key in [k for k, fn in hooks.items() if fn is hook]:
                 del hooks[key]
                 module._forward_hooks_with_kwargs.pop(key, None)
@@ -223,7 +223,7 @@ def _keep_ffn_hidden(proj: nn.Module, args: tuple, output) -> None:
 
 
 def _drop_ffn_hidden(ffn: nn.Module, *args) -> None:
-    # before and after each call: h is never kept past the call (net.2 disabled or merged does not take it)
+    # after each call, also one that raised: h is never kept past the call (net.2 disabled or merged does not take it)
     ffn.ffn_hidden.h = None
 
 
@@ -234,8 +234,7 @@ def compiled_gelu_input(x: torch.Tensor, hidden: Optional[FfnHidden]) -> Optiona
     h, hidden.h = hidden.h, None
     if h is None or h.shape != x.shape or h.dtype != x.dtype:
         return None
-    approximate = hidden.approximate
-    return Recompute(h.detach(), gelu_of(approximate), rowwise=True, gelu=approximate)
+    return gelu_recompute(h.detach(), hidden.approximate)
 
 
 def install_ffn_hooks(model: nn.Module) -> int:
@@ -260,8 +259,7 @@ def install_ffn_hooks(model: nn.Module) -> int:
             module.ffn_hidden = hidden
         if _keep_ffn_hidden not in gelu.proj._forward_hooks.values():
             gelu.proj.register_forward_hook(_keep_ffn_hidden)
-        if _drop_ffn_hidden not in ffn._forward_pre_hooks.values():
-            ffn.register_forward_pre_hook(_drop_ffn_hidden)
+        if _drop_ffn_hidden not in ffn._forward_hooks.values():
             ffn.register_forward_hook(_drop_ffn_hidden, always_call=True)
         hooked += 1
     return hooked
