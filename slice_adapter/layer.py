@@ -412,8 +412,10 @@ class SliceLayer(BaseTunerLayer):
 
     # -- the parameters this layer slices ------------------------------------------------------------------
     def sliced_parameters(self) -> dict[str, nn.Parameter]:
-        """The base parameters this layer may slice, by their name on the base module."""
-        return dict(self.get_base_layer().named_parameters(recurse=False))
+        """The base parameters this layer may slice, by their name on the base module: what
+        `named_parameters(recurse=False)` gives, read from `_parameters` directly (every patched call asks; the
+        generator is a fixed cost per call)."""
+        return {name: p for name, p in self.get_base_layer()._parameters.items() if p is not None}
 
     def update_layer(self, adapter_name: str, entries: dict, init_weights: bool = True, inference_mode: bool = False):
         """Add an adapter: `entries` maps a base parameter name to (ParamLayout, sorted tile indices)."""
@@ -490,19 +492,28 @@ class SliceLayer(BaseTunerLayer):
         return {p: self.dense_delta(adapter, p, params[p]) for p in self.slice_values[adapter]}
 
     def patched_parameters(self) -> dict[str, torch.Tensor]:
-        """W + delta of every parameter the active adapters slice here, in the base parameter's dtype."""
+        """W + delta of every parameter the active adapters slice here, in the base parameter's dtype.
+
+        Only the selected entries change: round(W + delta) there, W elsewhere (what a dense float32 delta added
+        everywhere and rounded gives). One gather and one out-of-place copy into a flat view per parameter, and no
+        cast dispatched to a dtype a tensor already has: every call of a sliced norm pays this, whatever the clip."""
         params = self.sliced_parameters()
         patched = {}
         for adapter in self._adapters_to_apply():
             scale = self.slice_scale[adapter]
             for pname, values in self.slice_values[adapter].items():
                 base = patched.get(pname, params[pname])
-                view, key = self._selected(adapter, pname, base)
+                index = self.slice_index[adapter][pname]
+                idx = index.on(base.device)
+                # the entries as rows of a flat view: tile t is row t of the (-1, width) view, else element t
+                flat, at = ((base.view(-1, index.tile_width), idx["tiles"]) if index.layout.tiled_rows
+                            else (base.view(-1), idx["flat"]))
+                current = flat.index_select(0, at)
                 delta = values if scale == 1.0 else values * scale
-                # only the selected entries change: round(W + delta) there, W elsewhere (what a dense float32 delta
-                # added everywhere and rounded gives, in fewer and smaller ops)
-                merged = (view[key].float() + delta.float()).to(base.dtype)
-                patched[pname] = view.index_put(key, merged).view(base.shape)
+                merged = ((current if current.dtype == torch.float32 else current.float())
+                          + (delta if delta.dtype == torch.float32 else delta.float()))
+                merged = merged if merged.dtype == base.dtype else merged.to(base.dtype)
+                patched[pname] = flat.index_copy(0, at, merged).view(base.shape)
         return patched
 
     # -- merge / unmerge ------------------------------------------------------------------------------------
@@ -671,7 +682,7 @@ class ParamSlice(nn.Module, SliceLayer):
         return self.owner
 
     def sliced_parameters(self) -> dict[str, nn.Parameter]:
-        return dict(self.owner.named_parameters(recurse=False))
+        return {name: p for name, p in self.owner._parameters.items() if p is not None}
 
     def _shadow_parameters(self, owner, args):
         if self.disable_adapters:

@@ -39,7 +39,7 @@ class ModulationInputGrad:
 
     def enter(self, args: tuple, param_slice) -> None:
         columns = None
-        if self._upstream_has_no_gradient(args):
+        if torch.is_grad_enabled() and self._upstream_has_no_gradient(args):  # no graph: nothing reads columns
             columns = self.columns(param_slice, args[0].device)
         for layer in self._qkv_slice_layers():
             layer.input_grad_columns = columns

@@ -70,23 +70,26 @@ def _patch(target, source, slices, values, keep_originals, kind="weight"):
     """Write round(W + dW) into the entries of `target` (the matmul's weight or bias: `source` itself, or a copy of it
     in another dtype) that the slices of `kind` hold, adapter after adapter as merging one by one does. W is read
     from `source` (its own dtype), later adapters add to the entries already written. Returns what `restore_weight`
-    needs when `keep_originals`."""
+    needs when `keep_originals`.
+
+    A few tiny ops per sliced layer and call, whatever the clip: no cast is dispatched to a dtype a tensor already
+    has."""
     originals = []
     first = True
     for (k, index, scale, _), v in zip(slices, values):
         if k != kind:
             continue
-        # weight: tile t (row * segments + segment) is row t of the (-1, width) view; bias: one element per row
-        v = v.detach() if kind == "weight" else v.detach().unsqueeze(1)
-        width, at = v.shape[1], index["tiles" if kind == "weight" else "flat"]
-        rows = target.view(-1, width)
-        current = (source.view(-1, width) if first else rows).index_select(0, at)
+        v = v.detach()
+        # weight: tile t (row * segments + segment) is row t of the (-1, width) view; bias: one element per entry
+        rows, at = ((target.view(-1, v.shape[1]), index["tiles"]) if kind == "weight" else (target, index["flat"]))
+        current = (source.view(rows.shape) if first else rows).index_select(0, at)
         first = False
         if keep_originals:
             originals.append((at, current))
         acc = torch.float64 if current.dtype == torch.float64 else torch.float32
-        delta = v.to(acc) if scale == 1.0 else v.to(acc) * scale
-        rows.index_copy_(0, at, (current.to(acc) + delta).to(target.dtype))
+        delta = v if v.dtype == acc else v.to(acc)
+        merged = (current if current.dtype == acc else current.to(acc)) + (delta if scale == 1.0 else delta * scale)
+        rows.index_copy_(0, at, merged if merged.dtype == rows.dtype else merged.to(rows.dtype))
     return originals
 
 
@@ -99,7 +102,7 @@ def restore_weight(target, originals):
 def patched_bias(bias, dtype, slices, values):
     """b + db in `dtype` (a new tensor: biases are small)."""
     if not any(kind == "bias" for kind, _, _, _ in slices):
-        return bias.to(dtype)
+        return bias if bias.dtype == dtype else bias.to(dtype)
     patched = bias.detach().to(dtype, copy=True)
     _patch(patched, bias, slices, values, keep_originals=False, kind="bias")
     return patched
