@@ -238,8 +238,9 @@ def run_sweep(size: dict, args, device: str, partial=None, profile: tuple = ()) 
     rows = []
     groups = [(t, False) for t in tokens]
     groups += [(t, True) for t in tokens if not args.no_compile and t in sw["compiled_tokens"]]
-    # a short step's ratio swings more from round to round: more rounds where steps are short (up to 5x at 192)
-    repeats_at = {t: args.repeats or sw["repeats"] * min(5, max(1, round(3072 / t))) for t in tokens}
+    # a short step's ratio swings more from round to round, and its verdicts (LoRA parity, unmerged inference) turn
+    # on a percent: rounds in inverse proportion to the step (up to 15x at 192), so each group takes about as long
+    repeats_at = {t: args.repeats or sw["repeats"] * min(15, max(1, round(3072 / t))) for t in tokens}
     sweep = {"device": device, "fraction": SWEEP_FRACTION, "repeats": repeats_at, "warmup": sw["warmup"],
              "threads": args.threads, "text_len": size["text_len"], "rows": rows}
     for t, compiled in groups:
