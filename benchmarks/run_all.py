@@ -131,9 +131,10 @@ SWEEP_WHY = {
     "step ≤ 1.05× frozen": "the tiles' gradient (one batched matmul over each sliced Linear's input) and, in the "
                            "default slice, the gradients of norm weights and `scale_shift_table`: tokens x width "
                            "reductions and products in every block (compare the Linear-only row)",
-    "step ≤ LoRA's": "the default slice also trains norms and `scale_shift_table`, whose gradients need tokens x width "
-                     "reductions and products in every block, which a LoRA of the Linears never computes (the "
-                     "Linear-only row is the like-for-like comparison)",
+    "step ≤ LoRA's": "the Linear-only row's costs (see it), and the default slice also trains norms and "
+                     "`scale_shift_table`, whose gradients need tokens x width reductions and products in every "
+                     "block, which a LoRA of the Linears never computes (the Linear-only row is the like-for-like "
+                     "comparison)",
     "activation memory ≤ 1.1× frozen": "what the Linear-only slice keeps (see its row): the products of "
                                        "`scale_shift_table` and the norm weights with activations keep only the "
                                        "columns the slice holds (`slice_adapter/saved_columns.py`; before, 7 tokens "
@@ -146,8 +147,12 @@ SWEEP_WHY = {
 
 # the Linear-only slice trains what a LoRA of the Linears trains: where it reads slower, it is by the spread
 LINEAR_ONLY_WHY = {
-    "step ≤ LoRA's": "inside this machine's round-to-round spread (see the min–max ranges); both pay one extra "
-                     "matmul over each Linear's input for their own gradient (the tiles', LoRA's A)",
+    "step ≤ LoRA's": "two costs a LoRA does not pay, felt by short clips: backward makes the FFN's hidden "
+                     "activation again from gelu's input for ffn.net.2's tiles' gradient (one tanh GELU over tokens "
+                     "x FFN width per block: 2.5 ms a block at 192 tokens on one thread here, about 0.7 % of the "
+                     "step), the time that not keeping it costs (LoRA's A gradient keeps it: see the activation "
+                     "column); and a fixed cost per sliced Linear and call (writing the tiles into the weight and "
+                     "back, in forward and again for the input gradient)",
     "step ≤ 1.05× frozen": "inside this machine's round-to-round spread (see the min–max ranges): the tiles' gradient "
                            "is one batched matmul over each Linear's input",
     "activation memory ≤ 1.1× frozen": "the tiles' gradient reads the input of each sliced Linear; backward "
