@@ -64,8 +64,7 @@ class TileIndex:
             slot = group * nmax + within
             rows_padded = torch.zeros(len(seg_ids) * nmax, dtype=torch.long)
             rows_padded[slot] = rows
-            self._cpu = {"rows": rows, "seg": seg, "tiles": tiles_t, "seg_ids": seg_ids, "slot": slot,
-                         "rows_padded": rows_padded}
+            self._cpu = {"tiles": tiles_t, "seg_ids": seg_ids, "slot": slot, "rows_padded": rows_padded}
             self.nmax = nmax
         else:
             self._cpu = {"flat": tiles_t}
@@ -472,19 +471,20 @@ class SliceLayer(BaseTunerLayer):
         keep_held_columns(output, patched, lambda name, t: held_columns(self, name, t.shape[-1], t.device))
 
     def _selected(self, adapter: str, pname: str, tensor: torch.Tensor):
-        """(view, index) of `tensor` (shaped like parameter `pname`) such that `view[index]` are the entries the
-        adapter's values hold, in the values' shape: (rows, segments) of the tile view, or flat elements."""
+        """(flat view, index) of `tensor` (shaped like parameter `pname`) such that `view[index]` are the entries the
+        adapter's values hold, in the values' shape: tile t (row * segments + segment) is row t of the (-1, width)
+        view, else element t of the flat view. One index along dim 0: `index_select`/`index_copy` serve it."""
         index = self.slice_index[adapter][pname]
         idx = index.on(tensor.device)
         if index.layout.tiled_rows:
-            return tensor.view(tensor.shape[0], index.layout.segments_per_row, index.tile_width), (idx["rows"], idx["seg"])
-        return tensor.view(-1), (idx["flat"],)
+            return tensor.view(-1, index.tile_width), idx["tiles"]
+        return tensor.view(-1), idx["flat"]
 
     def dense_delta(self, adapter: str, pname: str, like: torch.Tensor) -> torch.Tensor:
         """The adapter's delta of parameter `pname` as a dense float32 tensor shaped like `like` (norms, tests)."""
         values = self.slice_values[adapter][pname] * self.slice_scale[adapter]
-        view, key = self._selected(adapter, pname, torch.zeros(like.shape, dtype=torch.float32, device=like.device))
-        return view.index_put(key, values.float()).view(like.shape)
+        view, at = self._selected(adapter, pname, torch.zeros(like.shape, dtype=torch.float32, device=like.device))
+        return view.index_copy(0, at, values.float()).view(like.shape)
 
     def get_delta_weight(self, adapter: str) -> dict[str, torch.Tensor]:
         """Dense deltas of every parameter the adapter slices in this layer."""
@@ -503,11 +503,7 @@ class SliceLayer(BaseTunerLayer):
             scale = self.slice_scale[adapter]
             for pname, values in self.slice_values[adapter].items():
                 base = patched.get(pname, params[pname])
-                index = self.slice_index[adapter][pname]
-                idx = index.on(base.device)
-                # the entries as rows of a flat view: tile t is row t of the (-1, width) view, else element t
-                flat, at = ((base.view(-1, index.tile_width), idx["tiles"]) if index.layout.tiled_rows
-                            else (base.view(-1), idx["flat"]))
+                flat, at = self._selected(adapter, pname, base)
                 current = flat.index_select(0, at)
                 delta = values if scale == 1.0 else values * scale
                 merged = ((current if current.dtype == torch.float32 else current.float())
@@ -680,9 +676,6 @@ class ParamSlice(nn.Module, SliceLayer):
 
     def get_base_layer(self) -> nn.Module:
         return self.owner
-
-    def sliced_parameters(self) -> dict[str, nn.Parameter]:
-        return {name: p for name, p in self.owner._parameters.items() if p is not None}
 
     def _shadow_parameters(self, owner, args):
         if self.disable_adapters:
