@@ -25,11 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("train_step", "train_depth", "inference", "merge", "plan", "quality", "decode")
+BENCHMARKS = ("train_step", "train_depth", "step_parts", "inference", "merge", "plan", "quality", "decode")
 # full-size runs measure these only when named: torchcodec loads beside a CUDA build of torch only, so its comparison runs from a venv that
 # has one (`--only decode`); a run without it would replace the measured comparison with PyAV alone
 ON_REQUEST = ("decode",)
-SCRIPTS = {"train_step": "bench_train_step.py", "train_depth": "bench_train_step.py", "inference": "bench_inference.py",
+SCRIPTS = {"train_step": "bench_train_step.py", "train_depth": "bench_train_step.py",
+           "step_parts": "bench_step_parts.py", "inference": "bench_inference.py",
            "merge": "bench_merge.py", "plan": "bench_plan.py", "quality": "quality.py", "decode": "bench_decode.py"}
 EXTRA_ARGS = {"train_depth": ["--depth"]}
 RESULTS_DIR = HERE / "results" / "cpu"  # the JSON behind BENCHMARKS.md
@@ -147,12 +148,14 @@ SWEEP_WHY = {
 
 # the Linear-only slice trains what a LoRA of the Linears trains: where it reads slower, it is by the spread
 LINEAR_ONLY_WHY = {
-    "step ≤ LoRA's": "two costs a LoRA does not pay, felt by short clips: backward makes the FFN's hidden "
-                     "activation again from gelu's input for ffn.net.2's tiles' gradient (one tanh GELU over tokens "
-                     "x FFN width per block: 2.5 ms a block at 192 tokens on one thread here, about 0.7 % of the "
-                     "step), the time that not keeping it costs (LoRA's A gradient keeps it: see the activation "
-                     "column); and a fixed cost per sliced Linear and call (writing the tiles into the weight and "
-                     "back, in forward and again for the input gradient)",
+    "step ≤ LoRA's": "two costs a LoRA does not pay, felt by short clips and measured part by part in "
+                     "\"What the slice's step pays that LoRA's does not\" below: backward makes the inputs that a "
+                     "norm or gelu made again for the tiles' gradient (the FFN's hidden activation for ffn.net.2: a "
+                     "tanh GELU over tokens x FFN width per block) instead of keeping them as LoRA does, the time "
+                     "the activation target costs (LoRA keeps them: see the activation column); and a cost per "
+                     "sliced Linear and call (the tiles' and bias elements' gradient, writing the tiles into the "
+                     "weight and back) that a short step feels most; each part is within a few percent of LoRA's "
+                     "step, at 192 tokens inside this machine's round-to-round spread",
     "step ≤ 1.05× frozen": "inside this machine's round-to-round spread (see the min–max ranges): the tiles' gradient "
                            "is one batched matmul over each Linear's input",
     "activation memory ≤ 1.1× frozen": "the tiles' gradient reads the input of each sliced Linear; backward "
@@ -306,6 +309,37 @@ def section_train_depth(depth: dict) -> tuple[str, list]:
                  "slice against Linear-only slice:", ""] + [f"- {n}" for n in notes]
     text += ["", "Command: `python benchmarks/bench_train_step.py --depth --output /tmp/train_depth.json`."]
     return "\n".join(text), summary
+
+
+def section_step_parts(parts: dict) -> str:
+    """What the Linear-only slice's step pays that LoRA's does not, part by part (timing only)."""
+    lay = parts["layout"]
+    rows = []
+    for r in parts["rows"]:
+        saves = r.get("saves_x_lora")
+        rows.append([r["name"], f"{r['tokens']:,}", r.get("removes") or "— (the baseline)", _s(r["wall_s"]),
+                     _x(r["x_lora_wall"], 3), _x(r["x_lora_cpu"], 3), "—" if saves is None else f"{saves:+.3f}"])
+    rounds = sorted({(r["tokens"], r["repeats"]) for r in parts["rows"]})
+    text = [
+        "### What the slice's step pays that LoRA's does not (CPU, timing only)",
+        "",
+        f"The sweep's layout ({lay['num_attention_heads']} heads × {lay['attention_head_dim']}, ffn {lay['ffn_dim']}, "
+        f"{lay['num_layers']} block(s), text {parts['text_len']} tokens), eager, the Linear-only slice at fraction "
+        f"{parts['fraction']:g} against LoRA of equal trainable weights: the step whole, then with one part of the "
+        "slice's code left out at a time, every row in the same rounds, each in its own process "
+        f"({', '.join(f'{n} rounds at {t:,} tokens' for t, n in rounds)}, {parts['threads']} thread(s)). "
+        "A row with a part left out computes something else (matmuls on the base weight without the tiles, zero "
+        "gradients for the slice): it says what that part costs and is never a way to train; *inputs kept* is one "
+        "(it keeps each sliced Linear's input as LoRA does: LoRA's activation memory, see the sweep). *saves*: the "
+        "whole slice's median ratio to LoRA minus the row's, in units of LoRA's step; a part smaller than the rows' "
+        "min–max spread is not told apart from none.",
+        "",
+        common.md_table(["configuration", "tokens", "left out", "time", "× LoRA (wall)", "× LoRA (CPU)", "saves"],
+                        rows),
+        "",
+        "Command: `python benchmarks/bench_step_parts.py --output /tmp/step_parts.json` (`--tokens 192,768`).",
+    ]
+    return "\n".join(text)
 
 
 def plot_train_sweep(sweep: dict, path: Path) -> None:
@@ -895,6 +929,8 @@ def render(results: dict, output: Path, plots_dir: Path, wall_s: float | None, a
         text, s = section_train_depth(results["train_depth"]["depth"])
         sections.append(text)
         summary += s
+    if "step_parts" in results:
+        sections.append(section_step_parts(results["step_parts"]["parts"]))
     if "inference" in results:
         text, s = section_inference(results["inference"])
         sections.append(text)

@@ -15,6 +15,8 @@ EXPECTED_ROWS = {
     "## 1. Training step": ["frozen", "slice 0.001", "lora 0.001 (r=", "shira 0.001 (r=", "slice 0.01",
                             "lora 0.01 (r=", "shira 0.01 (r=", "full"],
     "### Training step against depth": ["slice", "slice Linear-only", "slice", "slice Linear-only"],
+    "### What the slice's step pays": ["lora", "slice Linear-only", "inputs kept", "no patching", "no slice gradient",
+                                       "neither"],
     "## 2. Inference": ["base", "unmerged slice 0.001", "merged slice 0.001"],
     "## 3. Merge": ["plain copy", "Python streaming copy", "merge CLI, end to end", "merge alone"],
     "## 4. Planning": ["build meta model", "plan 0.001", "build + add_adapter 0.001"],
@@ -180,6 +182,61 @@ def test_a_partial_full_size_run_keeps_the_other_sections_and_from_json_rerender
     assert ran == [(["merge"], False)]  # --from-json runs nothing
     assert section(again, "## 3. Merge") == section(report, "## 3. Merge")
 
+
+def test_step_parts_leave_out_exactly_the_part_they_name_and_put_it_back():
+    # bench_step_parts.py's rows are only worth their verdicts if each stand-in removes its part and no other
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import torch
+
+    import bench_step_parts
+    import common
+    from slice_adapter import layer, patched_weight
+
+    cfg = common.wan_layout(in_channels=4, out_channels=4, rope_max_seq_len=32, num_attention_heads=2,
+                            attention_head_dim=8, ffn_dim=32, num_layers=2, text_dim=16, freq_dim=16)
+    base = common.build_wan(cfg)
+    model = common.build_wan(cfg)
+    params = common.apply_method(model, "slice", fraction=0.05, target_modules=common.BLOCK_LINEARS)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.05)
+    inputs = common.wan_inputs(cfg, (1, 4, 1, 4, 4), 4)
+    latents = inputs["hidden_states"].requires_grad_(True)
+
+    def step(net):
+        latents.grad = None
+        for p in params:
+            p.grad = None
+        out = net(latents, inputs["timestep"], inputs["encoder_hidden_states"], return_dict=False)[0]
+        out.square().sum().backward()
+        return out.detach(), latents.grad.clone(), [None if p.grad is None else p.grad.clone() for p in params]
+
+    originals = {(m, n): getattr(m, n) for m, n in [(layer, "gelu_input"), (layer, "norm_input"),
+                                                     (layer, "linear_backward"), (patched_weight, "merged_weight"),
+                                                     (patched_weight, "patched_bias")]}
+    out, grad_x, grads = step(model)
+    base_out = base(latents, inputs["timestep"], inputs["encoder_hidden_states"], return_dict=False)[0].detach()
+    assert not torch.equal(out, base_out) and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+    with bench_step_parts.left_out(("recompute",)):  # same numbers, x kept instead of made again
+        kept = step(model)
+    torch.testing.assert_close(kept[0], out, atol=0, rtol=0)
+    for a, b in zip(kept[2], grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+    with bench_step_parts.left_out(("patch",)):  # the base's matmuls: its output, the slice's gradients still made
+        unpatched = step(model)
+    torch.testing.assert_close(unpatched[0], base_out, atol=0, rtol=0)
+    assert all(g.abs().sum() > 0 for g in unpatched[2])
+
+    with bench_step_parts.left_out(("gradient",)):  # forward and input gradient as before, zero slice gradients
+        no_grad = step(model)
+    torch.testing.assert_close(no_grad[0], out, atol=0, rtol=0)
+    torch.testing.assert_close(no_grad[1], grad_x, atol=0, rtol=0)
+    assert all(torch.count_nonzero(g) == 0 for g in no_grad[2])
+
+    assert all(getattr(m, n) is f for (m, n), f in originals.items())  # put back after each step
+    torch.testing.assert_close(step(model)[2][0], grads[0], atol=0, rtol=0)
 
 def test_lora_initialisation_does_not_depend_on_the_global_rng():
     # The quality study runs jobs in a process pool: LoRA's init must not depend on what a worker ran before.
