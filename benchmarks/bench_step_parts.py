@@ -1,6 +1,7 @@
-"""What the Linear-only slice's training step pays that LoRA's does not, part by part: the step whole, then with one
-part left out at a time, each against LoRA of equal trainable weights in the same rounds, at short clips (where the
-sweep's "step ≤ LoRA's" verdict is missed).
+"""What the Linear-only slice's training step pays that LoRA's does not, part by part, at short clips.
+
+The step whole, then with one part left out at a time, each against LoRA of equal trainable weights in the same
+rounds, at the clip sizes where the sweep's "step ≤ LoRA's" verdict is missed.
 
 Timing only: a row with a part left out computes something else (the matmuls on the base weight without the tiles,
 zero gradients for the slice), so it is never a configuration to train with. "inputs kept" is one (it keeps each
@@ -118,7 +119,8 @@ def main(argv=None):
                              f"{sorted(bench_train_step.LATENT_FOR_TOKENS)}).")
     args = parser.parse_args(argv)
     if args.tokens:
-        unknown = [t for t in args.tokens.split(",") if int(t) not in bench_train_step.LATENT_FOR_TOKENS]
+        known = {str(t) for t in bench_train_step.LATENT_FOR_TOKENS}
+        unknown = [t for t in args.tokens.split(",") if t.strip() not in known]
         if unknown:
             parser.error(f"--tokens {unknown} not supported; choose from "
                          f"{sorted(bench_train_step.LATENT_FOR_TOKENS)}")
