@@ -14,6 +14,7 @@ memory, see the sweep's activation column).
 from __future__ import annotations
 
 import contextlib
+import statistics
 import sys
 from pathlib import Path
 
@@ -98,14 +99,18 @@ def measure(args) -> dict:
         print(f"step parts: {t} tokens, {len(group)} configurations, {repeats} rounds", flush=True)
         results = common.run_interleaved(setup, group, repeats=repeats, calls=1, warmup=plan["warmup"],
                                          threads=args.threads, inline=args.smoke)
-        whole = common.ratio_summary(results, "slice Linear-only", "lora").median
+        lora_s = results["lora"].per_repeat()
+        whole_s = results["slice Linear-only"].per_repeat()
         for name in group:
             x_lora = common.ratio_summary(results, name, "lora")
+            # per round, in the same round's LoRA step: what leaving the part out saved
+            saved = [(w - t) / l for w, t, l in zip(whole_s, results[name].per_repeat(), lora_s)]
             rows.append({"tokens": t, "name": name, "left_out": group[name].get("left_out", []),
                          "removes": PARTS[name][1] if name in PARTS else None,
                          "wall_s": results[name].summary("wall").as_dict(), "x_lora_wall": x_lora.as_dict(),
                          "x_lora_cpu": common.ratio_summary(results, name, "lora", "cpu").as_dict(),
-                         "saves_x_lora": None if name == "lora" else whole - x_lora.median,
+                         "saves_x_lora": None if name == "lora" else statistics.median(saved),
+                         "saves_ci95": None if name in ("lora", "slice Linear-only") else common.median_ci(saved),
                          "repeats": repeats})
         layout = {k: config[k] for k in common.LAYOUT_KEYS}
     return {"layout": layout, "fraction": bench_train_step.SWEEP_FRACTION, "threads": args.threads,

@@ -316,9 +316,10 @@ def section_step_parts(parts: dict) -> str:
     lay = parts["layout"]
     rows = []
     for r in parts["rows"]:
-        saves = r.get("saves_x_lora")
+        saves, ci = r.get("saves_x_lora"), r.get("saves_ci95")
         rows.append([r["name"], f"{r['tokens']:,}", r.get("removes") or "— (the baseline)", _s(r["wall_s"]),
-                     _x(r["x_lora_wall"], 3), _x(r["x_lora_cpu"], 3), "—" if saves is None else f"{saves:+.3f}"])
+                     _x(r["x_lora_wall"], 3), _x(r["x_lora_cpu"], 3), "—" if saves is None else f"{saves:+.3f}",
+                     f"{ci[0]:+.3f} to {ci[1]:+.3f}" if ci else "—"])
     rounds = sorted({(r["tokens"], r["repeats"]) for r in parts["rows"]})
     text = [
         "### What the slice's step pays that LoRA's does not (CPU, timing only)",
@@ -330,12 +331,13 @@ def section_step_parts(parts: dict) -> str:
         f"({', '.join(f'{n} rounds at {t:,} tokens' for t, n in rounds)}, {parts['threads']} thread(s)). "
         "A row with a part left out computes something else (matmuls on the base weight without the tiles, zero "
         "gradients for the slice): it says what that part costs and is never a way to train; *inputs kept* is one "
-        "(it keeps each sliced Linear's input as LoRA does: LoRA's activation memory, see the sweep). *saves*: the "
-        "whole slice's median ratio to LoRA minus the row's, in units of LoRA's step; a part smaller than the rows' "
-        "min–max spread is not told apart from none.",
+        "(it keeps each sliced Linear's input as LoRA does: LoRA's activation memory, see the sweep). *saves*: per "
+        "round, the whole slice's step minus the row's over that round's LoRA step, the median over the rounds; "
+        "*95 % interval*: the bootstrap interval of that median (an interval that holds 0: a part this machine does "
+        "not tell apart from none).",
         "",
-        common.md_table(["configuration", "tokens", "left out", "time", "× LoRA (wall)", "× LoRA (CPU)", "saves"],
-                        rows),
+        common.md_table(["configuration", "tokens", "left out", "time", "× LoRA (wall)", "× LoRA (CPU)", "saves",
+                         "saves: 95 % interval"], rows),
         "",
         "Command: `python benchmarks/bench_step_parts.py --output /tmp/step_parts.json` (`--tokens 192,768`).",
     ]
