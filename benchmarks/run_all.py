@@ -148,14 +148,14 @@ SWEEP_WHY = {
 
 # the Linear-only slice trains what a LoRA of the Linears trains: where it reads slower, it is by the spread
 LINEAR_ONLY_WHY = {
-    "step ≤ LoRA's": "two costs a LoRA does not pay, felt by short clips and measured part by part in "
-                     "\"What the slice's step pays that LoRA's does not\" below: backward makes the inputs that a "
-                     "norm or gelu made again for the tiles' gradient (the FFN's hidden activation for ffn.net.2: a "
-                     "tanh GELU over tokens x FFN width per block) instead of keeping them as LoRA does, the time "
-                     "the activation target costs (LoRA keeps them: see the activation column); and a cost per "
-                     "sliced Linear and call (the tiles' and bias elements' gradient, writing the tiles into the "
-                     "weight and back) that a short step feels most; each part is within a few percent of LoRA's "
-                     "step, at 192 tokens inside this machine's round-to-round spread",
+    "step ≤ LoRA's": "two costs a LoRA does not pay, felt by short clips and timed part by part in \"What the "
+                     "slice's step pays that LoRA's does not\" below: backward makes the inputs that a norm or gelu "
+                     "made again for the tiles' gradient (the FFN's hidden activation for ffn.net.2: a tanh GELU over "
+                     "tokens x FFN width per block) instead of keeping them as LoRA does, the time the activation "
+                     "target costs (LoRA keeps them: see the activation column); and the tiles' own gradient per "
+                     "sliced Linear and call (a batched matmul over the held segments and its gathers), which a "
+                     "short step feels most. Writing the tiles into the weight and back is not told apart from "
+                     "nothing there",
     "step ≤ 1.05× frozen": "inside this machine's round-to-round spread (see the min–max ranges): the tiles' gradient "
                            "is one batched matmul over each Linear's input",
     "activation memory ≤ 1.1× frozen": "the tiles' gradient reads the input of each sliced Linear; backward "
