@@ -81,14 +81,11 @@ def setup(spec: dict):
         with left_out(parts):
             step()
 
-    if parts:
-        run()  # warm the stand-ins' paths as the real ones were
     return run, info
 
 
-def measure(args) -> dict:
+def measure(args, tokens: list[int]) -> dict:
     plan = SMOKE if args.smoke else FULL
-    tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else list(plan["tokens"])
     rows = []
     for t in tokens:
         config, specs = bench_train_step.sweep_specs(plan["size"], t, False)
@@ -104,7 +101,7 @@ def measure(args) -> dict:
         for name in group:
             x_lora = common.ratio_summary(results, name, "lora")
             # per round, in the same round's LoRA step: what leaving the part out saved
-            saved = [(w - t) / l for w, t, l in zip(whole_s, results[name].per_repeat(), lora_s)]
+            saved = [(w - r) / l for w, r, l in zip(whole_s, results[name].per_repeat(), lora_s)]
             rows.append({"tokens": t, "name": name, "left_out": group[name].get("left_out", []),
                          "removes": PARTS[name][1] if name in PARTS else None,
                          "wall_s": results[name].summary("wall").as_dict(), "x_lora_wall": x_lora.as_dict(),
@@ -123,14 +120,12 @@ def main(argv=None):
                         help="Comma-separated token counts (default 192,768; of "
                              f"{sorted(bench_train_step.LATENT_FOR_TOKENS)}).")
     args = parser.parse_args(argv)
-    if args.tokens:
-        known = {str(t) for t in bench_train_step.LATENT_FOR_TOKENS}
-        unknown = [t for t in args.tokens.split(",") if t.strip() not in known]
-        if unknown:
-            parser.error(f"--tokens {unknown} not supported; choose from "
-                         f"{sorted(bench_train_step.LATENT_FOR_TOKENS)}")
+    try:
+        tokens = bench_train_step.token_counts(args.tokens, (SMOKE if args.smoke else FULL)["tokens"])
+    except ValueError as e:
+        parser.error(str(e))
     common.quiet_warnings()
-    common.write_result(args.output, "step_parts", args.smoke, parts=measure(args))
+    common.write_result(args.output, "step_parts", args.smoke, parts=measure(args, tokens))
 
 
 if __name__ == "__main__":

@@ -226,15 +226,26 @@ def sweep_rows(results: dict, specs: dict, tokens: int, compiled: bool, on_gpu: 
     return rows
 
 
+def token_counts(text, default) -> list[int]:
+    """`--tokens` as token counts (`default` when not given); ValueError naming those without a latent shape."""
+    if not text:
+        return list(default)
+    known = {str(t): t for t in LATENT_FOR_TOKENS}
+    unknown = [t for t in text.split(",") if t.strip() not in known]
+    if unknown:
+        raise ValueError(f"--tokens {unknown} not supported; choose from {sorted(LATENT_FOR_TOKENS)}")
+    return [known[t.strip()] for t in text.split(",")]
+
+
 def run_sweep(size: dict, args, device: str, partial=None, profile: tuple = ()) -> dict:
     """Every token count eager, then the compiled groups; `partial(sweep)` is called after each group, so a run
     stopped early still leaves its finished groups in the result. `profile`: (configuration, baseline) profiled op
     by op after each group's timing; the summary goes in the group's rows as `profile`."""
     sw = size["sweep"]
-    tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else list(sw["tokens"])
-    unknown = [t for t in tokens if t not in LATENT_FOR_TOKENS]
-    if unknown:
-        raise SystemExit(f"error: --tokens {unknown} not supported; choose from {sorted(LATENT_FOR_TOKENS)}")
+    try:
+        tokens = token_counts(args.tokens, sw["tokens"])
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     rows = []
     groups = [(t, False) for t in tokens]
     groups += [(t, True) for t in tokens if not args.no_compile and t in sw["compiled_tokens"]]

@@ -384,7 +384,6 @@ def ratio_summary(results: dict[str, Result], name: str, baseline: str, clock: s
     return Summary.of([x / y for x, y in zip(a, b)])
 
 
-
 def median_ci(values, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
     """Percentile-bootstrap interval of the median of `values` (per-round figures): whether a difference of a percent
     is the method's or the round-to-round spread's. Seeded, so a re-render gives the same interval."""
@@ -393,6 +392,7 @@ def median_ci(values, level: float = 0.95, resamples: int = 2000, seed: int = 0)
     medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
     cut = round((1 - level) / 2 * resamples)
     return medians[cut], medians[resamples - 1 - cut]
+
 
 # -- headers and output -------------------------------------------------------------------------------------------
 def _cpu_model() -> str:

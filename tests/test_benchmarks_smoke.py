@@ -238,6 +238,7 @@ def test_step_parts_leave_out_exactly_the_part_they_name_and_put_it_back():
     assert all(getattr(m, n) is f for (m, n), f in originals.items())  # put back after each step
     torch.testing.assert_close(step(model)[2][0], grads[0], atol=0, rtol=0)
 
+
 def test_lora_initialisation_does_not_depend_on_the_global_rng():
     # The quality study runs jobs in a process pool: LoRA's init must not depend on what a worker ran before.
     sys.path.insert(0, str(REPO / "benchmarks"))
